@@ -1,0 +1,14 @@
+"""gemma4_fx: Inductor passes that rewrite Gemma-4 subgraphs into fused Triton kernels.
+
+    torch.compile(model, backend=gemma4_fx.gemma4_backend)
+"""
+
+from .backend import Gemma4Backend, gemma4_backend
+from .inspection import inspect
+from .passes.pipeline import Gemma4Passes
+from .patterns import PATTERNS
+from .presets import PRESETS, build_model, text_config
+from .report import Report
+
+__all__ = ["Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model", "gemma4_backend",
+           "inspect", "text_config"]

@@ -1,0 +1,8 @@
+"""The Gemma-4 subgraph rewrites, one module each: the math a pattern matches sits beside the replacement it installs.
+
+Each module has `NAME` (the report's name for it) and `apply(graph, ctx)`.
+"""
+
+from . import router
+
+PATTERNS = {module.NAME: module for module in (router,)}

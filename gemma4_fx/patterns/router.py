@@ -1,0 +1,127 @@
+"""Gemma-4 MoE router: norm, scale, projection, softmax, top-k, renormalise, per-expert scale.
+
+Matched at the aten level of Inductor's post-grad graph, so any module with this math matches (HF's
+`Gemma4TextRouter` or an engine's own), and rewritten into two kernels around the unchanged projection GEMM:
+
+    router_input   rmsnorm (no weight) → ·scale → ·hidden**-0.5, rounding to the input dtype after each step as eager
+    mm             the same GEMM eager runs, so the logits are eager's logits bit for bit
+    router_select  softmax → top-k → renormalise → ·per_expert_scale[ids] in one launch
+
+Plain Inductor fuses the prologue and keeps it in fp32, which changes bf16 logits and flips experts; keeping eager's
+rounding points and eager's GEMM is what makes the expert choice identical.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only, register_replacement
+
+from ..passes.context import PassContext, current
+from ..replacements import router as router_ops
+
+NAME = "router"
+aten = torch.ops.aten
+
+
+def router_pattern(x, scale, proj, per_expert_scale, eps, root_size, k):
+    """`Gemma4TextRouter.forward` (transformers 5.17+), the math this pattern matches."""
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    h = h.type_as(x) * scale * root_size
+    logits = torch.nn.functional.linear(h, proj)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * per_expert_scale[ids], ids
+
+
+def router_replacement(x, scale, proj, per_expert_scale, eps, root_size, k):
+    """What the pattern becomes: prologue kernel, eager's GEMM, one select kernel."""
+    h = torch.ops.gemma4_fx.router_input(x, scale, eps, root_size, current().options.get("router_exact", False))
+    logits = torch.mm(h, proj.t())
+    return torch.ops.gemma4_fx.router_select(logits, per_expert_scale, k)
+
+
+# Scalars are traced with these stand-ins and matched as wildcards; none collides with the pattern's own literals.
+_SCALARS = {"eps": 3.25e-5, "root_size": 0.0471, "k": 3}
+
+
+def _unsupported(x, scale, proj, per_expert_scale, k) -> str | None:
+    """Why the kernels cannot take these operands, or None."""
+    if x.device.type not in ("cuda", "cpu"):
+        return f"device {x.device.type}"
+    if x.dim() != 2 or x.stride(-1) != 1:
+        return f"router input layout: size {tuple(x.shape)}, stride {tuple(x.stride())} (want [tokens, hidden], unit stride)"
+    hidden, experts = x.shape[1], proj.shape[0]
+    if not isinstance(hidden, int) or not isinstance(experts, int):
+        return "symbolic hidden size or expert count"
+    if not router_ops.supports(hidden, experts, k, x.dtype):
+        return (f"{x.dtype} router with hidden {hidden}, {experts} experts, top-{k} is outside the kernels' range "
+                f"(dtypes {', '.join(map(str, router_ops.DTYPES))}, hidden <= {router_ops.MAX_HIDDEN}, "
+                f"experts <= {router_ops.MAX_EXPERTS}, k <= {router_ops.MAX_TOP_K})")
+    if scale.dtype != x.dtype or tuple(scale.shape) != (hidden,) or scale.stride(-1) != 1:
+        return f"router scale is {scale.dtype} {tuple(scale.shape)}, want contiguous {x.dtype} ({hidden},)"
+    if proj.dtype != x.dtype:
+        return f"projection dtype {proj.dtype} differs from the input's {x.dtype}"
+    if per_expert_scale.dtype not in router_ops.DTYPES or tuple(per_expert_scale.shape) != (experts,):
+        return f"per-expert scale is {per_expert_scale.dtype} {tuple(per_expert_scale.shape)}"
+    return None
+
+
+def _topk_node(match: Match) -> torch.fx.Node:
+    return next(n for n in match.nodes if n.target == aten.topk.default)
+
+
+def _check(match: Match) -> bool:
+    operands = [match.kwargs[name].meta["val"] for name in ("x", "scale", "proj", "per_expert_scale")]
+    reason = _unsupported(*operands, match.kwargs["k"])
+    ctx, anchor = current(), _topk_node(match)
+    if reason:
+        ctx.skipped(NAME, anchor, reason)
+        return False
+    ctx.matched(NAME, anchor)
+    return True
+
+
+@functools.cache
+def _patterns() -> PatternMatcherPass:
+    patterns = PatternMatcherPass(pass_name="gemma4_fx_router")
+    for dtype in router_ops.DTYPES:
+        hidden, experts = 16, 8
+        example = [torch.empty(4, hidden, dtype=dtype), torch.empty(hidden, dtype=dtype),
+                   torch.empty(experts, hidden, dtype=dtype), torch.empty(experts, dtype=dtype),
+                   *_SCALARS.values()]
+        register_replacement(router_pattern, router_replacement, example, fwd_only, patterns,
+                             extra_check=_check, scalar_workaround=_SCALARS)
+    return patterns
+
+
+def _is_softmax(node) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.target == aten._softmax.default:
+        return True
+    return (node.target == aten.div.Tensor and getattr(node.args[0], "target", None) == aten.exp.default
+            and getattr(node.args[1], "target", None) == aten.sum.dim_IntList)
+
+
+def _explain_unmatched(graph: torch.fx.Graph, ctx: PassContext) -> None:
+    """Record every softmax → top-k left in the graph: it looks like a router, so say why it was not rewritten."""
+    already = {name for skip in ctx.report.skipped if skip.graph == ctx.graph_name for name in skip.nodes}
+    for node in graph.find_nodes(op="call_function", target=aten.topk.default):
+        probs = node.args[0]
+        if node.name in already or not _is_softmax(probs):
+            continue
+        others = [user.name for user in probs.users if user is not node]
+        if others:
+            reason = f"router probabilities have other users ({', '.join(others)})"
+        else:
+            reason = "softmax → top-k without the Gemma-4 router's norm·scale prologue or per-expert scale"
+        ctx.skipped(NAME, node, reason)
+
+
+def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
+    _patterns().apply(graph)
+    _explain_unmatched(graph, ctx)

@@ -1,0 +1,126 @@
+"""Gemma-4 text configurations: the published widths, and tiny models of the same structure.
+
+The real presets carry the published text configs (random weights: no checkpoint is downloaded). The tiny ones keep
+each family's structure (PLE, KV sharing, MoE, k=v attention, double-wide MLP, mixed head dims) at odd widths that
+build and run in seconds on two CPU cores, so kernels meet masked edges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_COMMON = dict(
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    final_logit_softcapping=30.0,
+    tie_word_embeddings=True,
+    head_dim=256,
+    global_head_dim=512,
+    vocab_size=262144,
+    vocab_size_per_layer_input=262144,
+    max_position_embeddings=131072,
+)
+
+
+def _layer_types(num_layers: int, sliding_per_full: int) -> list[str]:
+    """`sliding_per_full` sliding layers, then a full one, repeated; the last layer is always full."""
+    period = sliding_per_full + 1
+    types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(num_layers)]
+    types[-1] = "full_attention"
+    return types
+
+
+PRESETS: dict[str, dict] = {
+    "e2b": dict(
+        hidden_size=1536, num_hidden_layers=35, layer_types=_layer_types(35, 4), num_attention_heads=8,
+        num_key_value_heads=1, intermediate_size=6144, sliding_window=512, hidden_size_per_layer_input=256,
+        num_kv_shared_layers=20, use_double_wide_mlp=True,
+    ),
+    "e4b": dict(
+        hidden_size=2560, num_hidden_layers=42, layer_types=_layer_types(42, 5), num_attention_heads=8,
+        num_key_value_heads=2, intermediate_size=10240, sliding_window=512, hidden_size_per_layer_input=256,
+        num_kv_shared_layers=18,
+    ),
+    "26b-a4b": dict(
+        hidden_size=2816, num_hidden_layers=30, layer_types=_layer_types(30, 5), num_attention_heads=16,
+        num_key_value_heads=8, num_global_key_value_heads=2, intermediate_size=2112, sliding_window=1024,
+        hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128, top_k_experts=8,
+        moe_intermediate_size=704, attention_k_eq_v=True,
+    ),
+    "31b": dict(
+        hidden_size=5376, num_hidden_layers=60, layer_types=_layer_types(60, 5), num_attention_heads=32,
+        num_key_value_heads=16, num_global_key_value_heads=4, intermediate_size=21504, sliding_window=1024,
+        hidden_size_per_layer_input=0, attention_k_eq_v=True,
+    ),
+}
+
+# Tiny models: same structure, odd widths, small vocab. head dims stay multiples of 8 (rope halves, and the
+# proportional rope of full layers rotates a quarter of the head).
+_TINY = dict(
+    head_dim=24, global_head_dim=48, vocab_size=499, vocab_size_per_layer_input=499, max_position_embeddings=512,
+    sliding_window=6,
+)
+PRESETS.update({
+    "tiny-e2b": dict(
+        _TINY, hidden_size=88, num_hidden_layers=7, layer_types=_layer_types(7, 3), num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=120, hidden_size_per_layer_input=12, num_kv_shared_layers=3,
+        use_double_wide_mlp=True,
+    ),
+    "tiny-e4b": dict(
+        _TINY, hidden_size=104, num_hidden_layers=6, layer_types=_layer_types(6, 2), num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=152, hidden_size_per_layer_input=12, num_kv_shared_layers=2,
+    ),
+    "tiny-26b-a4b": dict(
+        _TINY, hidden_size=88, num_hidden_layers=4, layer_types=_layer_types(4, 2), num_attention_heads=4,
+        num_key_value_heads=2, num_global_key_value_heads=1, intermediate_size=72, hidden_size_per_layer_input=0,
+        enable_moe_block=True, num_experts=20, top_k_experts=4, moe_intermediate_size=40, attention_k_eq_v=True,
+    ),
+    "tiny-31b": dict(
+        _TINY, hidden_size=120, num_hidden_layers=4, layer_types=_layer_types(4, 2), num_attention_heads=4,
+        num_key_value_heads=2, num_global_key_value_heads=1, intermediate_size=200, hidden_size_per_layer_input=0,
+        attention_k_eq_v=True,
+    ),
+})
+
+
+def text_config(preset: str, **overrides):
+    """A `Gemma4TextConfig` for `preset` (see `PRESETS`), with `overrides` applied (e.g. `num_hidden_layers=8`)."""
+    from transformers import Gemma4TextConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    kwargs = {**_COMMON, **PRESETS[preset], **overrides}
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        # Keep the family's sliding:full ratio at the new depth; the last layer stays full.
+        period = PRESETS[preset]["layer_types"].index("full_attention") + 1
+        kwargs["layer_types"] = _layer_types(kwargs["num_hidden_layers"], period - 1)
+    return Gemma4TextConfig(**kwargs)
+
+
+def build_model(preset: str, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
+                attn_implementation: str = "sdpa", **overrides):
+    """`Gemma4ForCausalLM` with random weights for `preset`, in eval mode, built directly on `device` in `dtype`.
+
+    Weights are drawn so that activations have a realistic spread (HF's init leaves norm and router scales at
+    exactly one, which would hide rounding differences); the same seed gives the same model.
+    """
+    from transformers import Gemma4ForCausalLM
+
+    config = text_config(preset, **overrides)
+    config._attn_implementation = attn_implementation
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Gemma4ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator, device=device, dtype=torch.float32)
+            if param.ndim == 1:  # norm weights and router scales: around one
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(noise * param.shape[-1] ** -0.5)
+    return model.eval()

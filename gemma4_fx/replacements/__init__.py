@@ -1,0 +1,1 @@
+"""Fused replacements (custom ops with Triton kernels) that the Gemma-4 passes install."""

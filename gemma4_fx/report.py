@@ -1,0 +1,112 @@
+"""What the passes did: matches, candidates left alone (with the reason), fallbacks and verify results.
+
+One `Report` per compiled graph; `Report.merged` sums them for a backend. Everything is plain data so tests and
+tools can assert on it; `str(report)` is the table a person reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("gemma4_fx")
+
+PATTERN_NAMES = ("router", "post_attn_norm", "ple_tail", "yoco")
+
+
+@dataclass(frozen=True)
+class Match:
+    pattern: str
+    graph: str
+    location: str  # the module path the nodes came from, e.g. "model.layers.3.router"
+    nodes: tuple[str, ...]  # names of the replaced nodes' anchors in the post-grad graph
+
+
+@dataclass(frozen=True)
+class Skip:
+    pattern: str
+    graph: str
+    location: str
+    reason: str
+    nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    graph: str
+    output: int
+    max_abs: float
+    max_rel: float  # max |a - b| / max |b|
+    mismatched: int  # integer outputs: elements that differ; float outputs: elements outside the tolerance
+    ok: bool
+
+
+@dataclass
+class Report:
+    graphs: list[str] = field(default_factory=list)
+    matches: list[Match] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)  # graphs compiled without our passes, and why
+    verify: list[VerifyResult] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(PATTERN_NAMES, 0)
+        for match in self.matches:
+            counts[match.pattern] = counts.get(match.pattern, 0) + 1
+        return counts
+
+    def add_match(self, pattern: str, graph: str, location: str, nodes) -> None:
+        self.matches.append(Match(pattern, graph, location, tuple(nodes)))
+        log.debug("%s: %s matched at %s", graph, pattern, location)
+
+    def add_skip(self, pattern: str, graph: str, location: str, reason: str, nodes=()) -> None:
+        skip = Skip(pattern, graph, location, reason, tuple(nodes))
+        if skip not in self.skipped:
+            self.skipped.append(skip)
+            log.info("%s: %s left alone at %s: %s", graph, pattern, location, reason)
+
+    @classmethod
+    def merged(cls, reports) -> Report:
+        total = cls()
+        for report in reports:
+            total.graphs += report.graphs
+            total.matches += report.matches
+            total.skipped += report.skipped
+            total.fallbacks += report.fallbacks
+            total.verify += report.verify
+        return total
+
+    def __str__(self) -> str:
+        lines = [f"gemma4_fx report: {len(self.graphs)} graph(s)"]
+        lines += ["", f"{'pattern':<16}{'matches':>8}"]
+        lines += [f"{name:<16}{count:>8}" for name, count in self.counts.items()]
+        if self.matches:
+            lines += ["", "matched:"]
+            lines += [f"  {m.pattern:<14} {m.graph:<10} {m.location or '?':<40} {', '.join(m.nodes)}"
+                      for m in self.matches]
+        if self.skipped:
+            lines += ["", "left alone:"]
+            lines += [f"  {s.pattern:<14} {s.graph:<10} {s.location or '?':<40} {s.reason}" for s in self.skipped]
+        if self.fallbacks:
+            lines += ["", "compiled without gemma4_fx passes:"] + [f"  {f}" for f in self.fallbacks]
+        if self.verify:
+            lines += ["", f"verify against eager:  {'graph':<10}{'output':>7}{'max abs':>12}{'max rel':>12}"
+                          f"{'mismatched':>12}"]
+            lines += [f"  {'ok' if v.ok else 'FAILED':<20}{v.graph:<10}{v.output:>7}{v.max_abs:>12.3g}"
+                      f"{v.max_rel:>12.3g}{v.mismatched:>12}" for v in self.verify]
+        return "\n".join(lines)
+
+
+def node_location(node: torch.fx.Node) -> str:
+    """The innermost module that produced `node` ("model.layers.3.router"), from Dynamo's nn_module_stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['self']", "L['fn']."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path

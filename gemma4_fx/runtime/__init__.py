@@ -1,0 +1,1 @@
+"""What runs at call time around a compiled graph (verify mode; CUDA graphs later)."""
