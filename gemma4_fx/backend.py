@@ -21,6 +21,7 @@ from .runtime.verify import VerifiedGraph
 log = logging.getLogger("gemma4_fx")
 
 _VERIFY_ACTIONS = ("warn", "raise")
+_DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 
 
 class Gemma4Backend:
@@ -91,6 +92,9 @@ class Gemma4Backend:
             with self.passes.recording(graph_name, report), \
                     torch._functorch.config.patch(enable_autograd_cache=config["fx_graph_cache"]):
                 return compile_fx(gm, example_inputs, config_patches={**config, "post_grad_custom_post_pass": self.passes})
+        except _DYNAMO_CONTROL_FLOW:  # Dynamo asks to re-trace (e.g. to specialise floats): not a failure
+            del self.graph_reports[graph_name]
+            raise
         except Exception as error:  # our rewrites must never cost the user their compile
             message = f"{graph_name}: compile with gemma4_fx passes failed ({type(error).__name__}: {error}); " \
                       "compiled with plain Inductor instead"

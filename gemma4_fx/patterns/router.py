@@ -39,7 +39,11 @@ def router_pattern(x, scale, proj, per_expert_scale, eps, root_size, k):
 
 def router_replacement(x, scale, proj, per_expert_scale, eps, root_size, k):
     """What the pattern becomes: prologue kernel, eager's GEMM, one select kernel."""
-    h = torch.ops.gemma4_fx.router_input(x, scale, eps, root_size, current().options.get("router_exact", False))
+    exact = current().options.get("router_exact", False)
+    if isinstance(eps, torch.Tensor):  # dynamic=True: float attributes arrive as 0-d tensors (see _check)
+        h = torch.ops.gemma4_fx.router_input_scalar_tensors(x, scale, eps, root_size, exact)
+    else:
+        h = torch.ops.gemma4_fx.router_input(x, scale, eps, root_size, exact)
     logits = torch.mm(h, proj.t())
     return torch.ops.gemma4_fx.router_select(logits, per_expert_scale, k)
 
@@ -74,9 +78,22 @@ def _topk_node(match: Match) -> torch.fx.Node:
     return next(n for n in match.nodes if n.target == aten.topk.default)
 
 
+def _scalar_kind(value) -> str:
+    """"float", "tensor" (a 0-d CPU tensor: how dynamic=True passes float attributes), or "other"."""
+    if isinstance(value, (int, float)):
+        return "float"
+    val = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor) and val.dim() == 0 and val.device.type == "cpu" and val.is_floating_point():
+        return "tensor"
+    return "other"
+
+
 def _check(match: Match) -> bool:
     operands = [match.kwargs[name].meta["val"] for name in ("x", "scale", "proj", "per_expert_scale")]
     reason = _unsupported(*operands, match.kwargs["k"])
+    kinds = {_scalar_kind(match.kwargs[name]) for name in ("eps", "root_size")}
+    if reason is None and (len(kinds) != 1 or "other" in kinds):
+        reason = f"eps and hidden**-0.5 are not both Python floats or both 0-d CPU tensors ({sorted(kinds)})"
     ctx, anchor = current(), _topk_node(match)
     if reason:
         ctx.skipped(NAME, anchor, reason)

@@ -11,8 +11,9 @@ Inductor fuses this and keeps intermediates in fp32, which changes the chosen ex
 kernels below instead round where eager rounds and repeat the arithmetic order of the CUDA kernels eager launches:
 the mean is `sum * float(N / numel)` (ATen's MeanOps), `pow(t, -0.5)` is rsqrt (PowKernel.cu), the softmax sums in
 the order of ATen's `softmax_warp_forward`, the top-k ties come out in the order of `torch.topk` on CUDA (a radix
-select, then a 32-wide bitonic network), and the renormalising sum follows ATen's reduce tree. Only router_input's
-sum of squares is added in a different order, so its output can differ from eager by one ulp of x.dtype, rarely.
+select, then a 32-wide bitonic network), and the renormalising sum follows ATen's reduce tree. router_select is
+bitwise eager's; only router_input's sum of squares is added in another order, so a few of its elements differ from
+eager's (on an H100, 0.0004% of bf16 elements, by at most 3 ulps: one at the first rounding, grown by the next two).
 
 Each op has its eager reference (used on CPU, and as the test oracle) next to its Triton kernel (used on CUDA).
 """
@@ -69,7 +70,8 @@ def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, hidden, mean_f
 
 
 def _mean_factor(rows: int, hidden: int) -> float:
-    """What ATen's CUDA mean multiplies the sum by: float(num_outputs) / numel in fp32 (1/H unless N*H > 2**24)."""
+    """What ATen's CUDA mean multiplies the sum by: float(num_outputs) / numel in fp32, which is fp32(1/H) whenever
+    N*H is exact in fp32 (e.g. N*H <= 2**24)."""
     return float(np.float32(rows) / np.float32(rows * hidden))
 
 
@@ -119,6 +121,19 @@ def _(x, scale, eps, root_size, exact):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("gemma4_fx::router_input_scalar_tensors", mutates_args=())
+def router_input_scalar_tensors(x: Tensor, scale: Tensor, eps: Tensor, root_size: Tensor, exact: bool) -> Tensor:
+    """`router_input` with eps and root_size as 0-d tensors: under `dynamic=True` Dynamo passes a module's float
+    attributes to the graph as 0-d CPU tensors, so reading them here is a host read, not a device sync."""
+    return router_input(x, scale, eps.item(), root_size.item(), exact)
+
+
+@router_input_scalar_tensors.register_fake
+def _(x, scale, eps, root_size, exact):
+    _check_router_input(x, scale)
+    return x.new_empty(x.shape)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # router_select: softmax -> top-k -> renormalise -> * per_expert_scale[ids], in one launch
 
@@ -150,7 +165,7 @@ _SLOTS = tl.constexpr(32)  # torch.topk sorts k <= 32 winners in a 32-slot biton
 @triton.jit
 def _halves_tree_sum(x, WIDTH: tl.constexpr):
     """Sum of x [WIDTH] that adds element j to element j + WIDTH/2, then halves again: the order of a warp's xor
-    butterfly (softmax_warp_forward) and of ATen's shuffle-down block reduce (offsets decreasing, PyTorch >= 2.9)."""
+    butterfly (softmax_warp_forward) and of ATen's shuffle-down block reduce (Reduce.cuh, offsets decreasing)."""
     for t in tl.static_range(1, 6):
         if (WIDTH >> t) > 0:
             a, b = tl.split(tl.permute(tl.reshape(x, [2, WIDTH >> t]), (1, 0)))
@@ -207,6 +222,7 @@ def _router_select_kernel(logits_ptr, scale_ptr, w_ptr, ids_ptr, experts, logits
         key = tl.where(key == best, -1, key)
     top_p = tl.where(slot < K, (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
     top_i = BLOCK_E - 1 - (top & 0xFFFFFFFF).to(tl.int32)
+    top_scale = tl.load(scale_ptr + top_i, mask=slot < K, other=0.0).to(tl.float32)  # in flight during the sort
 
     # torch.topk's radix select writes the winners above the k-th value in index order, then those equal to it in
     # index order (already last here), and sorts that with its bitonic network. Rank the winners in that write order,
@@ -226,7 +242,8 @@ def _router_select_kernel(logits_ptr, scale_ptr, w_ptr, ids_ptr, experts, logits
     # the lanes halves first. Invalid slots hold 0.
     denom = _halves_tree_sum(tl.sum(tl.reshape(p, [_SLOTS // SUM_WIDTH, SUM_WIDTH]), axis=0), SUM_WIDTH)
     valid = slots < K
-    scale = tl.load(scale_ptr + i, mask=valid, other=0.0).to(tl.float32)
+    scale = tl.max(tl.where(i[:, None] == top_i[None, :], top_scale[None, :], float("-inf")), axis=1)
+    scale = tl.where(valid, scale, 0.0)
     tl.store(w_ptr + row * K + slots, tl.math.div_rn(p, denom) * scale, mask=valid)
     tl.store(ids_ptr + row * K + slots, i.to(tl.int64), mask=valid)
 
