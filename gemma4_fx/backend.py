@@ -15,7 +15,7 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 from .passes.pipeline import Gemma4Passes
-from .report import Report
+from .report import Report, describe_error
 from .runtime.verify import VerifiedGraph
 
 log = logging.getLogger("gemma4_fx")
@@ -75,7 +75,7 @@ class Gemma4Backend:
         """Called by torch.compile; `mode` and `options` are torch.compile's, applied to Inductor's config
         (HF generate passes `mode="reduce-overhead"`: Inductor's CUDA graphs)."""
         graph_name = f"graph_{len(self.graph_reports)}"
-        report = self.graph_reports[graph_name] = Report()
+        report = self.graph_reports[graph_name] = Report(self.passes.patterns)
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / f"{graph_name}.dynamo.py").write_text(gm.code)
@@ -96,11 +96,12 @@ class Gemma4Backend:
             del self.graph_reports[graph_name]
             raise
         except Exception as error:  # our rewrites must never cost the user their compile
-            message = f"{graph_name}: compile with gemma4_fx passes failed ({type(error).__name__}: {error}); " \
+            message = f"{graph_name}: compile with gemma4_fx passes failed ({describe_error(error)}); " \
                       "compiled with plain Inductor instead"
             warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
             log.warning(message, exc_info=True)
             report.matches.clear()
+            report.skipped.clear()
             report.fallbacks.append(message)
             return compile_fx(gm, example_inputs, config_patches=config)
 

@@ -23,6 +23,7 @@ def demo(preset: str | None = None, tokens: int = 16, layers: int | None = None)
     from .backend import Gemma4Backend
     from .presets import build_model
 
+    torch.manual_seed(0)
     device = _device()
     preset = preset or ("26b-a4b" if device == "cuda" else "tiny-26b-a4b")
     overrides = {"num_hidden_layers": layers or 4} if device == "cuda" or layers else {}

@@ -7,13 +7,12 @@ tools can assert on it; `str(report)` is the table a person reads.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
 
 log = logging.getLogger("gemma4_fx")
-
-PATTERN_NAMES = ("router", "post_attn_norm", "ple_tail", "yoco")
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class VerifyResult:
 
 @dataclass
 class Report:
+    patterns: tuple[str, ...] = ()  # the patterns that ran
     graphs: list[str] = field(default_factory=list)
     matches: list[Match] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
@@ -53,7 +53,7 @@ class Report:
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(PATTERN_NAMES, 0)
+        counts = dict.fromkeys(self.patterns, 0)
         for match in self.matches:
             counts[match.pattern] = counts.get(match.pattern, 0) + 1
         return counts
@@ -72,6 +72,7 @@ class Report:
     def merged(cls, reports) -> Report:
         total = cls()
         for report in reports:
+            total.patterns = tuple(dict.fromkeys(total.patterns + report.patterns))
             total.graphs += report.graphs
             total.matches += report.matches
             total.skipped += report.skipped
@@ -81,12 +82,13 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"gemma4_fx report: {len(self.graphs)} graph(s)"]
+        matches = sorted(self.matches, key=lambda m: (m.graph, _natural(m.location)))
         lines += ["", f"{'pattern':<16}{'matches':>8}"]
         lines += [f"{name:<16}{count:>8}" for name, count in self.counts.items()]
         if self.matches:
             lines += ["", "matched:"]
             lines += [f"  {m.pattern:<14} {m.graph:<10} {m.location or '?':<40} {', '.join(m.nodes)}"
-                      for m in self.matches]
+                      for m in matches]
         if self.skipped:
             lines += ["", "left alone:"]
             lines += [f"  {s.pattern:<14} {s.graph:<10} {s.location or '?':<40} {s.reason}" for s in self.skipped]
@@ -98,6 +100,17 @@ class Report:
             lines += [f"  {'ok' if v.ok else 'FAILED':<20}{v.graph:<10}{v.output:>7}{v.max_abs:>12.3g}"
                       f"{v.max_rel:>12.3g}{v.mismatched:>12}" for v in self.verify]
         return "\n".join(lines)
+
+
+def _natural(text: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: message` cut to its first line: some torch errors carry whole stack traces in their message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def node_location(node: torch.fx.Node) -> str:

@@ -17,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from a clean Dynamo: no cached frames, guards or recompile counts from another test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

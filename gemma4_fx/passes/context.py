@@ -16,9 +16,19 @@ class PassContext:
     graph_name: str
     report: Report
     options: dict = field(default_factory=dict)
+    _pending: list = field(default_factory=list)
 
-    def matched(self, pattern: str, anchor: torch.fx.Node, nodes=()) -> None:
-        self.report.add_match(pattern, self.graph_name, node_location(anchor), [anchor.name, *nodes])
+    def matched(self, pattern: str, anchor: torch.fx.Node) -> None:
+        """A candidate passed its checks; it counts once `commit` sees its anchor replaced."""
+        self._pending.append((pattern, anchor.name, node_location(anchor)))
+
+    def commit(self, graph: torch.fx.Graph) -> None:
+        """Record the pending matches whose anchor node is gone from `graph`, i.e. really rewritten."""
+        live = {node.name for node in graph.nodes}
+        for pattern, anchor, location in self._pending:
+            if anchor not in live:
+                self.report.add_match(pattern, self.graph_name, location, [anchor])
+        self._pending.clear()
 
     def skipped(self, pattern: str, anchor: torch.fx.Node, reason: str) -> None:
         self.report.add_skip(pattern, self.graph_name, node_location(anchor), reason, [anchor.name])

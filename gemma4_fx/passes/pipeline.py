@@ -17,7 +17,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..patterns import PATTERNS
-from ..report import Report
+from ..report import Report, describe_error
 from .context import PassContext, active
 
 log = logging.getLogger("gemma4_fx")
@@ -77,7 +77,7 @@ class Gemma4Passes(CustomGraphPass):
         if self._recording is not None:
             graph_name, report = self._recording
         else:
-            graph_name, report = f"graph_{len(self.reports)}", Report()
+            graph_name, report = f"graph_{len(self.reports)}", Report(self.patterns)
             self.reports.append(report)
         report.graphs.append(graph_name)
         ctx = PassContext(graph_name, report, self.options)
@@ -87,11 +87,13 @@ class Gemma4Passes(CustomGraphPass):
                 try:
                     PATTERNS[name].apply(graph, ctx)
                 except Exception as error:  # never fail the user's compile because of a pattern
-                    message = f"{graph_name}: pattern {name!r} failed ({type(error).__name__}: {error}); " \
+                    message = f"{graph_name}: pattern {name!r} failed ({describe_error(error)}); " \
                               "its remaining candidates are left to plain Inductor"
                     warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
                     log.warning(message, exc_info=True)
                     report.fallbacks.append(message)
+                finally:
+                    ctx.commit(graph)
         graph.lint()
         self._dump(graph, graph_name, "after")
 

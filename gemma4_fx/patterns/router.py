@@ -25,16 +25,33 @@ NAME = "router"
 aten = torch.ops.aten
 
 
-def router_pattern(x, scale, proj, per_expert_scale, eps, root_size, k):
-    """`Gemma4TextRouter.forward` (transformers 5.17+), the math this pattern matches."""
+def _router(x, scale, proj, per_expert_scale, eps, root_size, k, softmax):
+    """The router's math; `softmax` is the one step whose aten form depends on where in Inductor the pass runs."""
     h = x.float()
     h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     h = h.type_as(x) * scale * root_size
     logits = torch.nn.functional.linear(h, proj)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, k, dim=-1)
+    weights, ids = torch.topk(softmax(logits), k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * per_expert_scale[ids], ids
+
+
+def _online_softmax(logits):
+    """softmax(logits, -1, dtype=float32) as Inductor's CUDA post-grad pass leaves it: max and sum in one pass."""
+    logits = logits.float()
+    row_max, row_sum = torch.ops.prims.prepare_softmax_online(logits, -1)
+    return torch.exp(logits - row_max) / row_sum
+
+
+def router_pattern(x, scale, proj, per_expert_scale, eps, root_size, k):
+    """`Gemma4TextRouter.forward` (transformers 5.17+), the math this pattern matches."""
+    return _router(x, scale, proj, per_expert_scale, eps, root_size, k,
+                   lambda logits: torch.softmax(logits, dim=-1, dtype=torch.float32))
+
+
+def router_pattern_online_softmax(x, scale, proj, per_expert_scale, eps, root_size, k):
+    """The same router after Inductor's online-softmax rewrite (CUDA): our pass may run before or after it."""
+    return _router(x, scale, proj, per_expert_scale, eps, root_size, k, _online_softmax)
 
 
 def router_replacement(x, scale, proj, per_expert_scale, eps, root_size, k):
@@ -48,8 +65,9 @@ def router_replacement(x, scale, proj, per_expert_scale, eps, root_size, k):
     return torch.ops.gemma4_fx.router_select(logits, per_expert_scale, k)
 
 
-# Scalars are traced with these stand-ins and matched as wildcards; none collides with the pattern's own literals.
-_SCALARS = {"eps": 3.25e-5, "root_size": 0.0471, "k": 3}
+# Float scalars are traced with these stand-ins and matched as wildcards; neither collides with the pattern's own
+# literals. k is not a wildcard (older Inductors drop integer stand-ins): patterns are registered per k seen.
+_SCALARS = {"eps": 3.25e-5, "root_size": 0.0471}
 
 
 def _unsupported(x, scale, proj, per_expert_scale, k) -> str | None:
@@ -90,11 +108,12 @@ def _scalar_kind(value) -> str:
 
 def _check(match: Match) -> bool:
     operands = [match.kwargs[name].meta["val"] for name in ("x", "scale", "proj", "per_expert_scale")]
-    reason = _unsupported(*operands, match.kwargs["k"])
-    kinds = {_scalar_kind(match.kwargs[name]) for name in ("eps", "root_size")}
+    ctx, anchor = current(), _topk_node(match)
+    reason = _unsupported(*operands, anchor.args[1])
+    # Some Inductors hand this check a re-traced match whose float literals are not keyword args: floats then.
+    kinds = {_scalar_kind(match.kwargs.get(name, 0.0)) for name in ("eps", "root_size")}
     if reason is None and (len(kinds) != 1 or "other" in kinds):
         reason = f"eps and hidden**-0.5 are not both Python floats or both 0-d CPU tensors ({sorted(kinds)})"
-    ctx, anchor = current(), _topk_node(match)
     if reason:
         ctx.skipped(NAME, anchor, reason)
         return False
@@ -102,26 +121,35 @@ def _check(match: Match) -> bool:
     return True
 
 
+def _with_k(fn, k: int):
+    def fixed_k(x, scale, proj, per_expert_scale, eps, root_size):
+        return fn(x, scale, proj, per_expert_scale, eps, root_size, k)
+
+    return fixed_k
+
+
 @functools.cache
-def _patterns() -> PatternMatcherPass:
-    patterns = PatternMatcherPass(pass_name="gemma4_fx_router")
+def _patterns(k: int) -> PatternMatcherPass:
+    """The router patterns for top-k, in every supported dtype and both softmax forms."""
+    patterns = PatternMatcherPass(pass_name=f"gemma4_fx_router_top{k}")
+    hidden, experts = 16, max(2 * k, 8)
     for dtype in router_ops.DTYPES:
-        hidden, experts = 16, 8
         example = [torch.empty(4, hidden, dtype=dtype), torch.empty(hidden, dtype=dtype),
                    torch.empty(experts, hidden, dtype=dtype), torch.empty(experts, dtype=dtype),
                    *_SCALARS.values()]
-        register_replacement(router_pattern, router_replacement, example, fwd_only, patterns,
-                             extra_check=_check, scalar_workaround=_SCALARS)
+        for pattern in (router_pattern, router_pattern_online_softmax):
+            register_replacement(_with_k(pattern, k), _with_k(router_replacement, k), example, fwd_only, patterns,
+                                 extra_check=_check, scalar_workaround=_SCALARS)
     return patterns
 
 
 def _is_softmax(node) -> bool:
+    """exp(x - max) / sum: eager's decomposition, Inductor's online form, or the undecomposed op."""
     if not isinstance(node, torch.fx.Node):
         return False
     if node.target == aten._softmax.default:
         return True
-    return (node.target == aten.div.Tensor and getattr(node.args[0], "target", None) == aten.exp.default
-            and getattr(node.args[1], "target", None) == aten.sum.dim_IntList)
+    return node.target == aten.div.Tensor and getattr(node.args[0], "target", None) == aten.exp.default
 
 
 def _explain_unmatched(graph: torch.fx.Graph, ctx: PassContext) -> None:
@@ -140,5 +168,7 @@ def _explain_unmatched(graph: torch.fx.Graph, ctx: PassContext) -> None:
 
 
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
-    _patterns().apply(graph)
+    for k in sorted({node.args[1] for node in graph.find_nodes(op="call_function", target=aten.topk.default)
+                     if isinstance(node.args[1], int) and 1 <= node.args[1] <= router_ops.MAX_TOP_K}):
+        _patterns(k).apply(graph)
     _explain_unmatched(graph, ctx)

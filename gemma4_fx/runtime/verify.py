@@ -17,8 +17,9 @@ from ..report import Report, VerifyResult
 
 log = logging.getLogger("gemma4_fx")
 
-# Largest allowed max|out - ref| / max|ref| per output dtype: compiled code may reorder float sums.
-DEFAULT_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# Largest allowed max|out - ref| / max|ref| per output dtype: compiled code may reorder float sums (float64 graphs
+# often hold float32 islands, e.g. a softmax with dtype=float32).
+DEFAULT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 class VerificationError(AssertionError):

@@ -1,0 +1,207 @@
+"""The backend and the passes on a lone Gemma-4 router: rewrite, skips with reasons, failures, verify mode, arguments.
+
+A router compiles in about a second, so these tests compile one each; whole models are in test_models.py.
+"""
+
+import pytest
+import torch
+
+import gemma4_fx
+import gemma4_fx.patterns.router
+import gemma4_fx.replacements.router
+from gemma4_fx import Gemma4Backend, Gemma4Passes
+from gemma4_fx.runtime.verify import VerificationError
+
+MOE = "tiny-26b-a4b"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+class TopK(torch.nn.Module):
+    """A Gemma-4 router used as the MoE block uses it: the probabilities are dropped, (weights, ids) go on."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.router = router
+
+    def forward(self, hidden_states):
+        _, weights, ids = self.router(hidden_states)
+        return weights, ids
+
+
+def moe_router(dtype=torch.float32):
+    """`Gemma4TextRouter` of the tiny MoE preset (random weights, scales around one)."""
+    return gemma4_fx.build_model(MOE, dtype=dtype, num_hidden_layers=1).model.layers[0].router
+
+
+def hidden_states(router, tokens, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, router.hidden_size, generator=generator).to(router.scale.dtype)
+
+
+def run(module, backend, *inputs):
+    """(compiled outputs, eager outputs) of `module` on `inputs`."""
+    with torch.no_grad():
+        return torch.compile(module, backend=backend)(*inputs), module(*inputs)
+
+
+def assert_same_routing(outputs, expected):
+    """Expert ids bit for bit; routing weights (fp32) up to fp32 rounding."""
+    (weights, ids), (expected_weights, expected_ids) = outputs, expected
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1.3e-6, atol=1e-5)
+
+
+def router_skips(report):
+    return [skip for skip in report.skipped if skip.pattern == "router"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_router_rewrite_matches_eager(dtype):
+    module, backend = TopK(moe_router(dtype)), Gemma4Backend()
+    compiled = torch.compile(module, backend=backend)
+    for seed in range(3):
+        x = hidden_states(module.router, 37, seed)
+        with torch.no_grad():
+            assert_same_routing(compiled(x), module(x))
+    assert backend.report.counts["router"] == 1
+    assert [match.location for match in backend.report.matches] == ["router"]
+    assert not backend.report.fallbacks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_router_rewrite_breaks_ties_as_eager(dtype):
+    router = moe_router(dtype)
+    experts = router.proj.out_features
+    with torch.no_grad():
+        router.proj.weight[experts // 2:] = router.proj.weight[:experts // 2]  # expert e ties with e + experts / 2
+        router.per_expert_scale.copy_(torch.linspace(0.5, 1.5, experts))  # so the weights tell tied experts apart
+    x = hidden_states(router, 37, seed=0)
+    with torch.no_grad():
+        probabilities = router(x)[0]
+    assert torch.equal(probabilities[:, :experts // 2], probabilities[:, experts // 2:])
+    backend = Gemma4Backend()
+    assert_same_routing(*run(TopK(router), backend, x))
+    assert backend.report.counts["router"] == 1
+
+
+def test_router_returning_probabilities_is_left_alone():
+    router, backend = moe_router(), Gemma4Backend()
+    x = hidden_states(router, 9, seed=0)
+    (probabilities, *routing), (expected_probabilities, *expected_routing) = run(router, backend, x)
+    assert backend.report.counts["router"] == 0
+    [skip] = router_skips(backend.report)
+    assert "other users" in skip.reason
+    torch.testing.assert_close(probabilities, expected_probabilities)
+    assert_same_routing(routing, expected_routing)
+
+
+def test_float64_router_is_left_alone():
+    module, backend = TopK(moe_router().double()), Gemma4Backend()
+    x = hidden_states(module.router, 9, seed=0)
+    outputs, expected = run(module, backend, x)
+    assert backend.report.counts["router"] == 0
+    [skip] = router_skips(backend.report)
+    assert "float64" in skip.reason
+    assert_same_routing(outputs, expected)  # the softmax runs in fp32: fp32 rounding, even in a float64 router
+
+
+def test_router_rewrite_with_dynamic_shapes():
+    module, backend = TopK(moe_router()), Gemma4Backend()
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    for tokens in (5, 11):
+        x = hidden_states(module.router, tokens, seed=tokens)
+        with torch.no_grad():
+            assert_same_routing(compiled(x), module(x))
+    assert not backend.report.fallbacks
+    assert backend.report.counts["router"] == 1
+
+
+def test_verify_raises_on_a_wrong_rewrite(monkeypatch):
+    select = gemma4_fx.replacements.router.router_select_reference
+
+    def doubled_weights(logits, per_expert_scale, k):
+        weights, ids = select(logits, per_expert_scale, k)
+        return 2 * weights, ids
+
+    # What router_select computes on CPU tensors, looked up when the compiled graph runs.
+    monkeypatch.setattr(gemma4_fx.replacements.router, "router_select_reference", doubled_weights)
+    module, backend = TopK(moe_router()), Gemma4Backend(verify=True, verify_action="raise")
+    with pytest.raises(VerificationError, match="differ from eager"):
+        run(module, backend, hidden_states(module.router, 9, seed=0))
+    assert backend.report.counts["router"] == 1
+    weights, ids = backend.report.verify
+    assert not weights.ok and weights.max_rel == pytest.approx(1.0)  # |2w - w| / max |w|
+    assert ids.ok
+
+
+def test_failing_pattern_does_not_fail_the_compile(monkeypatch):
+    def broken(graph, ctx):
+        raise RuntimeError("broken pattern")
+
+    monkeypatch.setattr(gemma4_fx.patterns.router, "apply", broken)
+    module, backend = TopK(moe_router()), Gemma4Backend()
+    with pytest.warns(UserWarning, match="pattern 'router' failed"):
+        outputs, expected = run(module, backend, hidden_states(module.router, 9, seed=0))
+    assert backend.report.fallbacks
+    assert backend.report.counts["router"] == 0
+    assert_same_routing(outputs, expected)
+
+
+def test_pattern_failing_mid_rewrite_reports_no_match(monkeypatch):
+    def unavailable(*args):
+        raise RuntimeError("router_select unavailable")
+
+    # The replacement is traced when a match is found: the pattern fails after its check accepted the match.
+    monkeypatch.setattr(torch.ops.gemma4_fx, "router_select", unavailable)
+    module, backend = TopK(moe_router()), Gemma4Backend()
+    with pytest.warns(UserWarning, match="router_select unavailable"):
+        outputs, expected = run(module, backend, hidden_states(module.router, 9, seed=0))
+    assert backend.report.fallbacks
+    assert_same_routing(outputs, expected)
+    assert backend.report.counts["router"] == 0, "a rewrite that never happened is reported as a match"
+
+
+def test_failure_after_the_passes_falls_back_to_inductor(monkeypatch):
+    run_passes = Gemma4Passes.__call__
+
+    def corrupting(self, graph):
+        run_passes(self, graph)
+        output = graph.output_node()
+        x = next(iter(graph.find_nodes(op="placeholder")))
+        with graph.inserting_before(output):
+            bad = graph.call_function(torch.ops.aten.mm.default, (x, x))  # no operand here is square: lowering fails
+        output.args = ((bad, *output.args[0][1:]),)
+
+    monkeypatch.setattr(Gemma4Passes, "__call__", corrupting)
+    module, backend = TopK(moe_router()), Gemma4Backend()
+    with pytest.warns(UserWarning, match="compiled with plain Inductor instead"):
+        outputs, expected = run(module, backend, hidden_states(module.router, 9, seed=0))
+    assert backend.report.fallbacks
+    assert backend.report.counts["router"] == 0
+    assert_same_routing(outputs, expected)
+
+
+@pytest.mark.parametrize("make, argument", [
+    pytest.param(lambda: Gemma4Backend(verify_action="nope"), "verify_action", id="verify_action"),
+    pytest.param(lambda: Gemma4Backend(verify_tolerance=-1), "verify_tolerance", id="verify_tolerance"),
+    pytest.param(lambda: Gemma4Passes(patterns=["nope"]), "patterns", id="unknown-pattern"),
+    pytest.param(lambda: Gemma4Passes(patterns="router"), "patterns", id="patterns-string"),
+    pytest.param(lambda: Gemma4Passes(router_exact="yes"), "router_exact", id="router_exact"),
+    pytest.param(lambda: gemma4_fx.build_model("nope"), "preset", id="preset"),
+])
+def test_bad_argument_is_named(make, argument):
+    with pytest.raises((TypeError, ValueError), match=argument):
+        make()
+
+
+def test_inspect_rejects_a_non_callable(tmp_path):
+    with pytest.raises(TypeError, match="model"):
+        gemma4_fx.inspect(42, dump_dir=tmp_path)
+
+
+def test_uuid_follows_the_options(tmp_path):
+    default = Gemma4Passes().uuid()
+    assert Gemma4Passes().uuid() == default
+    assert Gemma4Passes(["router"], dump_dir=tmp_path).uuid() == default
+    assert Gemma4Passes(router_exact=True).uuid() != default
+    assert Gemma4Passes([]).uuid() != default
