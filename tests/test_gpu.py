@@ -82,4 +82,6 @@ def test_generate_matches_eager_tokens():
     out = model.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
                          compile_config=CompileConfig(backend=backend))
     assert torch.equal(out, expected)
-    assert backend.report.counts["router"] >= 2 * model.config.num_hidden_layers
+    # HF compiles the decode step (and on some versions the prefill): every compiled graph has every router rewritten
+    assert backend.report.graphs
+    assert backend.report.counts["router"] == len(backend.report.graphs) * model.config.num_hidden_layers

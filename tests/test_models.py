@@ -168,12 +168,14 @@ def test_inspect_writes_the_dump(tmp_path):
 
 
 def test_cli_demo(capsys):
-    torch.manual_seed(0)  # the demo draws its model and tokens from the global generator
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     layers = gemma4_fx.text_config(MOE).num_hidden_layers  # the demo's depth on CPU; every layer routes
     assert re.search(rf"^router\s+{layers}$", out, re.M), out
-    assert "verify against eager" in out and "FAILED" not in out
+    errors = {name: float(error) for name, error in re.findall(r"^  (.+?)\s+max \|logits - eager\| (\S+)", out, re.M)}
+    assert set(errors) == {"gemma4_fx", "inductor default"}, out
+    # On CPU the rewritten router is eager's own ops and Inductor emulates eager's bf16 rounding.
+    assert errors["gemma4_fx"] <= 0.05, out
 
 
 def test_cli_inspect(tmp_path, capsys):
