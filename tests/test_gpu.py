@@ -6,20 +6,9 @@ from transformers import CompileConfig, Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
 
 import gemma4_fx
+from test_backend import TopK
 
 pytestmark = pytest.mark.gpu
-
-
-class RouterOnly(torch.nn.Module):
-    """The router as the decoder layer uses it: probabilities are dropped."""
-
-    def __init__(self, router):
-        super().__init__()
-        self.router = router
-
-    def forward(self, x):
-        _, weights, ids = self.router(x)
-        return weights, ids
 
 
 def make_router(hidden, experts, k, dtype, seed=0):
@@ -30,7 +19,7 @@ def make_router(hidden, experts, k, dtype, seed=0):
         router.proj.weight.normal_(0, hidden**-0.5)
         router.scale.copy_(1 + 0.1 * torch.randn(hidden))
         router.per_expert_scale.copy_(1 + 0.1 * torch.randn(experts))
-    return RouterOnly(router).to("cuda", dtype).eval()
+    return TopK(router).to("cuda", dtype).eval()
 
 
 def tokens(n, hidden, dtype, seed):
