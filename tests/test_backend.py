@@ -202,6 +202,6 @@ def test_inspect_rejects_a_non_callable(tmp_path):
 def test_uuid_follows_the_options(tmp_path):
     default = Gemma4Passes().uuid()
     assert Gemma4Passes().uuid() == default
-    assert Gemma4Passes(["router"], dump_dir=tmp_path).uuid() == default
+    assert Gemma4Passes(list(gemma4_fx.PATTERNS), dump_dir=tmp_path).uuid() == default
     assert Gemma4Passes(router_exact=True).uuid() != default
     assert Gemma4Passes([]).uuid() != default

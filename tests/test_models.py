@@ -61,7 +61,7 @@ def moe(request):
 
 def test_router_rewritten_in_every_moe_layer(moe):
     assert moe.report.counts["router"] == len(routers(moe.model)) > 0
-    assert {match.location for match in moe.report.matches} == routers(moe.model)
+    assert {match.location for match in moe.report.matches if match.pattern == "router"} == routers(moe.model)
     assert not moe.report.fallbacks
 
 
