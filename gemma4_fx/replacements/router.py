@@ -116,7 +116,7 @@ def router_input(x: Tensor, scale: Tensor, eps: float, root_size: float, exact: 
 
 
 @router_input.register_fake
-def _(x, scale, eps, root_size, exact):
+def _router_input_fake(x, scale, eps, root_size, exact):
     _check_router_input(x, scale)
     return x.new_empty(x.shape)
 
@@ -128,10 +128,7 @@ def router_input_scalar_tensors(x: Tensor, scale: Tensor, eps: Tensor, root_size
     return router_input(x, scale, eps.item(), root_size.item(), exact)
 
 
-@router_input_scalar_tensors.register_fake
-def _(x, scale, eps, root_size, exact):
-    _check_router_input(x, scale)
-    return x.new_empty(x.shape)
+router_input_scalar_tensors.register_fake(_router_input_fake)
 
 
 # --------------------------------------------------------------------------------------------------------------------
