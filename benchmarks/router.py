@@ -22,6 +22,7 @@ from transformers import Gemma4TextConfig  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter  # noqa: E402
 
 import gemma4_fx.replacements.router  # noqa: E402  (registers torch.ops.gemma4_fx.*)
+from benchmarks.common import copy_bandwidth, graph_replay_us, markdown  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 2816, 128, 8
 DTYPE = torch.bfloat16
@@ -69,24 +70,10 @@ def tokens(n: int, seed: int) -> torch.Tensor:
 
 def time_us(fn, x) -> tuple[float, float]:
     """(plain, graph replay) medians in µs; do_bench clears L2 before each call."""
+    replay = graph_replay_us(fn, x)
     with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        torch.cuda.synchronize()
         plain = triton.testing.do_bench(lambda: fn(x), warmup=25, rep=200, return_mode="median")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(x)
-        replay = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-    return plain * 1e3, replay * 1e3
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
+    return plain * 1e3, replay
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -144,17 +131,6 @@ def fixed_replay_cost() -> float:
     """µs of replaying a graph that holds one one-element fill: what every replay costs before any real work."""
     one = torch.empty(1, device="cuda")
     return time_us(lambda _: one.fill_(0), None)[1]
-
-
-def markdown(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-
-    def cell(v):
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main():

@@ -7,8 +7,8 @@ from .backend import Gemma4Backend, gemma4_backend
 from .inspection import inspect
 from .passes.pipeline import Gemma4Passes
 from .patterns import PATTERNS
-from .presets import PRESETS, build_model, text_config
+from .presets import PRESETS, build_model, randomize_, text_config
 from .report import Report
 
 __all__ = ["Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model", "gemma4_backend",
-           "inspect", "text_config"]
+           "inspect", "randomize_", "text_config"]

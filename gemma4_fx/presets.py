@@ -101,8 +101,7 @@ def build_model(preset: str, *, dtype: torch.dtype = torch.float32, device="cpu"
                 attn_implementation: str = "sdpa", **overrides):
     """`Gemma4ForCausalLM` with random weights for `preset`, in eval mode, built directly on `device` in `dtype`.
 
-    Weights are drawn so that activations have a realistic spread (HF's init leaves norm and router scales at
-    exactly one, which would hide rounding differences); the same seed gives the same model.
+    Weights are drawn by `randomize_`; the same seed gives the same model.
     """
     from transformers import Gemma4ForCausalLM
 
@@ -115,12 +114,20 @@ def build_model(preset: str, *, dtype: torch.dtype = torch.float32, device="cpu"
             model = Gemma4ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous_dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator, device=device, dtype=torch.float32)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Draw `module`'s parameters so that activations have a realistic spread (HF's init leaves norm and router
+    scales at exactly one, which would hide rounding differences); the same seed gives the same weights."""
+    params = list(module.parameters())
+    generator = torch.Generator(device=params[0].device).manual_seed(seed) if params else None
+    for param in params:
+        noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+        with torch.no_grad():
             if param.ndim == 1:  # norm weights and router scales: around one
                 param.copy_(1.0 + 0.1 * noise)
             else:
                 param.copy_(noise * param.shape[-1] ** -0.5)
-    return model.eval()
+    return module

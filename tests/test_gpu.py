@@ -74,3 +74,46 @@ def test_generate_matches_eager_tokens():
     # HF compiles the decode step (and on some versions the prefill): every compiled graph has every router rewritten
     assert backend.report.graphs
     assert backend.report.counts["router"] == len(backend.report.graphs) * model.config.num_hidden_layers
+
+
+# Real widths, shallow: E2B keeps KV sharing at 7 layers (the last sliding and full layer shared), the 26B-A4B MoE
+# and 31B dense layers at 2.
+EPILOGUE_MODELS = {"e2b": dict(num_hidden_layers=7, num_kv_shared_layers=2), "26b-a4b": dict(num_hidden_layers=2),
+                   "31b": dict(num_hidden_layers=2, intermediate_size=4096)}
+
+
+@pytest.mark.parametrize("preset", EPILOGUE_MODELS)
+def test_epilogues_no_further_from_float64_than_eager(preset):
+    """bf16 logits with every rewrite against a float64 run of the same weights: no further off than eager or
+    Inductor (whose errors are printed beside ours)."""
+    overrides = dict(EPILOGUE_MODELS[preset], vocab_size=4096, vocab_size_per_layer_input=4096)
+    model = gemma4_fx.build_model(preset, dtype=torch.bfloat16, device="cuda", **overrides)
+    exact_model = gemma4_fx.build_model(preset, dtype=torch.float64, device="cuda", **overrides)
+    exact_model.config._experts_implementation = "eager"  # grouped_mm has no float64
+    # 512 tokens: the PLE tail is rewritten from ple_tail.CUDA_MIN_TOKENS on
+    ids = torch.randint(0, 4096, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    backend = gemma4_fx.Gemma4Backend()
+    with torch.no_grad():
+        exact = exact_model(ids, use_cache=False).logits
+        errors = {}
+        for name, fn in (("eager", model), ("inductor", torch.compile(model)),
+                         ("gemma4_fx", torch.compile(model, backend=backend))):
+            errors[name] = (fn(ids, use_cache=False).logits.double() - exact).abs().max().item()
+            torch._dynamo.reset()
+    print(preset, {k: f"{v:.4g}" for k, v in errors.items()}, backend.report.counts)
+    layers = model.config.num_hidden_layers
+    assert backend.report.counts["post_attn_norm"] == layers
+    assert backend.report.counts["ple_tail"] == (layers if model.config.hidden_size_per_layer_input else 0)
+    assert errors["gemma4_fx"] <= 1.25 * max(errors["eager"], errors["inductor"])
+
+
+def test_ple_tail_left_to_inductor_below_its_token_threshold():
+    model = gemma4_fx.build_model("e2b", dtype=torch.bfloat16, device="cuda", vocab_size=4096,
+                                  vocab_size_per_layer_input=4096, **EPILOGUE_MODELS["e2b"])
+    backend = gemma4_fx.Gemma4Backend()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.randint(0, 4096, (1, 16), device="cuda"), use_cache=False)
+    report = backend.report
+    assert report.counts["ple_tail"] == 0 and report.counts["post_attn_norm"] == model.config.num_hidden_layers
+    reasons = {skip.reason for skip in report.skipped if skip.pattern == "ple_tail"}
+    assert reasons == {"16 tokens: below 512 Inductor's own fusion of the PLE tail is as fast"}

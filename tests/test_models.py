@@ -87,6 +87,27 @@ def test_dense_gemma4_has_no_router_match(preset):
     assert_close_to_eager(logits, expected)
 
 
+# The published widths (hidden, per-layer-input width, experts, top-k) at two layers with small everything else.
+# KV sharing is off: it needs more depth and does not change the layer's epilogues.
+REAL_WIDTHS = {preset: dict(num_hidden_layers=2, num_kv_shared_layers=0, vocab_size=256, vocab_size_per_layer_input=256,
+                            intermediate_size=64, moe_intermediate_size=16, num_attention_heads=2,
+                            num_key_value_heads=1, num_global_key_value_heads=1, head_dim=32, global_head_dim=64)
+               for preset in ("e2b", "e4b", "26b-a4b", "31b")}
+
+
+@pytest.mark.parametrize("preset", REAL_WIDTHS)
+def test_epilogues_rewritten_in_every_layer_at_real_widths(preset):
+    model, backend = build_model(preset, dtype=torch.bfloat16, **REAL_WIDTHS[preset]), Gemma4Backend()
+    logits, expected = compile_and_run(model, backend, random_ids(model, (1, 5)))
+    config, counts = model.config, backend.report.counts
+    print(preset, counts)
+    assert counts["post_attn_norm"] == config.num_hidden_layers
+    assert counts["ple_tail"] == (config.num_hidden_layers if config.hidden_size_per_layer_input else 0)
+    assert counts["router"] == (config.num_hidden_layers if config.enable_moe_block else 0)
+    assert not backend.report.skipped and not backend.report.fallbacks
+    assert_close_to_eager(logits, expected)
+
+
 _SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="sdpa")
 OTHER_MODELS = {

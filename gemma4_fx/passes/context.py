@@ -33,6 +33,14 @@ class PassContext:
     def skipped(self, pattern: str, anchor: torch.fx.Node, reason: str) -> None:
         self.report.add_skip(pattern, self.graph_name, node_location(anchor), reason, [anchor.name])
 
+    def decide(self, pattern: str, anchor: torch.fx.Node, reason: str | None) -> bool:
+        """A pattern's extra check: rewrite when there is no `reason` against it, else record why not."""
+        if reason:
+            self.skipped(pattern, anchor, reason)
+            return False
+        self.matched(pattern, anchor)
+        return True
+
 
 _current: contextvars.ContextVar[PassContext | None] = contextvars.ContextVar("gemma4_fx_pass", default=None)
 

@@ -3,6 +3,6 @@
 Each module has `NAME` (the report's name for it) and `apply(graph, ctx)`.
 """
 
-from . import router
+from . import norm_chain, ple_tail, router
 
-PATTERNS = {module.NAME: module for module in (router,)}
+PATTERNS = {module.NAME: module for module in (router, norm_chain, ple_tail)}

@@ -114,11 +114,7 @@ def _check(match: Match) -> bool:
     kinds = {_scalar_kind(match.kwargs.get(name, 0.0)) for name in ("eps", "root_size")}
     if reason is None and (len(kinds) != 1 or "other" in kinds):
         reason = f"eps and hidden**-0.5 are not both Python floats or both 0-d CPU tensors ({sorted(kinds)})"
-    if reason:
-        ctx.skipped(NAME, anchor, reason)
-        return False
-    ctx.matched(NAME, anchor)
-    return True
+    return ctx.decide(NAME, anchor, reason)
 
 
 def _with_k(fn, k: int):

@@ -20,17 +20,16 @@ Each op has its eager reference (used on CPU, and as the test oracle) next to it
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-MAX_HIDDEN = 16384  # router_input keeps a whole row in one program
+from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, row_output
+
 MAX_EXPERTS = 1024  # CUDA softmax takes its warp-per-row path, whose order we copy, up to 1024 fp32 columns
 MAX_TOP_K = 32  # torch.topk sorts k <= 32 with the 32-wide bitonic network we copy
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(hidden_size: int, num_experts: int, top_k: int, dtype: torch.dtype) -> bool:
@@ -59,8 +58,7 @@ def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, hidden, mean_f
     mask = cols < hidden
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     xf = x.to(tl.float32)
-    # Eager rounds x*x to fp32 before summing: enable_fp_fusion=False keeps the products out of FMAs. And
-    # enable_reflect_ftz=False makes libdevice's rsqrt the non-flushing rsqrt.approx.f32 that eager's rsqrtf is.
+    # x*x rounded to fp32 before the sum, rsqrt non-flushing: see rows.EAGER_ARITHMETIC.
     mean_sq = tl.sum(xf * xf, axis=0) * mean_factor + eps
     h = (xf * tl.math.rsqrt(mean_sq)).to(x.dtype)
     scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
@@ -69,29 +67,13 @@ def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, hidden, mean_f
     tl.store(out_ptr + row * hidden + cols, h, mask=mask)
 
 
-def _mean_factor(rows: int, hidden: int) -> float:
-    """What ATen's CUDA mean multiplies the sum by: float(num_outputs) / numel in fp32, which is fp32(1/H) whenever
-    N*H is exact in fp32 (e.g. N*H <= 2**24)."""
-    return float(np.float32(rows) / np.float32(rows * hidden))
-
-
 def router_input_triton(x: Tensor, scale: Tensor, eps: float, root_size: float, *, out: Tensor | None = None) -> Tensor:
     """Launch the router_input kernel; writes into `out` ([N, H] contiguous, x.dtype) when given."""
     _check_router_input(x, scale)
+    out = row_output("router_input", x, out)
     rows, hidden = x.shape
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"router_input: x has hidden size {hidden}; the kernel handles at most {MAX_HIDDEN}")
-    if out is None:
-        out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"router_input: out must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
-    if rows == 0:
-        return out
-    block_h = triton.next_power_of_2(hidden)
-    _router_input_kernel[(rows,)](
-        x, scale, out, x.stride(0), hidden, _mean_factor(rows, hidden), eps, root_size,
-        BLOCK_H=block_h, num_warps=min(16, max(1, block_h // 512)), enable_fp_fusion=False, enable_reflect_ftz=False,
-    )
+    launch_rows("router_input", _router_input_kernel, rows, hidden,
+                x, scale, out, x.stride(0), hidden, mean_factor(rows, hidden), eps, root_size)
     return out
 
 
@@ -268,7 +250,7 @@ def router_select_triton(logits: Tensor, per_expert_scale: Tensor, k: int, *,
     _router_select_kernel[(rows,)](
         logits, per_expert_scale, weights, ids, experts, logits.stride(0),
         K=k, K_PAD=triton.next_power_of_2(k), SUM_WIDTH=1 << (k.bit_length() - 1), BLOCK_E=block_e,
-        LANES=min(block_e, 32), num_warps=1, enable_fp_fusion=False, enable_reflect_ftz=False,
+        LANES=min(block_e, 32), num_warps=1, **EAGER_ARITHMETIC,
     )
     return weights, ids
 

@@ -1,0 +1,106 @@
+"""Gemma-4 PLE tail (E2B/E4B layers with per-layer inputs): the decoder layer's end after its MLP.
+
+    h = residual + rmsnorm(mlp_out, w_ff)                        post_feedforward_layernorm, residual add
+    g = gelu_tanh(h @ gate.T) * per_layer_input                  per_layer_input_gate, act_fn, * per_layer_input
+    out = (h + rmsnorm(g @ proj.T, w_ple)) * layer_scalar        per_layer_projection, post_per_layer_input_norm
+
+becomes `ple_norm_add` → the same mm as eager → `ple_gate` → the same mm → `ple_norm_add` (with the scalar): the
+GEMMs stay eager's, the three steps around them are one launch each and round where eager rounds. On MoE layers
+mlp_out is the sum of the two post-FF norms; it enters as a wildcard, so those match too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_replacement
+
+from ..passes.context import current
+from ..replacements import ple_tail as ple_ops
+from .norm_chain import rms_norm
+from .tracing import trace
+
+NAME = "ple_tail"
+
+
+def ple_tail_pattern(mlp_out, residual, per_layer_input, ff_weight, gate_weight, proj_weight, ple_weight,
+                     layer_scalar, eps_ff, eps_ple):
+    h = residual + rms_norm(mlp_out, ff_weight, eps_ff)
+    g = torch.nn.functional.gelu(torch.nn.functional.linear(h, gate_weight), approximate="tanh") * per_layer_input
+    return (h + rms_norm(torch.nn.functional.linear(g, proj_weight), ple_weight, eps_ple)) * layer_scalar
+
+
+def ple_tail_replacement(mlp_out, residual, per_layer_input, ff_weight, gate_weight, proj_weight, ple_weight,
+                         layer_scalar, eps_ff, eps_ple):
+    hidden, ple = residual.shape[-1], per_layer_input.shape[-1]
+    h = torch.ops.gemma4_fx.ple_norm_add(mlp_out.reshape(-1, hidden), residual.reshape(-1, hidden), ff_weight, None,
+                                         eps_ff)
+    g = torch.ops.gemma4_fx.ple_gate(torch.mm(h, gate_weight.t()), per_layer_input.reshape(-1, ple))
+    out = torch.ops.gemma4_fx.ple_norm_add(torch.mm(g, proj_weight.t()), h, ple_weight, layer_scalar, eps_ple)
+    return out.reshape(residual.shape)
+
+
+# On an H100 (BENCHMARKS.md, layer epilogues) the rewrite ties Inductor's own fusion of the tail up to 64 tokens
+# (±1%, the same five launches) and wins from 512 on; below this many static tokens on CUDA it is left to Inductor.
+CUDA_MIN_TOKENS = 512
+
+# Float stand-ins traced as wildcards: distinct from each other and from the other patterns' stand-ins.
+_SCALARS = {"eps_ff": 2.5e-5, "eps_ple": 2.75e-5}
+_TENSORS = ("mlp_out", "residual", "per_layer_input", "ff_weight", "gate_weight", "proj_weight", "ple_weight",
+            "layer_scalar")
+
+
+def _unsupported(match: Match) -> str | None:
+    """Why the kernels cannot take this match's operands, or None."""
+    mlp_out, residual, pli, ff_w, gate_w, proj_w, ple_w, scalar = (match.kwargs[name].meta["val"]
+                                                                   for name in _TENSORS)
+    hidden, ple = residual.shape[-1], pli.shape[-1]
+    if not isinstance(hidden, int) or not isinstance(ple, int):
+        return "symbolic hidden or per-layer-input size"
+    if residual.device.type not in ("cuda", "cpu"):
+        return f"device {residual.device.type}"
+    if not ple_ops.supports(hidden, ple, residual.dtype):
+        return (f"{residual.dtype} rows of {hidden} are outside the kernels' range (dtypes "
+                f"{', '.join(map(str, ple_ops.DTYPES))}, hidden <= {ple_ops.MAX_HIDDEN})")
+    dtype, rows = residual.dtype, residual.shape[:-1]
+    if mlp_out.shape != residual.shape or pli.shape[:-1] != rows:
+        return (f"mlp_out {tuple(mlp_out.shape)}, per_layer_input {tuple(pli.shape)} do not share the residual's "
+                f"rows {tuple(rows)}")
+    tokens = math.prod(rows)
+    if residual.device.type == "cuda" and isinstance(tokens, int) and tokens < CUDA_MIN_TOKENS:
+        return f"{tokens} tokens: below {CUDA_MIN_TOKENS} Inductor's own fusion of the PLE tail is as fast"
+    for name, t in zip(_TENSORS, (mlp_out, residual, pli, ff_w, gate_w, proj_w, ple_w, scalar)):
+        if t.dtype != dtype:
+            return f"{name} is {t.dtype}, the residual {dtype}: the kernels take one dtype"
+    if scalar.numel() != 1:
+        return f"layer_scalar has {scalar.numel()} elements, want one"
+    for name, w in (("ff_weight", ff_w), ("ple_weight", ple_w)):
+        if tuple(w.shape) != (hidden,) or w.stride(-1) != 1:
+            return f"{name} is {tuple(w.shape)} stride {w.stride()}, want a contiguous ({hidden},) vector"
+    if any(not isinstance(match.kwargs.get(name, 0.0), (int, float)) for name in _SCALARS):
+        return "eps is not a Python float (under dynamic=True it is a 0-d tensor)"
+    return None
+
+
+def _check(match: Match) -> bool:
+    return current().decide(NAME, match.output_nodes()[0], _unsupported(match))  # anchor: the `* layer_scalar`
+
+
+@functools.cache
+def _patterns() -> PatternMatcherPass:
+    patterns = PatternMatcherPass(pass_name="gemma4_fx_ple_tail")
+    for dtype in (*ple_ops.DTYPES, torch.float64):  # float64 too, to say why it is left alone
+        hidden, ple = 16, 8
+        example = [torch.empty(2, 3, hidden, dtype=dtype), torch.empty(2, 3, hidden, dtype=dtype),
+                   torch.empty(2, 3, ple, dtype=dtype), torch.empty(hidden, dtype=dtype),
+                   torch.empty(ple, hidden, dtype=dtype), torch.empty(hidden, ple, dtype=dtype),
+                   torch.empty(hidden, dtype=dtype), torch.empty(1, dtype=dtype), *_SCALARS.values()]
+        register_replacement(ple_tail_pattern, ple_tail_replacement, example, trace, patterns, extra_check=_check,
+                             scalar_workaround=_SCALARS)
+    return patterns
+
+
+def apply(graph: torch.fx.Graph, ctx) -> None:
+    _patterns().apply(graph)
