@@ -3,12 +3,12 @@
     torch.compile(model, backend=gemma4_fx.gemma4_backend)
 """
 
-from .backend import Gemma4Backend, gemma4_backend
+from .backend import GRAPH_PASSES, Gemma4Backend, gemma4_backend
 from .inspection import inspect
 from .passes.pipeline import Gemma4Passes
 from .patterns import PATTERNS
 from .presets import PRESETS, build_model, randomize_, text_config
 from .report import Report
 
-__all__ = ["Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model", "gemma4_backend",
-           "inspect", "randomize_", "text_config"]
+__all__ = ["GRAPH_PASSES", "Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model",
+           "gemma4_backend", "inspect", "randomize_", "text_config"]

@@ -14,13 +14,18 @@ from pathlib import Path
 import torch
 from torch._inductor.compile_fx import compile_fx
 
+from .passes import yoco
 from .passes.pipeline import Gemma4Passes
 from .report import Report, describe_error
+from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
+from .runtime.split import compile_pieces, is_decode_shaped, split_graph
 from .runtime.verify import VerifiedGraph
 
 log = logging.getLogger("gemma4_fx")
 
 _VERIFY_ACTIONS = ("warn", "raise")
+GRAPH_PASSES = {yoco.NAME: yoco}  # rewrites of Dynamo's graph, before it is split or lowered
+CUDAGRAPH_MODES = ("auto", "piecewise", "full", None)
 _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 
 
@@ -29,7 +34,8 @@ class Gemma4Backend:
     as its post-grad custom pass.
 
     Args:
-        patterns: rewrites to run (default: all; see `gemma4_fx.PATTERNS`).
+        patterns: rewrites to run (default: all; see `gemma4_fx.GRAPH_PASSES`, run on Dynamo's graph, and
+            `gemma4_fx.PATTERNS`, run on Inductor's post-grad graph).
         verify: on the first call of each compiled graph, also run it eagerly and compare every output
             (`report.verify`); differences beyond `verify_tolerance` warn or raise (`verify_action`).
         verify_action: "warn" or "raise".
@@ -41,26 +47,55 @@ class Gemma4Backend:
             default: compiled results should be eager's results.
         fx_graph_cache: Inductor's FX graph cache skips the passes on a hit, so the report would miss those graphs;
             it is off unless you ask for it.
+        cudagraphs: how compiled graphs run from CUDA graphs (`gemma4_fx.runtime.cudagraphs`): "piecewise" cuts
+            the graph at attention and at what a graph cannot hold, and captures the pieces between per input
+            shape; "full" cuts only at what a graph cannot hold; "auto" is "full" for decode steps (one query
+            token per attention) and "piecewise" otherwise; None (the default: the runtime's decode path has not
+            yet been checked on a GPU) captures nothing. Only graphs with CUDA
+            inputs are captured, and none that may need a backward (grad mode on and an input requiring grad);
+            an explicit "piecewise" or "full" on CPU still cuts and compiles the pieces. When ours are on,
+            Inductor's own (`mode="reduce-overhead"`, `triton.cudagraphs`) are switched off inside the pieces;
+            with `cudagraphs=None` a `mode` is passed to Inductor as it is.
+        max_captured_shapes: input shapes each compiled graph keeps graphs for; the least recently used shape is
+            dropped (with its graphs) past this.
+        splitting_ops: more ops to run between graphs in piecewise mode: op overloads, functions, or "ns::name".
     """
 
     def __init__(self, patterns=None, *, verify: bool = False, verify_action: str = "warn",
                  verify_tolerance: float | None = None, dump_dir: str | Path | None = None,
-                 router_exact: bool = False, emulate_precision_casts: bool = True, fx_graph_cache: bool = False):
+                 router_exact: bool = False, emulate_precision_casts: bool = True, fx_graph_cache: bool = False,
+                 cudagraphs: str | None = None, max_captured_shapes: int = 32, splitting_ops=()):
+        if cudagraphs not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraphs: expected one of {CUDAGRAPH_MODES}, got {cudagraphs!r}")
+        if isinstance(max_captured_shapes, bool) or not isinstance(max_captured_shapes, int) or max_captured_shapes < 1:
+            raise ValueError(f"max_captured_shapes: expected a positive int, got {max_captured_shapes!r}")
+        if isinstance(splitting_ops, str):
+            raise TypeError(f"splitting_ops: expected a sequence of ops or op names, got the string {splitting_ops!r}")
         if verify_action not in _VERIFY_ACTIONS:
             raise ValueError(f"verify_action: expected one of {_VERIFY_ACTIONS}, got {verify_action!r}")
         if verify_tolerance is not None and not verify_tolerance > 0:
             raise ValueError(f"verify_tolerance: expected a positive float or None, got {verify_tolerance!r}")
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
-        self.passes = Gemma4Passes(patterns, router_exact=router_exact, dump_dir=self.dump_dir)
+        post_grad, self.graph_passes = _split_patterns(patterns)
+        self.passes = Gemma4Passes(post_grad, router_exact=router_exact, dump_dir=self.dump_dir)
         self.verify, self.verify_action, self.verify_tolerance = bool(verify), verify_action, verify_tolerance
         self.inductor_config = {"emulate_precision_casts": bool(emulate_precision_casts),
                                 "fx_graph_cache": bool(fx_graph_cache)}
         self.graph_reports: dict[str, Report] = {}
+        self.cudagraphs, self.splitting_ops = cudagraphs, tuple(splitting_ops)
+        self.cudagraph_runtime = CUDAGraphRuntime(max_captured_shapes)
 
     @property
     def report(self) -> Report:
         """Every graph compiled through this backend, merged; per graph in `graph_reports`."""
         return Report.merged(self.graph_reports.values())
+
+    @property
+    def cudagraph_stats(self) -> CUDAGraphStats:
+        """Graphs captured, replays, evictions, failures, and the bytes of the shared memory pool (read now)."""
+        stats = self.cudagraph_runtime.stats
+        stats.pool_bytes = self.cudagraph_runtime.pool_bytes()
+        return stats
 
     def __deepcopy__(self, memo):
         # HF's CompileConfig deep-copies its fields; the copy would collect the reports the user reads here.
@@ -75,35 +110,112 @@ class Gemma4Backend:
         """Called by torch.compile; `mode` and `options` are torch.compile's, applied to Inductor's config
         (HF generate passes `mode="reduce-overhead"`: Inductor's CUDA graphs)."""
         graph_name = f"graph_{len(self.graph_reports)}"
-        report = self.graph_reports[graph_name] = Report(self.passes.patterns)
+        report = self.graph_reports[graph_name] = Report(self.graph_passes + self.passes.patterns)
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / f"{graph_name}.dynamo.py").write_text(gm.code)
         config = {**self.inductor_config, **(torch._inductor.list_mode_options(mode) if mode else {}),
                   **(options or {})}
-        compiled = self._compile(gm, example_inputs, graph_name, report, config)
-        if self.verify:
+        try:
+            compiled = self._compile(self._rewrite(gm, graph_name, report), example_inputs, graph_name, report,
+                                     config)
+        except _DYNAMO_CONTROL_FLOW:  # Dynamo asks to re-trace (e.g. to specialise floats): not a failure
+            del self.graph_reports[graph_name]
+            raise
+        except Exception as error:  # our rewrites and runtime must never cost the user their compile
+            message = f"{graph_name}: gemma4_fx failed ({describe_error(error)}); Dynamo's graph compiled with " \
+                      "plain Inductor instead"
+            warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
+            log.warning(message, exc_info=True)
+            report.discard()
+            report.fallbacks.append(message)
+            compiled = compile_fx(gm, example_inputs, config_patches=config)
+        if self.verify:  # against the graph as Dynamo traced it, so the check covers the graph passes too
             return VerifiedGraph(compiled, gm, graph_name, report, action=self.verify_action,
                                  tolerance=self.verify_tolerance)
         return compiled
 
+    def _rewrite(self, gm: torch.fx.GraphModule, graph_name: str, report: Report) -> torch.fx.GraphModule:
+        """Dynamo's graph after the enabled `GRAPH_PASSES`; a failing pass is skipped, never the compile."""
+        for name in self.graph_passes:
+            try:
+                gm = GRAPH_PASSES[name].apply(gm, report=report, graph_name=graph_name)
+            except Exception as error:
+                message = f"{graph_name}: graph pass {name!r} failed ({describe_error(error)}); graph left as it was"
+                warnings.warn(f"gemma4_fx: {message}", stacklevel=3)
+                log.warning(message, exc_info=True)
+                report.discard([name])
+                report.fallbacks.append(message)
+                continue
+            if self.dump_dir is not None:
+                (self.dump_dir / f"{graph_name}.{name}.py").write_text(gm.code)
+        return gm
+
     def _compile(self, gm, example_inputs, graph_name: str, report: Report, config: dict):
+        mode = self._cudagraph_mode(gm, example_inputs)
+        if mode is None:
+            return self._inductor(gm, example_inputs, graph_name, report, config)
+        return self._compile_split(gm, example_inputs, graph_name, report, config, mode)
+
+    def _cudagraph_mode(self, gm, example_inputs) -> str | None:
+        """"piecewise", "full", or None (compile the graph whole, no graphs of ours)."""
+        tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+        if self.cudagraphs is None or torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+            return None
+        if self.cudagraphs == "auto":
+            if not any(x.is_cuda for x in tensors):
+                return None
+            return "full" if is_decode_shaped(gm.graph, self.splitting_ops) else "piecewise"
+        return self.cudagraphs
+
+    def _compile_split(self, gm, example_inputs, graph_name: str, report: Report, config: dict, mode: str):
+        """Cut `gm` (`runtime.split`), compile each captured piece with our passes, run them from CUDA graphs."""
+        split = split_graph(gm, split_attention=mode == "piecewise", extra_ops=self.splitting_ops)
+        config = {**config, "triton.cudagraphs": False}  # ours hold the pieces: no graphs inside graphs
+        piece_reports = []
+
+        def compile_piece(piece, inputs):
+            piece_reports.append(Report(self.passes.patterns))
+            return self._inductor(piece.module, inputs, f"{graph_name}.{piece.name}", piece_reports[-1], config)
+
+        compiled = compile_pieces(split, gm, example_inputs, compile_piece)
+        merged = Report.merged(piece_reports)
+        report.graphs.append(graph_name)
+        report.matches += merged.matches
+        report.skipped += merged.skipped
+        report.fallbacks += merged.fallbacks
+        capture = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+        log.info("%s: %s CUDA graphs, %d pieces (%d captured)", graph_name, mode, len(split.pieces),
+                 len(split.captured))
+        return GraphRunner(split, compiled, shape_inputs(gm), self.cudagraph_runtime, capture=capture)
+
+    def _inductor(self, gm, example_inputs, graph_name: str, report: Report, config: dict):
+        """Inductor with our post-grad passes; without them if that fails (the graph passes' work stays)."""
         try:
             with self.passes.recording(graph_name, report), \
                     torch._functorch.config.patch(enable_autograd_cache=config["fx_graph_cache"]):
                 return compile_fx(gm, example_inputs, config_patches={**config, "post_grad_custom_post_pass": self.passes})
-        except _DYNAMO_CONTROL_FLOW:  # Dynamo asks to re-trace (e.g. to specialise floats): not a failure
-            del self.graph_reports[graph_name]
+        except _DYNAMO_CONTROL_FLOW:
             raise
         except Exception as error:  # our rewrites must never cost the user their compile
             message = f"{graph_name}: compile with gemma4_fx passes failed ({describe_error(error)}); " \
                       "compiled with plain Inductor instead"
             warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
             log.warning(message, exc_info=True)
-            report.matches.clear()
-            report.skipped.clear()
+            report.discard(self.passes.patterns)
             report.fallbacks.append(message)
             return compile_fx(gm, example_inputs, config_patches=config)
+
+
+def _split_patterns(patterns) -> tuple[list[str] | None, tuple[str, ...]]:
+    """(names for `Gemma4Passes`, names of `GRAPH_PASSES`) of the backend's `patterns` argument; unknown names are
+    left for `Gemma4Passes` to reject."""
+    if patterns is None:
+        return None, tuple(GRAPH_PASSES)
+    if isinstance(patterns, str):
+        return patterns, ()
+    names = list(patterns)
+    return [name for name in names if name not in GRAPH_PASSES], tuple(name for name in GRAPH_PASSES if name in names)
 
 
 gemma4_backend = Gemma4Backend()

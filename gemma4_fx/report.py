@@ -68,6 +68,12 @@ class Report:
             self.skipped.append(skip)
             log.info("%s: %s left alone at %s: %s", graph, pattern, location, reason)
 
+    def discard(self, patterns=None) -> None:
+        """Forget the matches and skips of `patterns` (all if None): their rewrites did not make it into the
+        compiled graph."""
+        self.matches[:] = [m for m in self.matches if patterns is not None and m.pattern not in patterns]
+        self.skipped[:] = [s for s in self.skipped if patterns is not None and s.pattern not in patterns]
+
     @classmethod
     def merged(cls, reports) -> Report:
         total = cls()

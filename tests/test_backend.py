@@ -181,6 +181,18 @@ def test_failure_after_the_passes_falls_back_to_inductor(monkeypatch):
     assert_same_routing(outputs, expected)
 
 
+def test_failure_outside_inductor_compiles_dynamos_graph(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("runtime unavailable")
+
+    monkeypatch.setattr(Gemma4Backend, "_compile", broken)
+    module, backend = TopK(moe_router()), Gemma4Backend()
+    with pytest.warns(UserWarning, match="runtime unavailable.*Dynamo's graph compiled with plain Inductor"):
+        outputs, expected = run(module, backend, hidden_states(module.router, 9, seed=0))
+    assert backend.report.fallbacks and not backend.report.matches
+    assert_same_routing(outputs, expected)
+
+
 @pytest.mark.parametrize("make, argument", [
     pytest.param(lambda: Gemma4Backend(verify_action="nope"), "verify_action", id="verify_action"),
     pytest.param(lambda: Gemma4Backend(verify_tolerance=-1), "verify_tolerance", id="verify_tolerance"),

@@ -1,0 +1,289 @@
+"""CUDA graphs for the pieces of a split graph, one set per input shape.
+
+A `GraphRunner` runs the split graph. Each distinct shape of its inputs (the sizes Dynamo left symbolic) runs once
+plainly (warm-up: Triton autotuning, cuBLAS handles, lazy allocations), is captured on its second call (each captured
+piece as it is reached, so graphs are captured in the order they replay), and is replayed after that. The shapes a
+runner keeps are capped; the least recently used is dropped with all its graphs.
+
+A captured piece reads its inputs from fixed addresses. Per input of a piece:
+- parameters are used where they are (their storage is assumed to stay, as Inductor's CUDA graphs assume);
+- inputs the piece mutates (static KV caches), tensors marked with a static address, outputs of earlier captured
+  pieces, and broadcast views are used where they are, so the graph writes the real cache; if one moves, the
+  shape's graphs are dropped and captured again on its next call, rather than written into memory the caller may
+  still hold;
+- other tensors are copied into buffers owned by the graph, only when their address differs from that buffer's;
+- 0-d CPU tensors (how Dynamo passes float attributes under `dynamic=True`) are read when the graph is captured.
+Outputs that reach the caller are copied out of the graph's memory after each replay, so no later replay changes a
+tensor the caller holds; outputs that are views of an input are returned as views of the caller's tensor.
+
+All graphs of a backend share one memory pool. That is safe because graphs of one shape replay in the order they
+were captured, graphs of different shapes never interleave within a call, and nothing the caller holds lives in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx.experimental.symbolic_shapes import free_symbols
+
+from ..report import describe_error
+from .split import SplitGraph, _method_name, host_value_symbols
+
+log = logging.getLogger("gemma4_fx")
+
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "select",
+                 "as_strided", "t", "flatten", "unflatten", "view_as", "__getitem__", "diagonal", "unfold"}
+
+
+@dataclass
+class CUDAGraphStats:
+    """What the CUDA graph runtime holds and did, for one backend."""
+
+    graphs: int = 0  # graphs alive now
+    captures: int = 0
+    replays: int = 0
+    evicted_shapes: int = 0
+    failures: list[str] = field(default_factory=list)  # pieces that could not be captured, and why
+    pool_bytes: int = 0  # bytes the shared pool holds on the device (when read)
+
+    def __str__(self) -> str:
+        lines = [f"CUDA graphs: {self.graphs} alive, {self.captures} captured, {self.replays} replays, "
+                 f"{self.evicted_shapes} shapes evicted, pool {self.pool_bytes / 2**20:.1f} MiB"]
+        return "\n".join(lines + [f"  not captured: {failure}" for failure in self.failures])
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
+    """Positions of the placeholders that `gm` writes in place (directly or through a view)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    base = {node: index for index, node in enumerate(placeholders)}
+    mutated = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_method", "call_function") or not node.args:
+            continue
+        source = node.args[0]
+        if source not in base:
+            continue
+        name = _method_name(node)
+        schema = getattr(node.target, "_schema", None)
+        if (name and name.endswith("_") and not name.startswith("_")) or node.target is operator.setitem \
+                or (schema is not None and schema.is_mutable):
+            mutated.add(base[source])
+        elif name in _VIEW_METHODS or node.target is operator.getitem:
+            base[node] = base[source]
+    return mutated
+
+
+def shape_inputs(gm: torch.fx.GraphModule) -> list[tuple[int, bool]]:
+    """(position, is_tensor) of the inputs that tell shapes apart: tensors with a symbolic size, and SymInts,
+    except those that size nothing (`split.host_value_symbols`: no captured piece sees them)."""
+    host_values = host_value_symbols(gm.graph)
+    values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
+    return [(index, isinstance(value, torch.Tensor)) for index, value in enumerate(values)
+            if isinstance(value, torch.SymInt) and not free_symbols(value) <= host_values
+            or isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape)]
+
+
+def _capture(fn, args: list, runtime: CUDAGraphRuntime):
+    """Record `fn(*args)` into a CUDA graph in the runtime's pool; returns (replay, the outputs the graph writes).
+    Capturing runs nothing: the caller replays once for the values."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=runtime.pool()):
+        outputs = fn(*args)
+    return graph.replay, outputs
+
+
+def _written(tensor: torch.Tensor) -> torch.Tensor:
+    """The elements a broadcast view (stride 0, as `expand` makes) stands for, each once: what a copy must write."""
+    for dim in reversed(range(tensor.ndim)):
+        if tensor.stride(dim) == 0:
+            tensor = tensor.select(dim, 0)
+    return tensor
+
+
+class PieceGraph:
+    """One captured piece at one shape: its graph, the inputs it reads and the outputs it writes."""
+
+    def __init__(self, fn, args, *, runtime: CUDAGraphRuntime, mutated: set[int], owned: set[int],
+                 escaping: frozenset[int]):
+        self.static_args = list(args)
+        self.pinned, self.copied = [], []
+        for index, arg in enumerate(args):
+            if not isinstance(arg, torch.Tensor) or isinstance(arg, torch.nn.Parameter) \
+                    or (arg.device.type == "cpu" and arg.ndim == 0):
+                continue
+            if index in mutated or arg.data_ptr() in owned or torch._dynamo.utils.get_static_address_type(arg) \
+                    or torch._debug_has_internal_overlap(_written(arg)) == 1:
+                self.pinned.append(index)
+            else:  # same strides as the input: the compiled piece may assume them
+                static = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device=arg.device)
+                _written(static).copy_(_written(arg))
+                self.static_args[index] = static
+                self.copied.append(index)
+        self.replay_graph, outputs = _capture(fn, self.static_args, runtime)
+        self.sequence = type(outputs) if isinstance(outputs, (list, tuple)) else None
+        self.outputs = list(outputs) if self.sequence else [outputs]
+        storages = {arg.untyped_storage().data_ptr(): index for index, arg in enumerate(self.static_args)
+                    if isinstance(arg, torch.Tensor)}
+        self.views, self.escaping = {}, []
+        for position, out in enumerate(self.outputs):
+            if not isinstance(out, torch.Tensor):
+                continue
+            source = storages.get(out.untyped_storage().data_ptr())
+            if source is not None:  # a view of an input: rebuilt on the caller's tensor at each replay
+                offset = out.storage_offset() - self.static_args[source].storage_offset()
+                self.views[position] = (source, out.shape, out.stride(), offset)
+            elif position in escaping:
+                self.escaping.append(position)
+        self.owned = {out.data_ptr() for out in self.outputs if isinstance(out, torch.Tensor)}
+
+    def moved(self, args) -> bool:
+        """A pinned input (cache, earlier piece's output) is not where the graph reads it: capture again."""
+        return any(args[index].data_ptr() != self.static_args[index].data_ptr() for index in self.pinned)
+
+    def replay(self, args):
+        for index in self.copied:
+            if args[index].data_ptr() != self.static_args[index].data_ptr():
+                _written(self.static_args[index]).copy_(_written(args[index]))
+        self.replay_graph()
+        outputs = list(self.outputs)
+        for position in self.escaping:
+            outputs[position] = outputs[position].clone()
+        for position, (source, shape, stride, offset) in self.views.items():
+            outputs[position] = args[source].as_strided(shape, stride, args[source].storage_offset() + offset)
+        return self.sequence(outputs) if self.sequence else outputs[0]
+
+
+@dataclass
+class _Shape:
+    calls: int = 0
+    graphs: dict[int, PieceGraph] = field(default_factory=dict)  # by captured piece's position
+    owned: set[int] = field(default_factory=set)  # addresses of the outputs its graphs write
+
+
+class CapturedPiece:
+    """Stands in the split graph for a compiled piece: runs it plainly, or captures and replays it, as the runner's
+    current shape says."""
+
+    def __init__(self, runner: GraphRunner, position: int, compiled, name: str, mutated: set[int],
+                 escaping: frozenset[int]):
+        self.runner, self.position, self.compiled, self.name = runner, position, compiled, name
+        self.mutated, self.escaping = mutated, escaping
+        self.failed = False
+
+    def __call__(self, *args):
+        shape = self.runner.active
+        if shape is None or shape.calls < 2 or self.failed:
+            return self.compiled(*args)
+        graph = shape.graphs.get(self.position)
+        if graph is not None and graph.moved(args):
+            self.runner.restart(shape)
+            return self.compiled(*args)
+        if graph is None:
+            graph = self._capture(shape, args)
+            if graph is None:
+                return self.compiled(*args)
+        self.runner.stats.replays += 1
+        return graph.replay(args)
+
+    def _capture(self, shape: _Shape, args) -> PieceGraph | None:
+        stats = self.runner.stats
+        try:
+            graph = PieceGraph(self.compiled, args, runtime=self.runner.runtime, mutated=self.mutated,
+                               owned=shape.owned, escaping=self.escaping)
+        except Exception as error:  # an op the graph cannot hold: this piece runs without graphs from now on
+            self.failed = True
+            message = f"{self.name}: CUDA graph capture failed ({describe_error(error)}); it runs without graphs"
+            warnings.warn(f"gemma4_fx: {message}", stacklevel=3)
+            log.warning(message, exc_info=True)
+            stats.failures.append(message)
+            return None
+        stats.graphs += 1
+        stats.captures += 1
+        shape.graphs[self.position] = graph
+        shape.owned |= graph.owned
+        return graph
+
+
+class GraphRunner:
+    """Calls a split graph whose captured pieces are `CapturedPiece`s, keeping their graphs per input shape.
+
+    Args:
+        split: the split graph, its captured pieces already compiled.
+        compiled: the compiled callable of each captured piece, in `split.captured` order.
+        shape_inputs: (position, is_tensor) of the inputs whose values (ints) or shapes (tensors) tell shapes apart.
+        runtime: the backend's `CUDAGraphRuntime` (pool, stats, cap).
+        capture: False runs the pieces without graphs (CPU, or graphs switched off).
+    """
+
+    def __init__(self, split: SplitGraph, compiled: list, shape_inputs: list[tuple[int, bool]],
+                 runtime: CUDAGraphRuntime, *, capture: bool):
+        self.module, self.capture = split.module, capture
+        self.shape_inputs, self.runtime = shape_inputs, runtime
+        self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()
+        self.active: _Shape | None = None
+        for position, (piece, fn) in enumerate(zip(split.captured, compiled)):
+            delattr(self.module, piece.name)  # a plain attribute now: the graph's code calls self.<name>(...)
+            setattr(self.module, piece.name, CapturedPiece(self, position, fn, piece.name,
+                                                           mutated_inputs(piece.module), piece.escaping))
+
+    @property
+    def stats(self) -> CUDAGraphStats:
+        return self.runtime.stats
+
+    def key(self, args) -> tuple:
+        return tuple(tuple(args[i].shape) if is_tensor else args[i] for i, is_tensor in self.shape_inputs)
+
+    def restart(self, shape: _Shape) -> None:
+        """Drop a shape's graphs (a pinned input moved) and run it plainly until its next call captures them again,
+        in order: a graph captured after later ones could put its outputs where they keep their scratch."""
+        self.stats.graphs -= len(shape.graphs)
+        shape.graphs.clear()
+        shape.owned.clear()
+        shape.calls = 1
+
+    def __call__(self, *args):
+        if not self.capture:
+            return self.module.forward(*args)
+        key = self.key(args)
+        shape = self.shapes.get(key)
+        if shape is None:
+            shape = self.shapes[key] = _Shape()
+            if len(self.shapes) > self.runtime.max_shapes:
+                _, evicted = self.shapes.popitem(last=False)
+                self.stats.graphs -= len(evicted.graphs)
+                self.stats.evicted_shapes += 1
+        else:
+            self.shapes.move_to_end(key)
+        shape.calls += 1
+        self.active = shape
+        try:
+            return self.module.forward(*args)
+        finally:
+            self.active = None
+
+
+class CUDAGraphRuntime:
+    """What the graphs of one backend share: the memory pool, the cap on shapes per graph, the stats."""
+
+    def __init__(self, max_shapes: int):
+        self.max_shapes = max_shapes
+        self.stats = CUDAGraphStats()
+        self._pool = None
+
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def pool_bytes(self) -> int:
+        """Bytes of device memory the shared pool holds (reads the allocator's snapshot: not for hot paths)."""
+        if self._pool is None:
+            return 0
+        pool = tuple(self._pool)
+        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                   if tuple(segment.get("segment_pool_id", ())) == pool)

@@ -1,0 +1,277 @@
+"""Split a Dynamo FX graph into pieces that CUDA graphs can hold and pieces that run between them.
+
+Attention is left out of the graphs (its cost depends on context length, and serving engines swap in their own
+kernels), and so is anything a graph cannot hold: host syncs, copies to the CPU, tensors whose shapes come from data,
+and uses of int inputs that size no tensor (a graph would keep the value it was captured with). The cut follows graph
+order: every piece is a contiguous run of nodes, so the pieces always form a chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch._dispatch.python import enable_python_dispatcher
+from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols
+from torch.fx.passes.split_module import split_module
+
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+_ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
+_MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+_SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.ops.aten._softmax.default,
+              torch.ops.aten.softmax.int}
+# Between the scores matmul and the softmax (scale, softcap, mask) and between the softmax and the value matmul
+# (cast back, dropout), as in HF's `eager_attention_forward`.
+_SCORE_STEPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, torch.tanh,
+                torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, torch.Tensor.mul, torch.Tensor.div,
+                torch.Tensor.add, torch.Tensor.tanh, torch.Tensor.masked_fill, F.dropout}
+_HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero"}
+_HOST_SYNC_FUNCTIONS = {torch.nonzero, torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+
+@dataclass
+class Piece:
+    """One submodule of the split graph. `captured` pieces go into CUDA graphs; the others run as they are."""
+
+    name: str
+    module: torch.fx.GraphModule
+    captured: bool
+    escaping: frozenset[int] = frozenset()  # output positions the caller may receive (directly or through views)
+
+
+@dataclass
+class SplitGraph:
+    module: torch.fx.GraphModule  # calls the pieces in order; pieces are its `submod_<i>` attributes
+    pieces: list[Piece]
+
+    @property
+    def captured(self) -> list[Piece]:
+        return [piece for piece in self.pieces if piece.captured]
+
+
+def _method_name(node: torch.fx.Node) -> str | None:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function" and getattr(node.target, "__objclass__", None) is torch.Tensor:
+        return node.target.__name__
+    return None
+
+
+def _is_op(node: torch.fx.Node, targets) -> bool:
+    if node.op == "call_function":
+        return node.target in targets
+    return node.op == "call_method" and getattr(torch.Tensor, node.target, None) in targets
+
+
+def _qualified_name(target) -> str:
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return target.name() if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+    return ""
+
+
+def is_attention(node: torch.fx.Node, extra_ops=()) -> bool:
+    """SDPA, flex attention, flash-attention style library ops, or one of `extra_ops` (targets or "ns::name")."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    name = _qualified_name(target)
+    if target in _ATTENTION_FUNCTIONS or target is torch.ops.higher_order.flex_attention:
+        return True
+    if target in extra_ops or (name and (name in extra_ops or name.split(".")[0] in extra_ops)):
+        return True
+    namespace, _, op = name.partition("::")
+    return namespace in _ATTENTION_NAMESPACES and ("attention" in op or "attn" in op)
+
+
+def eager_attention_span(softmax: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(scores matmul, value matmul) around `softmax` if it is HF's eager attention, else None."""
+    scores = softmax.args[0]
+    while isinstance(scores, torch.fx.Node) and not _is_op(scores, _MATMULS):
+        if not _is_op(scores, _SCORE_STEPS) or not scores.args:
+            return None
+        scores = scores.args[0]
+    if not isinstance(scores, torch.fx.Node):
+        return None
+    weights = softmax
+    while len(weights.users) == 1:
+        [user] = weights.users
+        if _is_op(user, _MATMULS) and user.args[0] is weights:
+            return scores, user
+        if not _is_op(user, _SCORE_STEPS):
+            return None
+        weights = user
+    return None
+
+
+def _example(value):
+    return value.meta.get("example_value", value.meta.get("val")) if isinstance(value, torch.fx.Node) else None
+
+
+def host_value_symbols(graph: torch.fx.Graph) -> set:
+    """Symbols of the graph's int inputs that size no tensor: their values feed the computation (HF's sliding cache
+    passes its fill level, which moves every step, into the mask). A graph would keep the value it was captured
+    with, and since they size nothing, capturing per value would capture every step."""
+    shape_symbols, int_symbols = set(), set()
+    for node in graph.nodes:
+        value = _example(node)
+        if isinstance(value, torch.Tensor):
+            shape_symbols |= free_symbols(value)
+        elif node.op == "placeholder" and isinstance(value, torch.SymInt):
+            int_symbols |= free_symbols(value)
+    return int_symbols - shape_symbols
+
+
+def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset()) -> bool:
+    """Reads of device tensors on the host (`.item()`, `.cpu()`, `nonzero`...), anything touching a tensor whose
+    shape comes from data, and uses of `host_values` (see `host_value_symbols`). The same reads of CPU tensors
+    stay: under `dynamic=True` Dynamo passes float attributes (norm eps, scales) as 0-d CPU tensors and reads them
+    with `.item()`; a capture keeps the value it read."""
+    inputs = [_example(arg) for arg in node.all_input_nodes]
+    on_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in inputs)
+    if on_device and (_method_name(node) in _HOST_SYNC_METHODS
+                      or (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS)):
+        return True
+    out = _example(node)
+    values = [value for value in [out, *inputs] if value is not None]
+    if any(free_unbacked_symbols(value) for value in values):
+        return True
+    if host_values and any(isinstance(value, torch.SymInt) and free_symbols(value) & host_values
+                           for value in values):
+        return True
+    return on_device and isinstance(out, torch.Tensor) and out.device.type == "cpu"
+
+
+def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, extra_ops=()) -> set[torch.fx.Node]:
+    """Nodes that must run outside CUDA graphs. An eager attention contributes every node from its scores matmul
+    to its value matmul, so that the cut leaves the pieces a chain."""
+    nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
+    order = {node: index for index, node in enumerate(nodes)}
+    host_values = host_value_symbols(graph)
+    marked = {node for node in nodes if is_uncapturable(node, host_values)}
+    if split_attention:
+        marked |= {node for node in nodes if is_attention(node, extra_ops)}
+        for node in nodes:
+            span = _is_op(node, _SOFTMAXES) and eager_attention_span(node)
+            if span:
+                marked.update(nodes[order[span[0]]:order[span[1]] + 1])
+    return marked
+
+
+def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
+    """Every attention in the graph has exactly one query token (a decode step), so it can live in one graph."""
+    queries = []
+    for node in graph.nodes:
+        if is_attention(node, extra_ops) and node.args:
+            queries.append(_example(node.args[0]))
+        elif _is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
+            queries.append(_example(span[0].args[0]))
+    return bool(queries) and all(isinstance(q, torch.Tensor) and q.ndim >= 2 and q.shape[-2] == 1
+                                 for q in queries)
+
+
+def _hoist_int_arithmetic(graph: torch.fx.Graph) -> None:
+    """Move arithmetic on int inputs alone (`cumulative_length + 1`) to the top of the graph, so that when it must
+    run between graphs it does not cut a layer in two."""
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    anchor, hoisted = placeholders[-1] if placeholders else None, set(placeholders)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and not isinstance(_example(node), torch.Tensor) \
+                and node.all_input_nodes and all(arg in hoisted for arg in node.all_input_nodes) \
+                and all(isinstance(_example(arg), torch.SymInt) for arg in node.all_input_nodes):
+            anchor.append(node)
+            anchor = node
+            hoisted.add(node)
+
+
+def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra_ops=()) -> SplitGraph:
+    """Cut `gm` into alternating captured and uncaptured pieces (see the module docstring)."""
+    _hoist_int_arithmetic(gm.graph)
+    gm.recompile()
+    marked = splitting_nodes(gm.graph, split_attention=split_attention, extra_ops=extra_ops)
+    partition_of: dict[torch.fx.Node, int] = {}
+    partition, previous = 0, None
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if previous is not None and (node in marked) != previous:
+            partition += 1
+        previous = node in marked
+        partition_of[node] = partition
+    uncaptured = {partition_of[node] for node in marked}
+    split = split_module(gm, gm, lambda node: partition_of[node], keep_original_order=True)
+    pieces = []
+    for node in split.graph.find_nodes(op="call_module"):
+        index = int(node.target.rsplit("_", 1)[1])
+        pieces.append(Piece(node.target, getattr(split, node.target), captured=index not in uncaptured))
+        _return_tuple(split.graph, node, pieces[-1].module)
+    split.recompile()
+    _mark_escaping(split, pieces)
+    return SplitGraph(split, pieces)
+
+
+def _return_tuple(graph: torch.fx.Graph, call: torch.fx.Node, piece: torch.fx.GraphModule) -> None:
+    """Make a piece that returns one value return a 1-tuple, as Dynamo's graphs do (Inductor's calling convention
+    for those is the plain one)."""
+    output = piece.graph.output_node()
+    if isinstance(output.args[0], (tuple, list)):
+        return
+    output.args = ((output.args[0],),)
+    piece.recompile()
+    with graph.inserting_after(call):
+        first = graph.call_function(operator.getitem, (call, 0))
+    call.replace_all_uses_with(first, delete_user_cb=lambda user: user is not first)
+
+
+def _mark_escaping(split: torch.fx.GraphModule, pieces: list[Piece]) -> None:
+    """Find the outputs of captured pieces that the caller can end up holding: those that reach the graph's output,
+    directly or through an uncaptured piece (which may return a view of its input)."""
+    by_name = {piece.name: piece for piece in pieces}
+    escaping: set[torch.fx.Node] = set(split.graph.output_node().all_input_nodes)
+    for node in reversed(split.graph.find_nodes(op="call_module")):
+        outputs = list(node.users)  # getitems
+        piece = by_name[node.target]
+        if piece.captured:
+            piece.escaping = frozenset(out.args[1] for out in outputs if out in escaping)
+        elif any(out in escaping for out in outputs):
+            escaping.update(node.all_input_nodes)
+
+
+class _PieceCompiler(torch.fx.Interpreter):
+    """Runs the split graph on fake inputs so each captured piece is compiled with the inputs it will see."""
+
+    def __init__(self, split: SplitGraph, compile_piece):
+        super().__init__(split.module)
+        self.captured = {piece.name: piece for piece in split.captured}
+        self.compile_piece, self.compiled = compile_piece, {}
+
+    def call_module(self, target, args, kwargs):
+        outputs = super().call_module(target, args, kwargs)  # before compiling: Inductor may change the module
+        if target in self.captured:
+            self.compiled[target] = self.compile_piece(self.captured[target], list(args))
+        return outputs
+
+
+def compile_pieces(split: SplitGraph, gm: torch.fx.GraphModule, example_inputs, compile_piece) -> list:
+    """`compile_piece(piece, inputs)` for each captured piece, in order, with inputs carrying `gm`'s symbolic shapes,
+    so that a piece's compile covers every shape the whole graph's would."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)  # the one Dynamo made for backends
+    inputs = list(example_inputs)
+    if fake_mode is not None:
+        # Dynamo's example values have the symbolic shapes but belong to its tracing fake mode: remake them here.
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        with fake_mode:
+            for index, node in enumerate(placeholders):
+                value = _example(node)
+                if isinstance(value, torch.Tensor):
+                    inputs[index] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                                        device=value.device)
+                    # 0-d tensors Dynamo made of Python numbers carry the symbol `.item()` returns
+                    if getattr(value, "item_memo", None) is not None:
+                        inputs[index].item_memo = value.item_memo
+    compiler = _PieceCompiler(split, compile_piece)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
+        compiler.run(*inputs)  # the python dispatcher runs composite ops (linear, matmul) on symbolic shapes
+    return [compiler.compiled[piece.name] for piece in split.captured]

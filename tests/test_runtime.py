@@ -1,0 +1,276 @@
+"""The CUDA graph runtime on CPU: where graphs are split, how pieces are rewired, and the capture bookkeeping
+(warm-up, capture, replay, eviction, inputs copied or pinned, outputs the caller holds) with capture simulated.
+
+CUDA itself is exercised in test_gpu_runtime.py.
+"""
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import gemma4_fx
+import gemma4_fx.runtime.cudagraphs as cudagraphs
+from gemma4_fx import Gemma4Backend
+from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphRunner, mutated_inputs, shape_inputs
+from gemma4_fx.runtime.split import is_decode_shaped, split_graph
+
+PRESET = "tiny-e2b"  # 7 layers
+FP32 = dict(rtol=1e-4, atol=1e-4)  # compiled against eager: Inductor may reorder fp32 sums
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {impl: gemma4_fx.build_model(PRESET, attn_implementation=impl) for impl in ("sdpa", "eager")}
+
+
+def dynamo_graph(fn, *args, dynamic=True, **kwargs):
+    """The graph Dynamo hands a backend for `fn(*args, **kwargs)`, and the inputs it would call it with."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *inputs: (graphs.append(inputs), gm(*inputs))[1]
+
+    with torch.no_grad():
+        torch.compile(fn, backend=record, dynamic=dynamic)(*args, **kwargs)
+    gm, inputs = graphs
+    return gm, list(inputs)
+
+
+def attention_nodes(gm):
+    return [node for node in gm.graph.nodes
+            if node.target in (torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.softmax)]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_split_at_attention_gives_the_same_results(models, impl):
+    model = models[impl]
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    gm, inputs = dynamo_graph(model, ids, use_cache=False)
+    split = split_graph(gm)
+    layers = model.config.num_hidden_layers
+    assert len(split.pieces) == 2 * layers + 1
+    assert [piece.captured for piece in split.pieces] == [index % 2 == 0 for index in range(2 * layers + 1)]
+    for piece in split.pieces:  # each attention alone between two captured pieces
+        assert len(attention_nodes(piece.module)) == (0 if piece.captured else 1)
+        if impl == "eager" and not piece.captured:
+            assert sum(node.target is torch.matmul for node in piece.module.graph.nodes) == 2
+    assert [sorted(piece.escaping) for piece in split.captured] == [[]] * layers + [[0]]  # only the logits escape
+    with torch.no_grad():
+        torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
+
+
+def test_full_split_keeps_attention_inside():
+    model = gemma4_fx.build_model(PRESET)
+    gm, inputs = dynamo_graph(model, torch.randint(3, 400, (1, 5)), use_cache=False)
+    split = split_graph(gm, split_attention=False)
+    assert [piece.captured for piece in split.pieces] == [True]
+
+
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+def test_data_dependent_ops_run_between_graphs():
+    def fn(x):
+        y = torch.sin(x) * 2
+        rows = torch.nonzero(y[:, 0] > 0).squeeze(1)
+        picked = y[rows].sum(0)  # shape from data
+        return torch.cos(picked) + y.sum(0)
+
+    x = torch.randn(9, 4)
+    gm, inputs = dynamo_graph(fn, x)
+    split = split_graph(gm)
+    captured = [piece.captured for piece in split.pieces]
+    assert captured == [True, False, True]
+    nonzero = [node for piece in split.pieces for node in piece.module.graph.nodes if node.target is torch.nonzero]
+    assert nonzero and all(not piece.captured for piece in split.pieces if nonzero[0].graph is piece.module.graph)
+    torch.testing.assert_close(split.module(*inputs), gm(*inputs))
+
+
+def decode_graph(model, cache_len=16, tokens=1):
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return dynamo_graph(model, ids[:, :tokens], past_key_values=cache, use_cache=True,
+                        cache_position=torch.arange(5, 5 + tokens), dynamic=False)[0]
+
+
+def test_decode_steps_are_decode_shaped(models):
+    model = models["sdpa"]
+    assert is_decode_shaped(decode_graph(model).graph)
+    assert not is_decode_shaped(decode_graph(model, tokens=3).graph)
+    assert is_decode_shaped(decode_graph(models["eager"]).graph)
+
+
+def test_mutated_cache_inputs_are_found(models):
+    gm = decode_graph(models["sdpa"])
+    split = split_graph(gm)
+    names = [[node.name for node in piece.module.graph.find_nodes(op="placeholder")] for piece in split.captured]
+    mutated = [{names[index][i] for i in mutated_inputs(piece.module)} for index, piece in enumerate(split.captured)]
+    writing = models["sdpa"].config.num_hidden_layers - models["sdpa"].config.num_kv_shared_layers
+    for found in mutated[:writing]:  # the piece before each attention writes that layer's cache
+        assert any(name.endswith("_keys") for name in found) and any(name.endswith("_values") for name in found)
+    assert not any(mutated[writing:])  # layers that share another layer's cache write none
+
+
+def fake_capture(fn, args, runtime):
+    """A CUDA graph on CPU: replays recompute into the outputs of the capture, from the captured inputs."""
+    inputs = [arg.clone() if isinstance(arg, torch.Tensor) else None for arg in args]
+    outputs = fn(*args)
+    for arg, before in zip(args, inputs):  # capturing runs nothing: undo what the run wrote (the caches)
+        if before is not None and torch._debug_has_internal_overlap(arg) != 1:
+            arg.copy_(before)
+
+    def replay():
+        for static, new in zip(outputs, fn(*args)):
+            if isinstance(static, torch.Tensor):
+                cudagraphs._written(static).copy_(cudagraphs._written(new))
+
+    return replay, outputs
+
+
+def runner_backend(runtime, *, split_attention=True):
+    """A backend that runs the split graph's pieces uncompiled under the runtime, capturing even on CPU."""
+
+    def backend(gm, example_inputs):
+        split = split_graph(gm, split_attention=split_attention)
+        return GraphRunner(split, [piece.module for piece in split.captured], shape_inputs(gm), runtime,
+                           capture=True)
+
+    return backend
+
+
+def test_warm_up_capture_replay_and_held_outputs(monkeypatch, models):
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+    model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=8)
+    compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
+    held, expected, counts = [], [], []
+    with torch.no_grad():
+        for seed, length in enumerate([5, 5, 5, 9, 9, 5, 9]):
+            ids = torch.randint(3, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+            held.append(compiled(ids, use_cache=False).logits)
+            expected.append(model(ids, use_cache=False).logits)
+            counts.append((runtime.stats.captures, runtime.stats.replays))
+    pieces = model.config.num_hidden_layers + 1
+    assert counts == [(0, 0), (pieces, pieces), (pieces, 2 * pieces), (pieces, 2 * pieces),
+                      (2 * pieces, 3 * pieces), (2 * pieces, 4 * pieces), (2 * pieces, 5 * pieces)]
+    assert runtime.stats.graphs == 2 * pieces
+    for actual, reference in zip(held, expected):  # later replays did not overwrite what the caller holds
+        torch.testing.assert_close(actual, reference, **FP32)
+
+
+def test_least_recently_used_shape_is_evicted(monkeypatch, models):
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+    model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=2)
+    compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
+    with torch.no_grad():
+        for length in [4, 4, 6, 6, 4, 8, 8, 6]:  # 8 evicts 6 (4 was used since); 6 then evicts 4
+            ids = torch.randint(3, model.config.vocab_size, (1, length))
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       **FP32)
+    pieces = model.config.num_hidden_layers + 1
+    assert runtime.stats.evicted_shapes == 2
+    assert runtime.stats.captures == 3 * pieces  # 4, 6, 8
+    assert runtime.stats.graphs == pieces  # 8's; 6 came back after its eviction and ran its warm-up again
+
+
+@pytest.mark.parametrize("split_attention", [True, False], ids=["piecewise", "full"])
+def test_decode_steps_replay_and_write_the_static_cache(monkeypatch, models, split_attention):
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+    model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=8)
+    compiled = torch.compile(model, backend=runner_backend(runtime, split_attention=split_attention))
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, past_key_values=cache, use_cache=True)
+        token = ids[:, -1:]
+        for position in range(5, 13):  # the sliding layers fill up at 6: their fill level moves every step
+            kwargs = dict(use_cache=True, cache_position=torch.tensor([position]))
+            expected = model(token, past_key_values=caches[0], **kwargs).logits
+            torch.testing.assert_close(compiled(token, past_key_values=caches[1], **kwargs).logits, expected, **FP32)
+            token = expected.argmax(-1)
+    for layer, expected in zip(caches[1].layers, caches[0].layers):
+        torch.testing.assert_close(layer.keys, expected.keys, **FP32)
+        torch.testing.assert_close(layer.values, expected.values, **FP32)
+    assert runtime.stats.replays > 0 and runtime.stats.graphs == runtime.stats.captures
+
+
+def test_cache_is_written_in_place_and_captured_again_when_it_moves(monkeypatch):
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+
+    def step(cache, position, x):
+        cache.index_copy_(0, position, torch.tanh(x))
+        return cache.sum(0) * 2
+
+    runtime = CUDAGraphRuntime(max_shapes=4)
+    compiled = torch.compile(step, backend=runner_backend(runtime))
+    caches = [torch.zeros(6, 3), torch.zeros(6, 3)]
+    expected = torch.zeros(6, 3)
+    for position in range(4):  # a fresh x (new address) each call: copied into the graph's buffer
+        x = torch.randn(1, 3)
+        out = compiled(caches[0], torch.tensor([position]), x)
+        step(expected, torch.tensor([position]), x)
+        torch.testing.assert_close(out, expected.sum(0) * 2)
+        torch.testing.assert_close(caches[0], expected)
+    assert (runtime.stats.captures, runtime.stats.graphs) == (1, 1)
+    x = torch.randn(2, 1, 3)
+    compiled(caches[1], torch.tensor([4]), x[0])  # another cache: the graph is dropped, this call runs plainly
+    assert (runtime.stats.captures, runtime.stats.graphs) == (1, 0)
+    compiled(caches[1], torch.tensor([5]), x[1])  # and the next one captures it again, on the new cache
+    assert (runtime.stats.captures, runtime.stats.graphs) == (2, 1)
+    torch.testing.assert_close(caches[0], expected)  # the first cache left alone
+    torch.testing.assert_close(caches[1][4:], torch.tanh(x[:, 0]))
+
+
+def test_failed_capture_warns_and_runs_without_graphs(monkeypatch, models):
+    def failing(fn, args, runtime):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cudagraphs, "_capture", failing)
+    model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=8)
+    compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    with torch.no_grad(), pytest.warns(UserWarning, match="capture failed"):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       **FP32)
+    assert len(runtime.stats.failures) == model.config.num_hidden_layers + 1  # each piece gave up once
+    assert runtime.stats.graphs == 0
+
+
+def test_piecewise_backend_compiles_each_piece_with_the_passes():
+    model = gemma4_fx.build_model("tiny-26b-a4b")
+    backend = Gemma4Backend(["router"], cudagraphs="piecewise")  # on CPU: split and compiled, no graphs
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 8):
+            ids = torch.randint(3, model.config.vocab_size, (2, length))
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       **FP32)
+    report = backend.report
+    assert report.graphs == ["graph_0"]
+    assert report.counts["router"] == model.config.num_hidden_layers
+    assert {match.graph for match in report.matches if match.pattern == "router"} == {
+        f"graph_0.submod_{2 * layer + 2}" for layer in range(model.config.num_hidden_layers)}
+    assert not report.fallbacks
+    assert backend.cudagraph_stats.captures == 0
+
+
+def test_graphs_only_where_they_can_be_used():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 3))
+    x = torch.randn(2, 3)
+    assert Gemma4Backend()._cudagraph_mode(gm, [x]) is None  # auto on CPU
+    assert Gemma4Backend(cudagraphs="full")._cudagraph_mode(gm, [x]) == "full"
+    with torch.enable_grad():  # a graph that may need a backward
+        assert Gemma4Backend(cudagraphs="full")._cudagraph_mode(gm, [x.requires_grad_()]) is None
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    pytest.param({"cudagraphs": "yes"}, "cudagraphs", id="cudagraphs"),
+    pytest.param({"max_captured_shapes": 0}, "max_captured_shapes", id="max_captured_shapes"),
+    pytest.param({"max_captured_shapes": 2.0}, "max_captured_shapes", id="max_captured_shapes-float"),
+    pytest.param({"splitting_ops": "flash_attn::fwd"}, "splitting_ops", id="splitting_ops-string"),
+])
+def test_bad_runtime_argument_is_named(kwargs, argument):
+    with pytest.raises((TypeError, ValueError), match=argument):
+        Gemma4Backend(**kwargs)
