@@ -244,7 +244,7 @@ def main():
         tables["‖out - float64‖ / ‖float64‖, worst output (512 tokens)"] = accuracy(args.blocks, 512)
     if "decode" in args.parts:
         tables["Decode step, reduce-overhead (µs, median)"] = [
-            decode_step("e2b", 1, 1024, bandwidth, num_hidden_layers=8, num_kv_shared_layers=3),
+            decode_step("e2b", 1, 1024, bandwidth, num_hidden_layers=8),
             decode_step("26b-a4b", 1, 1024, bandwidth, num_hidden_layers=4)]
     for title, rows in tables.items():
         print(f"\n### {title}\n\n{markdown(rows)}")

@@ -1,4 +1,4 @@
-"""The three ways in: the backend, the Inductor pass, and HF generate. Runs on CPU in about a minute.
+"""The three ways in (the backend, the Inductor pass, HF generate), then YOCO. Runs on CPU in about a minute.
 
     python examples/quickstart.py
 """
@@ -31,3 +31,12 @@ compile_config._compile_all_devices = device == "cpu"  # HF compiles on GPUs onl
 tokens = model.generate(input_ids, max_new_tokens=8, do_sample=False, cache_implementation="static",
                         compile_config=compile_config)
 print("\ngenerate:", tokens[0, input_ids.shape[1]:].tolist(), backend.report.counts)
+
+# 4. YOCO: a KV-sharing (E2B-shaped) model's prefill that keeps the last token's logits only. Its shared layers
+# run on that token alone (transformers >= 5.2x slices some of it itself: the report then says "already sliced").
+torch._dynamo.reset()
+e2b = gemma4_fx.build_model("tiny-e2b", dtype=torch.bfloat16, device=device)
+backend = gemma4_fx.Gemma4Backend()
+with torch.no_grad():
+    torch.compile(e2b, backend=backend)(input_ids % e2b.config.vocab_size, logits_to_keep=1, use_cache=False)
+print("\nYOCO prefill:", backend.report.counts, [skip.reason for skip in backend.report.skipped])

@@ -84,7 +84,10 @@ PRESETS.update({
 
 
 def text_config(preset: str, **overrides):
-    """A `Gemma4TextConfig` for `preset` (see `PRESETS`), with `overrides` applied (e.g. `num_hidden_layers=8`)."""
+    """A `Gemma4TextConfig` for `preset` (see `PRESETS`), with `overrides` applied (e.g. `num_hidden_layers=8`).
+
+    At another depth the family's sliding:full pattern and its share of KV-shared layers are kept (as near as
+    transformers' rules allow), unless `layer_types` or `num_kv_shared_layers` are given too."""
     from transformers import Gemma4TextConfig
 
     if preset not in PRESETS:
@@ -94,7 +97,18 @@ def text_config(preset: str, **overrides):
         # Keep the family's sliding:full ratio at the new depth; the last layer stays full.
         period = PRESETS[preset]["layer_types"].index("full_attention") + 1
         kwargs["layer_types"] = _layer_types(kwargs["num_hidden_layers"], period - 1)
+        if "num_kv_shared_layers" not in overrides and kwargs.get("num_kv_shared_layers"):
+            share = PRESETS[preset]["num_kv_shared_layers"] / PRESETS[preset]["num_hidden_layers"]
+            kwargs["num_kv_shared_layers"] = _kv_shared_layers(kwargs["layer_types"], share)
     return Gemma4TextConfig(**kwargs)
+
+
+def _kv_shared_layers(layer_types: list[str], share: float) -> int:
+    """The count of trailing KV-shared layers nearest to `share` of the depth for which transformers' rule holds
+    (the shared layers use the same attention types as the layers that write the caches); 0 if none does."""
+    n = len(layer_types)
+    valid = [k for k in range(1, n) if set(layer_types[:n - k]) == set(layer_types[n - k:])]
+    return min(valid, key=lambda k: abs(k - share * n), default=0)
 
 
 def build_model(preset: str, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,

@@ -87,6 +87,23 @@ def test_dense_gemma4_has_no_router_match(preset):
     assert_close_to_eager(logits, expected)
 
 
+@pytest.mark.parametrize("preset", ["e2b", "e4b", "tiny-e2b"])
+def test_other_depths_keep_kv_sharing_valid(preset):
+    """Every depth builds (transformers rejects shared layers whose attention types differ from the writers'), and
+    the share of KV-shared layers stays near the published one where the rule allows any."""
+    full = gemma4_fx.text_config(preset)
+    share, period = full.num_kv_shared_layers / full.num_hidden_layers, full.layer_types.index("full_attention") + 1
+    for layers in range(2, 40):
+        config = gemma4_fx.text_config(preset, num_hidden_layers=layers)
+        shared = config.num_kv_shared_layers
+        writers, readers = config.layer_types[:layers - shared], config.layer_types[layers - shared:]
+        assert shared == 0 or set(writers) == set(readers)
+        if layers >= 2 * period:  # both attention types on each side is possible: sharing is kept
+            assert 0 < shared and abs(shared - share * layers) <= period
+    assert gemma4_fx.text_config(preset, num_hidden_layers=full.num_hidden_layers).num_kv_shared_layers == \
+        full.num_kv_shared_layers
+
+
 # The published widths (hidden, per-layer-input width, experts, top-k) at two layers with small everything else.
 # KV sharing is off: it needs more depth and does not change the layer's epilogues.
 REAL_WIDTHS = {preset: dict(num_hidden_layers=2, num_kv_shared_layers=0, vocab_size=256, vocab_size_per_layer_input=256,
