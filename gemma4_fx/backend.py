@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from .passes import yoco
 from .passes.pipeline import Gemma4Passes
-from .report import Report, describe_error
+from .report import Report, describe_error, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
 from .runtime.split import compile_pieces, is_decode_shaped, split_graph
 from .runtime.verify import VerifiedGraph
@@ -125,10 +124,8 @@ class Gemma4Backend:
         except Exception as error:  # our rewrites and runtime must never cost the user their compile
             message = f"{graph_name}: gemma4_fx failed ({describe_error(error)}); Dynamo's graph compiled with " \
                       "plain Inductor instead"
-            warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
-            log.warning(message, exc_info=True)
             report.discard()
-            report.fallbacks.append(message)
+            record_fallback(report.fallbacks, message)
             compiled = compile_fx(gm, example_inputs, config_patches=config)
         if self.verify:  # against the graph as Dynamo traced it, so the check covers the graph passes too
             return VerifiedGraph(compiled, gm, graph_name, report, action=self.verify_action,
@@ -142,10 +139,8 @@ class Gemma4Backend:
                 gm = GRAPH_PASSES[name].apply(gm, report=report, graph_name=graph_name)
             except Exception as error:
                 message = f"{graph_name}: graph pass {name!r} failed ({describe_error(error)}); graph left as it was"
-                warnings.warn(f"gemma4_fx: {message}", stacklevel=3)
-                log.warning(message, exc_info=True)
                 report.discard([name])
-                report.fallbacks.append(message)
+                record_fallback(report.fallbacks, message)
                 continue
             if self.dump_dir is not None:
                 (self.dump_dir / f"{graph_name}.{name}.py").write_text(gm.code)
@@ -200,10 +195,8 @@ class Gemma4Backend:
         except Exception as error:  # our rewrites must never cost the user their compile
             message = f"{graph_name}: compile with gemma4_fx passes failed ({describe_error(error)}); " \
                       "compiled with plain Inductor instead"
-            warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
-            log.warning(message, exc_info=True)
             report.discard(self.passes.patterns)
-            report.fallbacks.append(message)
+            record_fallback(report.fallbacks, message)
             return compile_fx(gm, example_inputs, config_patches=config)
 
 

@@ -7,12 +7,21 @@ tools can assert on it; `str(report)` is the table a person reads.
 from __future__ import annotations
 
 import logging
+import warnings
 import re
 from dataclasses import dataclass, field
 
 import torch
 
 log = logging.getLogger("gemma4_fx")
+
+
+def record_fallback(record: list[str], message: str) -> None:
+    """Something of ours was left out of a compiled graph: warn the user, log the traceback (call it inside the
+    `except`), and keep `message` in `record` (a report's fallbacks, the CUDA-graph failures)."""
+    warnings.warn(f"gemma4_fx: {message}", stacklevel=3)
+    log.warning(message, exc_info=True)
+    record.append(message)
 
 
 @dataclass(frozen=True)

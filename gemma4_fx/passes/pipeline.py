@@ -9,18 +9,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import logging
-import warnings
 from pathlib import Path
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..patterns import PATTERNS
-from ..report import Report, describe_error
+from ..report import Report, describe_error, record_fallback
 from .context import PassContext, active
 
-log = logging.getLogger("gemma4_fx")
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -89,9 +86,7 @@ class Gemma4Passes(CustomGraphPass):
                 except Exception as error:  # never fail the user's compile because of a pattern
                     message = f"{graph_name}: pattern {name!r} failed ({describe_error(error)}); " \
                               "its remaining candidates are left to plain Inductor"
-                    warnings.warn(f"gemma4_fx: {message}", stacklevel=2)
-                    log.warning(message, exc_info=True)
-                    report.fallbacks.append(message)
+                    record_fallback(report.fallbacks, message)
                 finally:
                     ctx.commit(graph)
         graph.lint()

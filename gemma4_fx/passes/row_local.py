@@ -52,9 +52,13 @@ def op_name(node: torch.fx.Node) -> str:
 
 
 def writes_in_place(node: torch.fx.Node) -> bool:
-    """The op writes into its first argument (`x.add_`, `x *= y`, `cache.index_copy_`, `x[i] = y`)."""
+    """The op writes into its first argument (`x.add_`, `x *= y`, `cache.index_copy_`, `x[i] = y`, an op whose
+    schema mutates)."""
     if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
         return node.target in _OPERATOR_IN_PLACE
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
     name = op_name(node)
     return node.op in ("call_function", "call_method") and name.endswith("_") and not name.endswith("__")
 

@@ -22,19 +22,17 @@ were captured, graphs of different shapes never interleave within a call, and no
 
 from __future__ import annotations
 
-import logging
 import operator
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from ..report import describe_error
+from ..passes.row_local import writes_in_place
+from ..report import describe_error, record_fallback
 from .split import SplitGraph, _method_name, host_value_symbols
 
-log = logging.getLogger("gemma4_fx")
 
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "select",
                  "as_strided", "t", "flatten", "unflatten", "view_as", "__getitem__", "diagonal", "unfold"}
@@ -69,9 +67,7 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
         if source not in base:
             continue
         name = _method_name(node)
-        schema = getattr(node.target, "_schema", None)
-        if (name and name.endswith("_") and not name.startswith("_")) or node.target is operator.setitem \
-                or (schema is not None and schema.is_mutable):
+        if writes_in_place(node):
             mutated.add(base[source])
         elif name in _VIEW_METHODS or node.target is operator.getitem:
             base[node] = base[source]
@@ -198,9 +194,7 @@ class CapturedPiece:
         except Exception as error:  # an op the graph cannot hold: this piece runs without graphs from now on
             self.failed = True
             message = f"{self.name}: CUDA graph capture failed ({describe_error(error)}); it runs without graphs"
-            warnings.warn(f"gemma4_fx: {message}", stacklevel=3)
-            log.warning(message, exc_info=True)
-            stats.failures.append(message)
+            record_fallback(stats.failures, message)
             return None
         stats.graphs += 1
         stats.captures += 1
