@@ -1,10 +1,21 @@
 """What the GPU benchmarks share: the measured copy bandwidth (the floors' denominator), graph-replay timing and
-the markdown tables they print."""
+the markdown tables they print, and the process pool that compiles benchmark variants side by side."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import queue
+import tempfile
+import threading
+import time
+import traceback
+
 import torch
 import triton.testing
+
+TURN_LOCK = os.path.join(tempfile.gettempdir(), "gemma4_fx-benchmark-turn.lock")
 
 
 def copy_bandwidth() -> float:
@@ -37,3 +48,95 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def shareable(model: torch.nn.Module) -> dict:
+    """What `rebuild` needs to make `model` again in another process over the same memory: its config and every
+    parameter and buffer (CUDA tensors travel between processes as IPC handles, so workers share one copy)."""
+    tensors = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return {"config": model.config, "tensors": tensors}
+
+
+def rebuild(shared: dict) -> torch.nn.Module:
+    """The `Gemma4ForCausalLM` that `shareable` described, its weights (tied ones tied) the very tensors it sent."""
+    from transformers import Gemma4ForCausalLM
+
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(shared["config"])
+    parameters = {}
+    for name, tensor in shared["tensors"].items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf in module._parameters:
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+            module._parameters[leaf] = parameters.setdefault(key, torch.nn.Parameter(tensor, requires_grad=False))
+        else:
+            module._buffers[leaf] = tensor
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"shared: no tensors for {left[:3]}")
+    return model.eval()
+
+
+def run_jobs(worker, jobs: list, *, deadline_s: float) -> list:
+    """`worker(job, turn)` for every job, each in its own process, all at once; the results in `jobs`' order (a
+    failed or unfinished job's is the string saying why).
+
+    Compiling a full-depth model takes minutes of host CPU, and the host has many cores: so every job compiles and
+    warms up side by side, then calls `turn()`, a context manager that waits until every job has arrived (or 70% of
+    the deadline has passed: the rest is for timing) and then lets the jobs time their runs one at a time (one at a
+    time on the whole host, a file lock: two benchmark scripts may share a machine), the GPU otherwise idle."""
+    context = torch.multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(len(jobs)), context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))  # read by the children
+    release = time.time() + 0.7 * deadline_s  # wall clock: the children share it
+    processes = [context.Process(target=_run_job, args=(worker, index, job, barrier, results, release))
+                 for index, job in enumerate(jobs)]
+    for process in processes:
+        process.start()
+    outcome = ["unfinished: past the deadline"] * len(jobs)
+    pending, end = set(range(len(jobs))), time.monotonic() + deadline_s
+    while pending and time.monotonic() < end:
+        try:
+            index, result = results.get(timeout=5)
+        except queue.Empty:
+            if not any(process.is_alive() for process in processes):
+                break
+            continue
+        outcome[index] = result
+        pending.discard(index)
+    for index in pending:
+        if processes[index].exitcode not in (None, 0):
+            outcome[index] = f"failed: the process exited with code {processes[index].exitcode}"
+    for process in processes:
+        process.terminate()
+        process.join()
+    return outcome
+
+
+def _run_job(worker, index, job, barrier, results, release: float):
+    arrived = False
+
+    @contextlib.contextmanager
+    def turn():
+        nonlocal arrived
+        arrived = True
+        try:
+            barrier.wait(max(0.0, release - time.time()))
+        except threading.BrokenBarrierError:  # a job is slow or dead: time anyway, still one at a time
+            pass
+        with open(TURN_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+            yield
+
+    try:
+        result = worker(job, turn)
+    except Exception as error:  # noqa: BLE001 (reported in the job's row; the other jobs go on)
+        traceback.print_exc()
+        result = f"failed: {type(error).__name__}: {str(error)[:200]}"
+        if not arrived:  # arrive anyway, so the others need not wait for the barrier's timeout
+            with turn():
+                pass
+    results.put((index, result))

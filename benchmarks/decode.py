@@ -1,15 +1,21 @@
 """Gemma-4 decode step with HF's static cache: eager, Inductor, reduce-overhead, gemma4_fx piecewise and full graphs.
 
-    python benchmarks/decode.py                                   # E2B (35 layers) and 26B-A4B (8 layers), bf16
-    python benchmarks/decode.py --device cpu --preset tiny-e2b --batch 1 2 --context 16 --steps 3   # smoke run
+    python benchmarks/decode.py --generate 1          # E2B (35 layers) and 26B-A4B (8 layers), bf16, bs 1 8 32
+    python benchmarks/decode.py --device cpu --preset tiny-e2b --batch 1 2 --context 16 --steps 3 \
+        --variants eager "gemma4_fx piecewise"      # smoke run
 
 One forward of one new token per sequence over a static cache filled to `--context` (sized for the timed steps
-too: every forward appends), timed as the host wall clock of
-`--steps` back-to-back steps after a synchronize (what generation sees: launch overhead included), median of
-`--repeats` such blocks. Each compiled variant is compiled once with `dynamic=True` and then serves every batch size;
-its compiled-graph count is printed so recompiles show. The floor is the bytes of weights one step must read (all but
-the embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
+too: every forward appends), timed as the host wall clock of `--steps` back-to-back steps after a synchronize (what
+generation sees: launch overhead included), median of `--repeats` such blocks. Each (variant, batch size) compiles
+on its own, with torch.compile's default dynamism (as HF generate compiles); our variants print their compiled-graph
+count and CUDA-graph stats.
+`gemma4_fx auto, no epilogues` leaves out the post-attention norm and PLE tail rewrites, so the difference to
+`gemma4_fx auto` is their share of the step. The floor is the bytes of weights one step must read (all but the
+embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
 device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (decode tokens per second).
+
+Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
+by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
 """
 
 from __future__ import annotations
@@ -26,57 +32,116 @@ import torch  # noqa: E402
 from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
-from benchmarks.common import copy_bandwidth, markdown  # noqa: E402
+from benchmarks.common import copy_bandwidth, markdown, rebuild, run_jobs, shareable  # noqa: E402
 
-VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto")
+EPILOGUES = ("post_attn_norm", "ple_tail")
+VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
+            "gemma4_fx auto, no epilogues")
+GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto")
+WARMUP = 4  # steps before timing: compile, recompile with the cache's moving int dynamic, warm up, capture
+
+
+def ours(cudagraphs: str, patterns=None) -> gemma4_fx.Gemma4Backend:
+    # The FX graph cache lets identical pieces (one per layer in piecewise mode) compile once.
+    return gemma4_fx.Gemma4Backend(patterns, cudagraphs=cudagraphs, fx_graph_cache=True)
 
 
 def compiled_variant(model, name: str):
-    """(callable, backend or None) for variant `name`."""
+    """(callable, our backend or None) for variant `name`."""
     if name == "eager":
         return model, None
     if name == "inductor":
-        return torch.compile(model, dynamic=True), None
+        return torch.compile(model), None
     if name == "reduce-overhead":
-        return torch.compile(model, mode="reduce-overhead", dynamic=True), None
-    backend = gemma4_fx.Gemma4Backend(cudagraphs=name.split()[1])
-    return torch.compile(model, backend=backend, dynamic=True), backend
+        return torch.compile(model, mode="reduce-overhead"), None
+    if name == "gemma4_fx auto, no epilogues":
+        backend = ours("auto", [*gemma4_fx.GRAPH_PASSES, *(p for p in gemma4_fx.PATTERNS if p not in EPILOGUES)])
+    else:
+        backend = ours(name.split()[1])
+    return torch.compile(model, backend=backend), backend
 
 
-def filled_cache(model, batch: int, context: int, steps: int, device) -> StaticCache:
+def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
     """A static cache holding `context` tokens per sequence and room for `steps` more (every forward appends, whatever
     `cache_position` says), filled by eager prefills of at most a sliding window each (transformers 5.17's sliding
     cache indexes out of bounds on longer prefills)."""
     cache = StaticCache(config=model.config, max_cache_len=context + steps)
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
+    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=model.device)
     chunk = model.config.sliding_window
     with torch.no_grad():
         for start in range(0, context, chunk):
             model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1,
-                  cache_position=torch.arange(start, min(start + chunk, context), device=device))
+                  cache_position=torch.arange(start, min(start + chunk, context), device=model.device))
     return cache
 
 
-def step_time_ms(fn, model, cache, batch: int, context: int, steps: int, repeats: int, device) -> float:
-    ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=device)
-    position = torch.tensor([context], device=device)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_block_ms(fn, steps: int, repeats: int, device) -> float:
+    """Median over `repeats` of the host time per call of `steps` back-to-back calls."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(times)
+
+
+def step_job(variant: str, batch: int, model, args, turn) -> dict:
+    fn, backend = compiled_variant(model, variant)
+    cache = filled_cache(model, batch, args.context, WARMUP + args.steps * args.repeats)
+    ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=model.device)
+    position = torch.tensor([args.context], device=model.device)
 
     def step():
         return fn(ids, past_key_values=cache, cache_position=position, use_cache=True).logits
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     with torch.no_grad():
-        for _ in range(3):  # warm-up, then capture, for the graph runtimes
+        for _ in range(WARMUP):
             step()
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync()
-            times.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(times)
+        with turn():
+            result = {"value": median_block_ms(step, args.steps, args.repeats, model.device)}
+    if backend is not None:
+        result["graphs"] = f"{len(backend.graph_reports)} compiled graph(s); {backend.cudagraph_stats}"
+    return result
+
+
+def generate_job(variant: str, batch: int, model, args, turn) -> dict:
+    """HF `generate` decode tokens/s: `eager` uncompiled, the others through its `CompileConfig`. The prompt is at
+    most a sliding window long (transformers 5.17's static sliding cache fails on longer prefills)."""
+    config = {"eager": None, "reduce-overhead": CompileConfig(),
+              "gemma4_fx auto": CompileConfig(backend=ours("auto"))}[variant]
+    kwargs = dict(do_sample=False, cache_implementation="static", min_new_tokens=args.new_tokens,
+                  max_new_tokens=args.new_tokens, disable_compile=config is None, compile_config=config)
+    prompt = min(args.context, model.config.sliding_window)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
+    model.generate(ids, **kwargs)  # compiles, captures
+    with turn():
+        seconds = median_block_ms(lambda: model.generate(ids, **kwargs), 1, 3, model.device) / 1e3
+    return {"value": batch * args.new_tokens / seconds, "prompt": prompt}
+
+
+def job(spec, turn) -> dict:
+    """One variant of one model, in a process of its own (see `common.run_jobs`)."""
+    kind, variant, batch, shared, args = spec
+    torch._dynamo.config.recompile_limit = 64
+    model = rebuild(shared)
+    begin = time.perf_counter()
+    label = f"{model.config.num_hidden_layers} layers, {kind} {variant}, batch {batch}"
+
+    def noted_turn():
+        print(f"{label}: compiled and warmed up in {time.perf_counter() - begin:.0f} s", flush=True)
+        return turn()
+
+    result = (step_job if kind == "step" else generate_job)(variant, batch, model, args, noted_turn)
+    print(f"{label}: {result}", flush=True)
+    return result
 
 
 def weight_bytes(model, batch: int) -> float:
@@ -97,91 +162,75 @@ def weight_bytes(model, batch: int) -> float:
     return total
 
 
-def generate_tokens_per_s(model, compile_config, batch: int, context: int, new_tokens: int, device) -> float:
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
-    kwargs = dict(do_sample=False, cache_implementation="static", min_new_tokens=new_tokens,
-                  max_new_tokens=new_tokens, disable_compile=compile_config is None, compile_config=compile_config)
-    model.generate(ids, **kwargs)  # warm-up: compiles, captures
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    model.generate(ids, **kwargs)
-    sync()
-    return batch * new_tokens / (time.perf_counter() - start)
+def build(spec: str, device, dtype):
+    """The model of `preset[:layers]` (at another depth the preset keeps its share of KV-shared layers)."""
+    preset, _, layers = spec.partition(":")
+    overrides = {"num_hidden_layers": int(layers)} if layers else {}
+    return gemma4_fx.build_model(preset, dtype=dtype, device=device, **overrides)
 
 
-def bench_model(args, preset: str, layers: int | None, bandwidth: float | None) -> tuple[list, list]:
-    device = torch.device(args.device)
-    overrides = {} if layers is None else {"num_hidden_layers": layers}
-    if layers is not None and "num_kv_shared_layers" in gemma4_fx.PRESETS[preset]:
-        full = gemma4_fx.PRESETS[preset]["num_hidden_layers"]
-        overrides["num_kv_shared_layers"] = gemma4_fx.PRESETS[preset]["num_kv_shared_layers"] * layers // full
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = gemma4_fx.build_model(preset, dtype=dtype, device=device, **overrides)
-    label = f"{preset} ({model.config.num_hidden_layers} layers)"
-    rows = {batch: {"model": label, "batch": batch} for batch in args.batch}
-    for name in args.variants:
-        torch._dynamo.reset()
-        fn, backend = compiled_variant(model, name)
-        start = time.perf_counter()
-        for batch in args.batch:
-            cache = filled_cache(model, batch, args.context, 3 + args.steps * args.repeats, device)
-            rows[batch][name] = step_time_ms(fn, model, cache, batch, args.context, args.steps, args.repeats, device)
-        graphs = len(backend.graph_reports) if backend else None
-        print(f"{label} {name}: {time.perf_counter() - start:.0f} s with compile"
-              + (f", {graphs} compiled graph(s); {backend.cudagraph_stats}" if backend else ""), flush=True)
-    for batch, row in rows.items():
+def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
+    steps = {(label, batch): {"model": label, "batch": batch} for label in models for batch in args.batch}
+    generate = {(label, batch): {"model": label, "batch": batch, "prompt": ""} for label in models
+                for batch in args.generate}
+    for (label, kind, variant, batch), result in zip(jobs, results):
+        if isinstance(result, str):
+            print(f"{label} {kind} {variant} batch {batch}: {result}")
+            continue
+        row = (steps if kind == "step" else generate)[(label, batch)]
+        row[variant] = result["value"]
+        if kind == "generate":
+            row["prompt"] = result["prompt"]
+    for (label, batch), row in steps.items():
+        best = min((row[v] for v in row if str(v).startswith("gemma4_fx")), default=None)
         for name in ("inductor", "reduce-overhead"):
-            best = min((row[v] for v in row if str(v).startswith("gemma4_fx")), default=None)
             if name in row and best:
                 row[f"{name} / gemma4_fx"] = row[name] / best
         if bandwidth:
-            row["floor"] = weight_bytes(model, batch) / bandwidth * 1e3
-            best = min((row[v] for v in row if str(v).startswith("gemma4_fx")), default=None)
+            row["floor"] = weight_bytes(models[label], batch) / bandwidth * 1e3
             if best:
                 row["gemma4_fx / floor"] = best / row["floor"]
-    generate_rows = []
-    if args.generate:
-        configs = {"eager": None, "reduce-overhead": CompileConfig(),
-                   "gemma4_fx auto": CompileConfig(backend=gemma4_fx.Gemma4Backend())}
-        for batch in args.generate:
-            row = {"model": label, "batch": batch}
-            for name, config in configs.items():
-                torch._dynamo.reset()
-                row[name] = generate_tokens_per_s(model, config, batch, args.context, args.new_tokens, device)
-            generate_rows.append(row)
-            print(row, flush=True)
-    del model
-    return list(rows.values()), generate_rows
+    return list(steps.values()), list(generate.values())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--preset", nargs="*", default=["e2b:35", "26b-a4b:8"],
-                        help="preset[:layers] (default: e2b at 35 layers, 26b-a4b at 8)")
+    parser.add_argument("--preset", nargs="+", default=["e2b", "26b-a4b:8"],
+                        help="preset[:layers] (default: e2b at its 35 layers, 26b-a4b at 8)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--generate", type=int, nargs="*", default=[], help="batch sizes for HF generate")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     args = parser.parse_args()
+    start = time.perf_counter()
     torch.manual_seed(0)
-    torch._dynamo.config.recompile_limit = 64
-    bandwidth = copy_bandwidth() if args.device == "cuda" else None
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("device: CUDA is not available here (try --device cpu with a tiny preset)")
+    bandwidth = copy_bandwidth() if device.type == "cuda" else None
     if bandwidth:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    step_rows, generate_rows = [], []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = {}
     for spec in args.preset:
-        preset, _, layers = spec.partition(":")
-        steps, generates = bench_model(args, preset, int(layers) if layers else None, bandwidth)
-        step_rows += steps
-        generate_rows += generates
-        print(markdown(steps), flush=True)
+        model = build(spec, device, dtype)
+        models[f"{spec.partition(':')[0]} ({model.config.num_hidden_layers} layers)"] = model
+    jobs = [(label, "step", variant, batch) for label in models for variant in args.variants for batch in args.batch]
+    jobs += [(label, "generate", variant, batch) for label in models for variant in GENERATE_VARIANTS
+             for batch in args.generate]
+    shared = {label: shareable(model) for label, model in models.items()}
+    results = run_jobs(job, [(kind, variant, batch, shared[label], args) for label, kind, variant, batch in jobs],
+                       deadline_s=args.deadline - (time.perf_counter() - start))
+    print(f"{len(jobs)} jobs, {time.perf_counter() - start:.0f} s in all")
+    step_rows, generate_rows = tables(models, jobs, results, args, bandwidth)
     if generate_rows:
-        print("\n### HF generate, decode tokens/s (higher is better)\n\n" + markdown(generate_rows))
+        print(f"\n### HF generate, decode tokens/s ({args.new_tokens} new tokens; higher is better)\n\n"
+              + markdown(generate_rows))
     print(f"\n### Decode step, ms (context {args.context}, lower is better)\n\n" + markdown(step_rows))
 
 

@@ -1,7 +1,7 @@
 """The decoder layer's epilogues on one GPU: the post-attention norm chain and the PLE tail, eager vs Inductor vs
-gemma4_fx, and a decode step with and without these rewrites.
+gemma4_fx. (Their share of a whole decode step: `benchmarks/decode.py`, variant "gemma4_fx auto, no epilogues".)
 
-    python benchmarks/layer_epilogues.py [--quick] [--skip-decode]
+    python benchmarks/layer_epilogues.py [--quick] [--parts blocks accuracy] [--blocks ...]
 
 Blocks are cut from a real `Gemma4TextDecoderLayer` (random weights at the preset's width, bf16) and call its own
 submodules in the order `Gemma4TextDecoderLayer.forward` does:
@@ -25,7 +25,6 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-import triton.testing  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 from benchmarks.common import copy_bandwidth, graph_replay_us, markdown  # noqa: E402
@@ -189,46 +188,10 @@ def accuracy(names, tokens: int) -> list[dict]:
     return rows
 
 
-def decode_step(preset: str, batch: int, context: int, bandwidth, **overrides) -> dict:
-    """One forward decode step with HF's static cache, every variant under `mode="reduce-overhead"` (Inductor's CUDA
-    graphs): Inductor alone, gemma4_fx with the router rewrite only, gemma4_fx with every rewrite."""
-    from transformers import StaticCache
-
-    model = gemma4_fx.build_model(preset, dtype=DTYPE, device="cuda", **overrides)
-    cache = StaticCache(config=model.config, max_cache_len=context + 16)
-    with torch.no_grad():  # prefill, eager
-        model(torch.randint(0, model.config.vocab_size, (batch, context), device="cuda"), past_key_values=cache)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    position = torch.tensor([context], device="cuda")
-    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * BYTES
-    row = {"preset": f"{preset} ({model.config.num_hidden_layers} layers)", "batch": batch, "context": context,
-           "floor (weight reads)": weights / bandwidth * 1e6}
-    for name, backend_patterns in (("inductor", None), ("gemma4_fx router only", ["router"]), ("gemma4_fx all", [])):
-        torch._dynamo.reset()
-        kwargs = {} if backend_patterns is None else {"backend": backend(backend_patterns or None)}
-        compiled = torch.compile(model, mode="reduce-overhead", dynamic=False, **kwargs)
-
-        def step():
-            return compiled(ids, past_key_values=cache, cache_position=position).logits
-
-        try:
-            with torch.no_grad():
-                for _ in range(5):
-                    step()
-                row[name] = triton.testing.do_bench(step, warmup=25, rep=300, return_mode="median") * 1e3
-        except Exception as error:
-            print(f"decode {name} failed: {error!r}")
-    if "gemma4_fx all" in row and "gemma4_fx router only" in row:
-        row["epilogue rewrites save"] = row["gemma4_fx router only"] - row["gemma4_fx all"]
-    print(row, flush=True)
-    return row
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tokens 1 and 4096 only")
-    parser.add_argument("--parts", nargs="+", default=["blocks", "accuracy", "decode"],
-                        choices=["blocks", "accuracy", "decode"])
+    parser.add_argument("--parts", nargs="+", default=["blocks", "accuracy"], choices=["blocks", "accuracy"])
     parser.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=list(BLOCKS), metavar="BLOCK")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -242,10 +205,6 @@ def main():
         tables["Blocks, CUDA graph replay (µs, median, L2 cleared)"] = rows
     if "accuracy" in args.parts:
         tables["‖out - float64‖ / ‖float64‖, worst output (512 tokens)"] = accuracy(args.blocks, 512)
-    if "decode" in args.parts:
-        tables["Decode step, reduce-overhead (µs, median)"] = [
-            decode_step("e2b", 1, 1024, bandwidth, num_hidden_layers=8),
-            decode_step("26b-a4b", 1, 1024, bandwidth, num_hidden_layers=4)]
     for title, rows in tables.items():
         print(f"\n### {title}\n\n{markdown(rows)}")
 

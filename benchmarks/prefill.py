@@ -1,23 +1,22 @@
 """Gemma-4 prefill with and without YOCO: eager, Inductor, gemma4_fx without `yoco`, gemma4_fx with it.
 
     python benchmarks/prefill.py [--preset e2b e4b] [--shapes 1x512 1x2048 1x8192 8x1024] [--variants ...]
-                                 [--cuda-graph] [--no-cache] [--layers N] [--budget 220] [--json rows.json]
+                                 [--cuda-graph] [--no-cache] [--layers N] [--deadline 540] [--json rows.json]
     python benchmarks/prefill.py --preset tiny-e2b --device cpu --dtype float32 --shapes 1x64 2x32   # a dry run
 
 A prefill as HF `generate` runs it: `model(input_ids, logits_to_keep=1, use_cache=True)` with the DynamicCache the
-model makes. Random weights at the published widths and full depth. Each variant is compiled once with dynamic
-shapes (Dynamo still specialises batch 1 apart from batch 8) and timed as the median of CUDA-event timings after a
-warm-up. Its last-token logits are compared with its partner without YOCO where that ran, else with eager's (max
-|diff| / max |eager| and whether the greedy token agrees). The floor is 2 x (weights of the matmuls each token goes
-through) x tokens over the bf16 matmul rate measured here; with YOCO the tokens that go through the KV-shared
-layers are the kept ones only. Attention's own FLOPs are left out of the floor. A time budget stops the run early
-with the rows it has.
+model makes. Random weights at the published widths and full depth (`--layers` cuts it, keeping the preset's share
+of KV-shared layers). Each variant is compiled once with dynamic shapes (Dynamo still specialises batch 1 apart from
+batch 8) and timed as the median of CUDA-event timings after a warm-up. Its last-token logits are compared with its
+partner without YOCO where that ran, else with eager's (max |diff| / max |eager| and whether the greedy token
+agrees). The floor is 2 x (weights of the matmuls each token goes through) x tokens over the bf16 matmul rate
+measured here; with YOCO the tokens that go through the KV-shared layers are the kept ones only. Attention's own
+FLOPs are left out of the floor.
 
-Compile time decides what fits in a lease: on an H100 host, Inductor took 218 s to compile E2B at full depth with
-dynamic shapes, so a run of every variant at full depth needs about 15 minutes (or `--layers` to cut the depth;
-keep the KV-shared share of layers, e.g. 14 layers of which 8 shared for E2B). The "graph" variants cost one Dynamo
-trace each (about 20 s for E2B) and isolate the pass. `--cuda-graph` needs `--no-cache`: HF's DynamicCache copies a
-CPU tensor in prefill, which a CUDA graph cannot hold.
+Compiling E2B at full depth takes Inductor minutes, so every (preset, variant) runs in its own process over one
+shared copy of the weights (`common.run_jobs`): they compile side by side, then time one at a time; `--deadline`
+bounds the whole run. The "graph" variants run Dynamo's graph op by op (no compiler) and isolate the pass.
+`--cuda-graph` needs `--no-cache`: HF's DynamicCache copies a CPU tensor in prefill, which a CUDA graph cannot hold.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
+from benchmarks.common import rebuild, run_jobs, shareable  # noqa: E402
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
@@ -55,7 +55,7 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(batch), int(tokens)
 
 
-def backend(variant: str):
+def backend(variant: str, emulate_precision_casts: bool = True):
     """The torch.compile backend of a variant; our CUDA graphs are off so only the graph rewrites differ."""
     if variant == "inductor":
         return "inductor"
@@ -63,7 +63,7 @@ def backend(variant: str):
         return gemma4_fx.passes.yoco.apply if variant == "graph+yoco" else lambda gm, example_inputs: gm
     names = [name for name in (*gemma4_fx.GRAPH_PASSES, *gemma4_fx.PATTERNS)
              if variant == "gemma4_fx+yoco" or name != "yoco"]
-    return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=None)
+    return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=None, emulate_precision_casts=emulate_precision_casts)
 
 
 def synchronize(device):
@@ -135,73 +135,77 @@ def floor_ms(weights, batch: int, tokens: int, tflops: float, yoco: bool) -> flo
     return flops / tflops / 1e9
 
 
-def run_preset(preset, args, device, dtype, tflops, deadline, rows):
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    begin = time.perf_counter()
-    model = gemma4_fx.build_model(preset, dtype=dtype, device=device, **overrides)
-    config = model.config
-    print(f"\n{preset}: {config.num_hidden_layers} layers ({config.num_kv_shared_layers} KV-shared), hidden "
-          f"{config.hidden_size}, built in {time.perf_counter() - begin:.1f} s", flush=True)
-    weights = matmul_weights(model)
-    inputs = {shape: torch.randint(0, config.vocab_size, shape, device=device,
-                                   generator=torch.Generator(device=device).manual_seed(sum(shape)))
-              for shape in args.shapes}
-    outputs = {}  # (variant, shape) -> last-token logits
-    for variant in args.variants:
-        if time.perf_counter() > deadline:
-            print(f"  {variant}: skipped (time budget)", flush=True)
+def job(spec, turn) -> dict:
+    """One variant of one model at the shapes of one batch size, in a process of its own (see `common.run_jobs`):
+    compiles (once: with dynamic shapes where there are several lengths) and runs every shape once (and captures it
+    with --cuda-graph), then, on its turn, times them. Returns per shape the median ms, the first call's seconds and
+    the last-token logits."""
+    variant, shapes, shared, args = spec
+    model = rebuild(shared)
+    device = model.device
+    compiler = None if variant == "eager" else backend(variant, args.emulate_precision_casts)
+    forward = model if compiler is None else torch.compile(model, backend=compiler, dynamic=len(shapes) > 1)
+    runs, result = {}, {"shapes": {}}
+    for shape in shapes:
+        input_ids = torch.randint(0, model.config.vocab_size, shape, device=device,
+                                  generator=torch.Generator(device=device).manual_seed(sum(shape)))
+
+        def prefill(input_ids=input_ids):
+            with torch.no_grad():
+                return forward(input_ids, logits_to_keep=1, use_cache=not args.no_cache).logits
+
+        begin = time.perf_counter()
+        logits = prefill()
+        synchronize(device)
+        out = result["shapes"][shape] = {"first_call_s": time.perf_counter() - begin, "cuda_graph": False,
+                                         "logits": logits.float().cpu().numpy()}
+        runs[shape] = prefill
+        if args.cuda_graph and compiler is not None and device.type == "cuda":
+            try:
+                runs[shape], out["cuda_graph"] = cuda_graph(prefill), True
+            except Exception as error:  # noqa: BLE001 (then timed as plain calls, and said so)
+                print(f"  {variant}: no CUDA graph ({type(error).__name__}: {str(error)[:120]})")
+    with turn():
+        for shape, run in runs.items():
+            result["shapes"][shape]["ms"] = median_ms(run, device, args.warmup, args.repeats)
+    if isinstance(compiler, gemma4_fx.Gemma4Backend):
+        result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
+        result["fallbacks"] = compiler.report.fallbacks
+    print(f"{model.config.num_hidden_layers} layers, {variant}: "
+          + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s)"
+                      for (b, t), r in result["shapes"].items()), flush=True)
+    return result
+
+
+def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: float) -> list[dict]:
+    """A row per (variant, shape) of the (variant, result) of the preset's jobs; a variant's logits are checked
+    against its partner's without YOCO where that ran, else eager's."""
+    weights, rows = matmul_weights(model), []
+    logits = {(variant, shape): out["logits"] for variant, result in results if isinstance(result, dict)
+              for shape, out in result["shapes"].items()}
+    for variant, result in results:
+        if isinstance(result, str):
+            print(f"{preset} {variant}: {result}")
             continue
-        torch._dynamo.reset()
-        compiler = None if variant == "eager" else backend(variant)
-        forward = model if compiler is None else torch.compile(model, backend=compiler, dynamic=True)
-        for shape in args.shapes:
-            if time.perf_counter() > deadline:
-                print(f"  {variant} {shape}: skipped (time budget)", flush=True)
-                continue
-            input_ids = inputs[shape]
-
-            def prefill():
-                with torch.no_grad():
-                    return forward(input_ids, logits_to_keep=1, use_cache=not args.no_cache).logits
-
-            begin = time.perf_counter()
-            logits = prefill()
-            synchronize(device)
-            first_s = time.perf_counter() - begin
-            timed, replayed = prefill, False
-            if args.cuda_graph and compiler is not None and device.type == "cuda":
-                try:
-                    timed, replayed = cuda_graph(prefill), True
-                except Exception as error:  # noqa: BLE001 (then timed as plain calls, and said so)
-                    print(f"  {variant}: no CUDA graph ({type(error).__name__}: {str(error)[:120]})")
-            ms = median_ms(timed, device, args.warmup, args.repeats)
-            row = dict(preset=preset, layers=config.num_hidden_layers, variant=variant, batch=shape[0],
-                       tokens=shape[1], ms=ms, first_call_s=first_s, cuda_graph=replayed,
+        for fallback in result.get("fallbacks", []):
+            print(f"{preset} {variant} fallback: {fallback}")
+        for shape, out in result["shapes"].items():
+            row = dict(preset=preset, layers=model.config.num_hidden_layers, variant=variant, batch=shape[0],
+                       tokens=shape[1], ms=out["ms"], first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
                        floor_ms=floor_ms(weights, *shape, tflops, yoco=False),
                        floor_yoco_ms=floor_ms(weights, *shape, tflops, yoco=True))
-            outputs[(variant, shape)] = logits
-            reference = REFERENCE.get(variant, "eager") if (REFERENCE.get(variant), shape) in outputs else "eager"
-            if variant != "eager" and (reference, shape) in outputs:
-                expected = outputs[(reference, shape)]
-                row["vs"] = reference
-                row["max_rel_err"] = ((logits.double() - expected.double()).abs().max()
-                                      / expected.double().abs().max()).item()
-                row["same_token"] = bool(torch.equal(logits.argmax(-1), expected.argmax(-1)))
-            if isinstance(compiler, gemma4_fx.Gemma4Backend):
-                row["yoco_layers"] = compiler.report.counts.get("yoco", 0)
-                row["fallbacks"] = len(compiler.report.fallbacks)
+            reference = REFERENCE.get(variant) if (REFERENCE.get(variant), shape) in logits else "eager"
+            if variant != "eager" and (reference, shape) in logits:
+                expected = torch.from_numpy(logits[(reference, shape)]).double()
+                actual = torch.from_numpy(out["logits"]).double()
+                row.update(vs=reference, max_rel_err=((actual - expected).abs().max() / expected.abs().max()).item(),
+                           same_token=bool(torch.equal(actual.argmax(-1), expected.argmax(-1))))
+                print(f"{preset} {variant} {shape[0]}x{shape[1]} vs {reference}: max rel err {row['max_rel_err']:.2e},"
+                      f" same token {row['same_token']}")
+            if "yoco_layers" in result:
+                row.update(yoco_layers=result["yoco_layers"], fallbacks=len(result["fallbacks"]))
             rows.append(row)
-            print(f"  {variant:<15} {shape[0]}x{shape[1]:<6} {ms:9.2f} ms{' (CUDA graph)' if replayed else ''}"
-                  f"  (first call {first_s:6.1f} s)"
-                  + (f"  vs {row['vs']}: rel err {row['max_rel_err']:.2e}, same token {row['same_token']}"
-                     if "same_token" in row
-                     else "") + (f"  yoco layers {row['yoco_layers']}" if "yoco_layers" in row else ""), flush=True)
-        if isinstance(compiler, gemma4_fx.Gemma4Backend) and compiler.report.fallbacks:
-            print("  fallbacks:", *compiler.report.fallbacks, sep="\n    ")
-    del model
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return rows
 
 
 def table(rows) -> str:
@@ -231,16 +235,16 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--no-cache", action="store_true", help="use_cache=False (default: a DynamicCache)")
     parser.add_argument("--cuda-graph", action="store_true", help="time compiled variants as CUDA graph replays")
+    parser.add_argument("--no-emulate-precision-casts", dest="emulate_precision_casts", action="store_false",
+                        help="gemma4_fx variants with Gemma4Backend(emulate_precision_casts=False)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=220.0, help="seconds; later work is skipped past it")
+    parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write every row there")
     args = parser.parse_args()
+    start = time.perf_counter()
     if args.cuda_graph and not args.no_cache:
         parser.error("cuda-graph: needs --no-cache (HF's DynamicCache copies a CPU tensor during prefill)")
-    if args.variants[0] != "eager" and "eager" in args.variants:
-        parser.error("variants: eager must come first (the others are checked against it)")
-    deadline = time.perf_counter() + args.budget
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("device: CUDA is not available here (try --device cpu with a tiny preset)")
@@ -249,13 +253,22 @@ def main():
           f" {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     tflops = matmul_tflops(device, dtype)
     print(f"matmul rate: {tflops:.3g} TFLOP/s ({args.dtype})", flush=True)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    models = {preset: gemma4_fx.build_model(preset, dtype=dtype, device=device, **overrides) for preset in args.preset}
+    for preset, model in models.items():
+        config = model.config
+        print(f"{preset}: {config.num_hidden_layers} layers ({config.num_kv_shared_layers} KV-shared), hidden "
+              f"{config.hidden_size}")
+    # A job per batch size: Dynamo specialises batch 1 apart from the others, so that takes a compile of its own.
+    by_batch = {batch: [shape for shape in args.shapes if shape[0] == batch] for batch, _ in args.shapes}
+    jobs = [(preset, variant, shapes) for preset in models for variant in args.variants for shapes in by_batch.values()]
+    shared = {preset: shareable(model) for preset, model in models.items()}
+    results = run_jobs(job, [(variant, shapes, shared[preset], args) for preset, variant, shapes in jobs],
+                       deadline_s=args.deadline - (time.perf_counter() - start))
+    print(f"{len(jobs)} jobs, {time.perf_counter() - start:.0f} s in all\n")
     rows = []
-    for preset in args.preset:
-        if time.perf_counter() > deadline:
-            print(f"{preset}: skipped (time budget)")
-            continue
-        run_preset(preset, args, device, dtype, tflops, deadline, rows)
-    print()
+    for preset, model in models.items():
+        rows += rows_of(preset, model, [(v, r) for (p, v, _), r in zip(jobs, results) if p == preset], tflops)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as file:

@@ -41,17 +41,19 @@ class Gemma4Backend:
         verify_tolerance: max |out - eager| / max |eager| allowed per float output (default: by dtype).
         dump_dir: write each graph's Dynamo code and its post-grad code before/after the passes there.
         router_exact: see `Gemma4Passes`.
-        emulate_precision_casts: Inductor rounds bf16/fp16 intermediates where eager does (Inductor's own default keeps
-            them in fp32, which changes results: 3.8% of bf16 tokens pick other experts at 26B-A4B widths). On by
-            default: compiled results should be eager's results.
+        emulate_precision_casts: Inductor's own kernels round bf16/fp16 intermediates where eager does, so the
+            parts we do not rewrite track eager (Inductor's default keeps them in fp32: 3.8% of bf16 tokens pick
+            other experts at 26B-A4B widths when Inductor computes the router). On by default: compiled results
+            should be eager's. It costs speed where it splits Inductor's fusions: E2B prefill at 2k-8k tokens ran
+            20-28% slower with it on an H100 (BENCHMARKS.md); pass False for Inductor's numerics and speed.
         fx_graph_cache: Inductor's FX graph cache skips the passes on a hit, so the report would miss those graphs;
-            it is off unless you ask for it.
+            it is off unless you ask for it. (On an H100, with `dynamic=True` piecewise decode and several processes
+            sharing the cache, a cached piece once failed with a NameError on a size symbol; not root-caused.)
         cudagraphs: how compiled graphs run from CUDA graphs (`gemma4_fx.runtime.cudagraphs`): "piecewise" cuts
             the graph at attention and at what a graph cannot hold, and captures the pieces between per input
             shape; "full" cuts only at what a graph cannot hold; "auto" is "full" for decode steps (one query
-            token per attention) and "piecewise" otherwise; None (the default: the runtime's decode path has not
-            yet been checked on a GPU) captures nothing. Only graphs with CUDA
-            inputs are captured, and none that may need a backward (grad mode on and an input requiring grad);
+            token per attention) and "piecewise" otherwise (the default); None captures nothing. Only graphs with
+            CUDA inputs are captured, and none that may need a backward (grad mode on and an input requiring grad);
             an explicit "piecewise" or "full" on CPU still cuts and compiles the pieces. When ours are on,
             Inductor's own (`mode="reduce-overhead"`, `triton.cudagraphs`) are switched off inside the pieces;
             with `cudagraphs=None` a `mode` is passed to Inductor as it is.
@@ -63,7 +65,7 @@ class Gemma4Backend:
     def __init__(self, patterns=None, *, verify: bool = False, verify_action: str = "warn",
                  verify_tolerance: float | None = None, dump_dir: str | Path | None = None,
                  router_exact: bool = False, emulate_precision_casts: bool = True, fx_graph_cache: bool = False,
-                 cudagraphs: str | None = None, max_captured_shapes: int = 32, splitting_ops=()):
+                 cudagraphs: str | None = "auto", max_captured_shapes: int = 32, splitting_ops=()):
         if cudagraphs not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraphs: expected one of {CUDAGRAPH_MODES}, got {cudagraphs!r}")
         if isinstance(max_captured_shapes, bool) or not isinstance(max_captured_shapes, int) or max_captured_shapes < 1:

@@ -48,24 +48,25 @@ def test_prefill_replays_equal_eager_and_held_outputs_survive(model, mode):
 @pytest.mark.parametrize("mode", ["auto", "piecewise"])
 def test_decode_replays_equal_eager_and_write_the_cache(model, mode):
     ids = token_ids(model, 3, 7, seed=0)
-    caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
     backend = gemma4_fx.Gemma4Backend(cudagraphs=mode)
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        for cache in caches:
-            model(ids, past_key_values=cache, use_cache=True)
-        token = ids[:, -1:]
-        for position in range(7, 13):
-            kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device="cuda"))
-            expected = model(token, past_key_values=caches[0], **kwargs).logits
-            logits = compiled(token, past_key_values=caches[1], **kwargs).logits
-            assert_close(logits, expected)
-            token = expected.argmax(-1)
-    for layer, expected in zip(caches[1].layers, caches[0].layers):  # the graphs wrote the real cache
-        assert_close(layer.keys, expected.keys)
-        assert_close(layer.values, expected.values)
+    for _ in range(2):  # fresh caches, as HF generate makes per call: the graphs that read the old ones go
+        caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
+        with torch.no_grad():
+            for cache in caches:
+                model(ids, past_key_values=cache, use_cache=True)
+            token = ids[:, -1:]
+            for position in range(7, 13):
+                kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device="cuda"))
+                expected = model(token, past_key_values=caches[0], **kwargs).logits
+                logits = compiled(token, past_key_values=caches[1], **kwargs).logits
+                assert_close(logits, expected)
+                token = expected.argmax(-1)
+        for layer, expected in zip(caches[1].layers, caches[0].layers):  # the graphs wrote the real cache
+            assert_close(layer.keys, expected.keys)
+            assert_close(layer.values, expected.values)
     stats = backend.cudagraph_stats  # HF's sliding cache moves an int input every step: still captured, once
-    assert 0 < stats.graphs == stats.captures and stats.replays > 0 and not stats.failures
+    assert 0 < stats.graphs < stats.captures and stats.replays > 0 and not stats.failures
 
 
 def test_memory_is_bounded_across_random_shapes(model):

@@ -270,7 +270,9 @@ class CUDAGraphRuntime:
         self._pool = None
 
     def pool(self):
-        if self._pool is None:
+        """The pool to capture into. A fresh one once no graph is alive: the allocator keeps a pool whose graphs
+        were all dropped (restart, eviction) as long as memory in it lives, and refuses captures into it."""
+        if self._pool is None or self.stats.graphs == 0:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 

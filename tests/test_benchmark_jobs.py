@@ -1,0 +1,40 @@
+"""The benchmarks' process pool: a model rebuilt in another process over the sender's tensors computes the same
+logits, jobs keep their order and their failures, and timed turns never overlap."""
+
+import time
+
+import torch
+
+import gemma4_fx
+from benchmarks.common import rebuild, run_jobs, shareable
+
+
+def test_rebuilt_model_shares_the_tensors_and_computes_the_same():
+    model = gemma4_fx.build_model("tiny-e2b", seed=3)
+    rebuilt = rebuild(shareable(model))
+    assert rebuilt.model.embed_tokens.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert (rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight) == (
+        model.lm_head.weight is model.model.embed_tokens.weight)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def timed_turn(job, turn):
+    if job == "fail":
+        raise ValueError("boom")
+    weight = rebuild(job).lm_head.weight  # arrived over the process boundary
+    with turn():
+        begin = time.monotonic()
+        time.sleep(0.3)
+        return float(weight.sum()), begin, time.monotonic()
+
+
+def test_jobs_keep_order_and_failures_and_take_turns():
+    model = gemma4_fx.build_model("tiny-e2b", seed=1)
+    shared = shareable(model)
+    results = run_jobs(timed_turn, [shared, "fail", shared], deadline_s=240)
+    assert results[1].startswith("failed: ValueError: boom")
+    (total_a, begin_a, end_a), (total_b, begin_b, end_b) = results[0], results[2]
+    assert total_a == total_b == float(model.lm_head.weight.detach().sum())
+    assert end_a <= begin_b or end_b <= begin_a  # one at a time
