@@ -26,16 +26,30 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_graph(fn):
+    """`fn()` captured in a CUDA graph (after a warm-up on a side stream, as capture wants); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def graph_replay_us(fn, *args) -> float:
     """Median µs of replaying a CUDA graph that holds one call of `fn(*args)`; do_bench clears L2 before each."""
     with torch.no_grad():
-        for _ in range(3):
-            fn(*args)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(*args)
-        return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+        replay = cuda_graph(lambda: fn(*args))
+        return triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
 def markdown(rows: list[dict]) -> str:

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
-from benchmarks.common import copy_bandwidth, markdown, rebuild, run_jobs, shareable  # noqa: E402
+from benchmarks.common import copy_bandwidth, markdown, rebuild, run_jobs, shareable, synchronize  # noqa: E402
 
 EPILOGUES = ("post_attn_norm", "ple_tail")
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
@@ -73,11 +73,6 @@ def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
             model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1,
                   cache_position=torch.arange(start, min(start + chunk, context), device=model.device))
     return cache
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_block_ms(fn, steps: int, repeats: int, device) -> float:

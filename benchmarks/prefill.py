@@ -36,7 +36,7 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
-from benchmarks.common import rebuild, run_jobs, shareable  # noqa: E402
+from benchmarks.common import cuda_graph, rebuild, run_jobs, shareable, synchronize  # noqa: E402
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
@@ -66,11 +66,6 @@ def backend(variant: str, emulate_precision_casts: bool = True):
     return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=None, emulate_precision_casts=emulate_precision_casts)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn, device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
@@ -88,20 +83,6 @@ def median_ms(fn, device, warmup: int, repeats: int) -> float:
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
-
-
-def cuda_graph(fn):
-    """`fn` captured in a CUDA graph (after warm-up on a side stream); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def matmul_tflops(device, dtype) -> float:
