@@ -1,7 +1,8 @@
 """Gemma-4 prefill with and without YOCO: eager, Inductor, gemma4_fx without `yoco`, gemma4_fx with it.
 
     python benchmarks/prefill.py [--preset e2b e4b] [--shapes 1x512 1x2048 1x8192 8x1024] [--variants ...]
-                                 [--cuda-graph] [--no-cache] [--layers N] [--deadline 540] [--json rows.json]
+                                 [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--layers N]
+                                 [--deadline 540] [--json rows.json]
     python benchmarks/prefill.py --preset tiny-e2b --device cpu --dtype float32 --shapes 1x64 2x32   # a dry run
 
 A prefill as HF `generate` runs it: `model(input_ids, logits_to_keep=1, use_cache=True)` with the DynamicCache the
@@ -36,15 +37,16 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
-from benchmarks.common import cuda_graph, rebuild, run_jobs, shareable, synchronize  # noqa: E402
+from benchmarks.common import cuda_graph, kernel_profile, rebuild, run_jobs, shareable, synchronize  # noqa: E402
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
-VARIANTS = ("eager", "graph", "graph+yoco", "inductor", "gemma4_fx", "gemma4_fx+yoco")
+VARIANTS = ("eager", "graph", "graph+yoco", "inductor", "reduce-overhead", "gemma4_fx", "gemma4_fx+yoco")
 # A variant's logits are checked against its partner without YOCO where that ran (same kernels), else eager's:
 # random bf16 weights at full depth amplify any change of kernel (Inductor's, SDPA's) into large logit differences.
 REFERENCE = {"graph+yoco": "graph", "gemma4_fx+yoco": "gemma4_fx"}
-YOCO_PAIRS = (("graph", "graph+yoco"), ("inductor", "gemma4_fx+yoco"), ("gemma4_fx", "gemma4_fx+yoco"))
+YOCO_PAIRS = (("graph", "graph+yoco"), ("inductor", "gemma4_fx+yoco"), ("reduce-overhead", "gemma4_fx+yoco"),
+              ("gemma4_fx", "gemma4_fx+yoco"))
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -55,15 +57,15 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(batch), int(tokens)
 
 
-def backend(variant: str, emulate_precision_casts: bool = True):
-    """The torch.compile backend of a variant; our CUDA graphs are off so only the graph rewrites differ."""
-    if variant == "inductor":
+def backend(variant: str, emulate_precision_casts: bool = True, cudagraphs: str | None = None):
+    """The torch.compile backend of a variant; our CUDA graphs off by default, so only the graph rewrites differ."""
+    if variant in ("inductor", "reduce-overhead"):
         return "inductor"
     if variant.startswith("graph"):
         return gemma4_fx.passes.yoco.apply if variant == "graph+yoco" else lambda gm, example_inputs: gm
     names = [name for name in (*gemma4_fx.GRAPH_PASSES, *gemma4_fx.PATTERNS)
              if variant == "gemma4_fx+yoco" or name != "yoco"]
-    return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=None, emulate_precision_casts=emulate_precision_casts)
+    return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=cudagraphs, emulate_precision_casts=emulate_precision_casts)
 
 
 def median_ms(fn, device, warmup: int, repeats: int) -> float:
@@ -124,8 +126,9 @@ def job(spec, turn) -> dict:
     variant, shapes, shared, args = spec
     model = rebuild(shared)
     device = model.device
-    compiler = None if variant == "eager" else backend(variant, args.emulate_precision_casts)
-    forward = model if compiler is None else torch.compile(model, backend=compiler, dynamic=len(shapes) > 1)
+    compiler = None if variant == "eager" else backend(variant, args.emulate_precision_casts, args.cudagraphs)
+    mode = "reduce-overhead" if variant == "reduce-overhead" else None
+    forward = model if compiler is None else torch.compile(model, backend=compiler, mode=mode, dynamic=len(shapes) > 1)
     runs, result = {}, {"shapes": {}}
     for shape in shapes:
         input_ids = torch.randint(0, model.config.vocab_size, shape, device=device,
@@ -141,17 +144,22 @@ def job(spec, turn) -> dict:
         out = result["shapes"][shape] = {"first_call_s": time.perf_counter() - begin, "cuda_graph": False,
                                          "logits": logits.float().cpu().numpy()}
         runs[shape] = prefill
-        if args.cuda_graph and compiler is not None and device.type == "cuda":
+        if args.cuda_graph and compiler is not None and mode is None and device.type == "cuda":
             try:
                 runs[shape], out["cuda_graph"] = cuda_graph(prefill), True
             except Exception as error:  # noqa: BLE001 (then timed as plain calls, and said so)
                 print(f"  {variant}: no CUDA graph ({type(error).__name__}: {str(error)[:120]})")
-    with turn():
+    with turn() as alone:
         for shape, run in runs.items():
-            result["shapes"][shape]["ms"] = median_ms(run, device, args.warmup, args.repeats)
+            out = result["shapes"][shape]
+            out["ms"], out["timed_alone"] = median_ms(run, device, args.warmup, args.repeats), alone
+            if args.profile and device.type == "cuda":
+                out["gpu_busy_ms"], out["profile"] = kernel_profile(run)
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
         result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
-        result["fallbacks"] = compiler.report.fallbacks
+        result["fallbacks"] = compiler.report.fallbacks + compiler.cudagraph_stats.failures
+        if args.cudagraphs:
+            print(f"{variant}: {compiler.cudagraph_stats}".splitlines()[0], flush=True)
     print(f"{model.config.num_hidden_layers} layers, {variant}: "
           + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s)"
                       for (b, t), r in result["shapes"].items()), flush=True)
@@ -171,8 +179,11 @@ def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: f
         for fallback in result.get("fallbacks", []):
             print(f"{preset} {variant} fallback: {fallback}")
         for shape, out in result["shapes"].items():
+            if "profile" in out:
+                print(f"{preset} {variant} {shape[0]}x{shape[1]}: {out['profile']}")
             row = dict(preset=preset, layers=model.config.num_hidden_layers, variant=variant, batch=shape[0],
-                       tokens=shape[1], ms=out["ms"], first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
+                       tokens=shape[1], ms=out["ms"], timed_alone=out["timed_alone"], gpu_busy_ms=out.get("gpu_busy_ms"),
+                       first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
                        floor_ms=floor_ms(weights, *shape, tflops, yoco=False),
                        floor_yoco_ms=floor_ms(weights, *shape, tflops, yoco=True))
             reference = REFERENCE.get(variant) if (REFERENCE.get(variant), shape) in logits else "eager"
@@ -197,7 +208,7 @@ def table(rows) -> str:
              "|---" * (3 + len(variants) + len(pairs)) + "|"]
     for key in dict.fromkeys((r["preset"], r["layers"], r["batch"], r["tokens"]) for r in rows):
         by = {r["variant"]: r for r in rows if (r["preset"], r["layers"], r["batch"], r["tokens"]) == key}
-        cells = [f"{by[v]['ms']:.2f}" if v in by else "-" for v in variants]
+        cells = [f"{by[v]['ms']:.2f}{'' if by[v]['timed_alone'] else '*'}" if v in by else "-" for v in variants]
         cells += [f"{by[a]['ms'] / by[b]['ms']:.2f}x" if a in by and b in by else "-" for a, b in pairs]
         any_row = next(iter(by.values()))
         lines.append(f"| {key[0]} ({key[1]} layers) | {key[2]}x{key[3]} | " + " | ".join(cells)
@@ -218,6 +229,9 @@ def main():
     parser.add_argument("--cuda-graph", action="store_true", help="time compiled variants as CUDA graph replays")
     parser.add_argument("--no-emulate-precision-casts", dest="emulate_precision_casts", action="store_false",
                         help="gemma4_fx variants with Gemma4Backend(emulate_precision_casts=False)")
+    parser.add_argument("--cudagraphs", default=None, choices=[m for m in gemma4_fx.backend.CUDAGRAPH_MODES if m],
+                        help="the gemma4_fx variants' CUDA graphs (default: none)")
+    parser.add_argument("--profile", action="store_true", help="print where the time of one call goes (CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
@@ -251,6 +265,8 @@ def main():
     for preset, model in models.items():
         rows += rows_of(preset, model, [(v, r) for (p, v, _), r in zip(jobs, results) if p == preset], tflops)
     print(table(rows))
+    if not all(row["timed_alone"] for row in rows):
+        print("* timed while other jobs may still have been compiling: host-bound timings suffer (raise --deadline)")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(dict(tflops=tflops, transformers=transformers.__version__, rows=rows), file, indent=1)

@@ -17,7 +17,7 @@ from .passes import yoco
 from .passes.pipeline import Gemma4Passes
 from .report import Report, describe_error, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
-from .runtime.split import compile_pieces, is_decode_shaped, split_graph
+from .runtime.split import bake_float_inputs, compile_pieces, is_decode_shaped, split_graph
 from .runtime.verify import VerifiedGraph
 
 log = logging.getLogger("gemma4_fx")
@@ -56,7 +56,9 @@ class Gemma4Backend:
             CUDA inputs are captured, and none that may need a backward (grad mode on and an input requiring grad);
             an explicit "piecewise" or "full" on CPU still cuts and compiles the pieces. When ours are on,
             Inductor's own (`mode="reduce-overhead"`, `triton.cudagraphs`) are switched off inside the pieces;
-            with `cudagraphs=None` a `mode` is passed to Inductor as it is.
+            with `cudagraphs=None` a `mode` is passed to Inductor as it is. Under `dynamic=True` a graph that will be
+            captured has its float inputs (module attributes, arguments) specialised, as Dynamo does for Inductor's
+            own CUDA graphs: a new value recompiles.
         max_captured_shapes: input shapes each compiled graph keeps graphs for; the least recently used shape is
             dropped (with its graphs) past this.
         splitting_ops: more ops to run between graphs in piecewise mode: op overloads, functions, or "ns::name".
@@ -167,6 +169,7 @@ class Gemma4Backend:
 
     def _compile_split(self, gm, example_inputs, graph_name: str, report: Report, config: dict, mode: str):
         """Cut `gm` (`runtime.split`), compile each captured piece with our passes, run them from CUDA graphs."""
+        floats = bake_float_inputs(gm, example_inputs)
         split = split_graph(gm, split_attention=mode == "piecewise", extra_ops=self.splitting_ops)
         config = {**config, "triton.cudagraphs": False}  # ours hold the pieces: no graphs inside graphs
         piece_reports = []
@@ -176,6 +179,8 @@ class Gemma4Backend:
             return self._inductor(piece.module, inputs, f"{graph_name}.{piece.name}", piece_reports[-1], config)
 
         compiled = compile_pieces(split, gm, example_inputs, compile_piece)
+        if floats:  # Inductor found the float inputs unread and had Dynamo trace again with them as guarded constants
+            raise RuntimeError(f"{len(floats)} float inputs were baked in but Dynamo did not specialise them")
         merged = Report.merged(piece_reports)
         report.graphs.append(graph_name)
         report.matches += merged.matches

@@ -45,6 +45,47 @@ def test_prefill_replays_equal_eager_and_held_outputs_survive(model, mode):
     assert list(backend.graph_reports) == ["graph_0"]  # one dynamic graph serves every length: no recompiles
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
+    """As HF's prefill calls it: DynamicCache, logits_to_keep=1, lengths left dynamic (Dynamo passes float
+    attributes as CPU tensors then; graphs copy them from pinned memory)."""
+    model = gemma4_fx.build_model("tiny-e2b", dtype=dtype, device="cuda")
+    backend = gemma4_fx.Gemma4Backend()  # "auto": piecewise for prefill
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for length in (6, 11):
+            ids = token_ids(model, 1, length, seed=length)
+            runs = [compiled(ids, logits_to_keep=1, use_cache=True).logits for _ in range(4)]  # run, capture, replay
+            for replayed in runs[1:]:
+                torch.testing.assert_close(replayed, runs[0], rtol=0, atol=0)
+            expected = model(ids, logits_to_keep=1, use_cache=True).logits
+            tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(runs[0], expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+    stats = backend.cudagraph_stats
+    assert stats.replays > 0 and not stats.failures
+
+
+def test_float_inputs_are_captured_as_guarded_constants():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 16, device="cuda")
+
+        def forward(self, x, scale: float):  # under dynamic=True Dynamo passes it as a 0-d CPU tensor
+            return torch.relu(self.linear(x) * scale)
+
+    module = Scaled()
+    backend = gemma4_fx.Gemma4Backend(cudagraphs="piecewise")
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    x = torch.randn(4, 16, device="cuda")
+    with torch.no_grad():
+        for scale in (0.5, 0.5, 0.5, 2.0, 2.0, 2.0):
+            torch.testing.assert_close(compiled(x, scale), module(x, scale))
+    stats = backend.cudagraph_stats
+    assert (stats.captures, stats.replays) == (2, 4) and not stats.failures  # per value: run, capture, replay
+    assert list(backend.graph_reports) == ["graph_0", "graph_1"]  # a new value recompiles, as Dynamo guards it
+
+
 @pytest.mark.parametrize("mode", ["auto", "piecewise"])
 def test_decode_replays_equal_eager_and_write_the_cache(model, mode):
     ids = token_ids(model, 3, 7, seed=0)

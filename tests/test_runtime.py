@@ -12,7 +12,7 @@ import gemma4_fx
 import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphRunner, mutated_inputs, shape_inputs
-from gemma4_fx.runtime.split import is_decode_shaped, split_graph
+from gemma4_fx.runtime.split import bake_float_inputs, is_decode_shaped, split_graph
 
 PRESET = "tiny-e2b"  # 7 layers
 FP32 = dict(rtol=1e-4, atol=1e-4)  # compiled against eager: Inductor may reorder fp32 sums
@@ -274,3 +274,72 @@ def test_graphs_only_where_they_can_be_used():
 def test_bad_runtime_argument_is_named(kwargs, argument):
     with pytest.raises((TypeError, ValueError), match=argument):
         Gemma4Backend(**kwargs)
+
+
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.shift = 0.25  # under dynamic=True Dynamo passes float attributes and arguments as 0-d CPU tensors
+
+    def forward(self, x, scale: float):
+        return torch.relu(self.linear(x) * scale + self.shift)
+
+
+def test_float_inputs_are_baked_in():
+    module, x = Scaled(), torch.randn(3, 8)
+    gm, inputs = dynamo_graph(module, x, 0.5)
+    floats = bake_float_inputs(gm, inputs)
+    assert sorted(floats.values()) == [0.25, 0.5]
+    assert not any(node.op == "call_method" and node.target == "item" for node in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs)[0], module(x, 0.5), rtol=0, atol=0)
+
+
+def test_float_inputs_end_as_guarded_constants():
+    module, x = Scaled(), torch.randn(3, 8)
+    backend = Gemma4Backend(cudagraphs="piecewise")  # on CPU: split and compiled, no graphs
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for scale in (0.5, 2.0, 0.5):
+            torch.testing.assert_close(compiled(x, scale), module(x, scale))
+    assert list(backend.graph_reports) == ["graph_0", "graph_1"]  # 2.0 recompiled; 0.5 found its graph again
+    assert not backend.report.fallbacks
+
+
+def test_copies_to_the_device_run_between_graphs_from_the_top():
+    def layer(x):  # "meta" stands in for the GPU
+        y = torch.relu(x) * 2
+        window = torch.tensor(4)  # as HF's sliding cache makes its window size: on the CPU, then moved
+        return y + window.to(x.device)
+
+    gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"))
+    split = split_graph(gm)
+    assert [piece.captured for piece in split.pieces] == [False, True]
+    moved = [node for node in split.pieces[0].module.graph.nodes if node.op == "call_method" and node.target == "to"]
+    assert len(moved) == 1 and not any(node.op == "call_method" for node in split.pieces[1].module.graph.nodes)
+
+
+@torch.library.custom_op("gemma4_fx_test::column_major", mutates_args=())
+def column_major(x: torch.Tensor) -> torch.Tensor:
+    """Runs between graphs; its real output is laid out otherwise than its fake one says (as an eager kernel may)."""
+    return x.t().contiguous().t().clone(memory_format=torch.preserve_format)
+
+
+@column_major.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def test_pieces_get_their_inputs_laid_out_as_compiled():
+    def fn(x, w):
+        return torch.relu(column_major(torch.sin(x)) @ w + 1)
+
+    x, w = torch.randn(6, 4), torch.randn(4, 3)
+    assert not column_major(x).is_contiguous()
+    backend = Gemma4Backend(cudagraphs="piecewise", splitting_ops=["gemma4_fx_test::column_major"])
+    compiled = torch.compile(fn, backend=backend, dynamic=True)
+    torch.testing.assert_close(compiled(x, w), fn(x, w))
+    assert not backend.report.fallbacks

@@ -12,7 +12,9 @@ A captured piece reads its inputs from fixed addresses. Per input of a piece:
   shape's graphs are dropped and captured again on its next call, rather than written into memory the caller may
   still hold;
 - other tensors are copied into buffers owned by the graph, only when their address differs from that buffer's;
-- 0-d CPU tensors (how Dynamo passes float attributes under `dynamic=True`) are read when the graph is captured.
+- CPU tensors are read on the host when the graph is captured, and the graph keeps what it read: if one's value
+  changes, the shape's graphs are captured again. (Float attributes, which Dynamo passes as 0-d CPU tensors under
+  `dynamic=True`, are baked in before: see `split.bake_float_inputs`.)
 Outputs that reach the caller are copied out of the graph's memory after each replay, so no later replay changes a
 tensor the caller holds; outputs that are views of an input are returned as views of the caller's tensor.
 
@@ -107,14 +109,17 @@ class PieceGraph:
     def __init__(self, fn, args, *, runtime: CUDAGraphRuntime, mutated: set[int], owned: set[int],
                  escaping: frozenset[int]):
         self.static_args = list(args)
-        self.pinned, self.copied = [], []
+        self.in_place, self.copied, self.host = [], [], []
+        on_device = any(isinstance(arg, torch.Tensor) and arg.is_cuda for arg in args)
         for index, arg in enumerate(args):
-            if not isinstance(arg, torch.Tensor) or isinstance(arg, torch.nn.Parameter) \
-                    or (arg.device.type == "cpu" and arg.ndim == 0):
+            if not isinstance(arg, torch.Tensor) or isinstance(arg, torch.nn.Parameter):
                 continue
-            if index in mutated or arg.data_ptr() in owned or torch._dynamo.utils.get_static_address_type(arg) \
+            if on_device and arg.device.type == "cpu":  # read on the host: the value it was captured with
+                self.static_args[index] = arg.clone()
+                self.host.append(index)
+            elif index in mutated or arg.data_ptr() in owned or torch._dynamo.utils.get_static_address_type(arg) \
                     or torch._debug_has_internal_overlap(_written(arg)) == 1:
-                self.pinned.append(index)
+                self.in_place.append(index)
             else:  # same strides as the input: the compiled piece may assume them
                 static = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device=arg.device)
                 _written(static).copy_(_written(arg))
@@ -137,9 +142,11 @@ class PieceGraph:
                 self.escaping.append(position)
         self.owned = {out.data_ptr() for out in self.outputs if isinstance(out, torch.Tensor)}
 
-    def moved(self, args) -> bool:
-        """A pinned input (cache, earlier piece's output) is not where the graph reads it: capture again."""
-        return any(args[index].data_ptr() != self.static_args[index].data_ptr() for index in self.pinned)
+    def stale(self, args) -> bool:
+        """An input used in place (cache, earlier piece's output) is not where the graph reads it, or a CPU input
+        is not the value it was captured with: capture again."""
+        return any(args[index].data_ptr() != self.static_args[index].data_ptr() for index in self.in_place) \
+            or any(not torch.equal(args[index], self.static_args[index]) for index in self.host)
 
     def replay(self, args):
         for index in self.copied:
@@ -166,17 +173,18 @@ class CapturedPiece:
     current shape says."""
 
     def __init__(self, runner: GraphRunner, position: int, compiled, name: str, mutated: set[int],
-                 escaping: frozenset[int]):
+                 escaping: frozenset[int], contiguous: frozenset[int]):
         self.runner, self.position, self.compiled, self.name = runner, position, compiled, name
-        self.mutated, self.escaping = mutated, escaping
+        self.mutated, self.escaping, self.contiguous = mutated, escaping, contiguous - mutated
         self.failed = False
 
     def __call__(self, *args):
+        args = self.restrided(args)
         shape = self.runner.active
         if shape is None or shape.calls < 2 or self.failed:
             return self.compiled(*args)
         graph = shape.graphs.get(self.position)
-        if graph is not None and graph.moved(args):
+        if graph is not None and graph.stale(args):
             self.runner.restart(shape)
             return self.compiled(*args)
         if graph is None:
@@ -186,6 +194,18 @@ class CapturedPiece:
         self.runner.stats.replays += 1
         return graph.replay(args)
 
+    def restrided(self, args) -> tuple:
+        """`args` with the inputs compiled as contiguous made so: the runs between pieces are eager, and an eager
+        kernel may lay out its output otherwise than the fake one the piece was compiled for (a cache's keys as a
+        transposed view). Inputs the piece writes stay as they are."""
+        late = [index for index in self.contiguous if not args[index].is_contiguous()]
+        if not late:
+            return args
+        args = list(args)
+        for index in late:
+            args[index] = args[index].contiguous()
+        return tuple(args)
+
     def _capture(self, shape: _Shape, args) -> PieceGraph | None:
         stats = self.runner.stats
         try:
@@ -193,6 +213,7 @@ class CapturedPiece:
                                owned=shape.owned, escaping=self.escaping)
         except Exception as error:  # an op the graph cannot hold: this piece runs without graphs from now on
             self.failed = True
+            self.runner.runtime.drop_pool()
             message = f"{self.name}: CUDA graph capture failed ({describe_error(error)}); it runs without graphs"
             record_fallback(stats.failures, message)
             return None
@@ -222,8 +243,8 @@ class GraphRunner:
         self.active: _Shape | None = None
         for position, (piece, fn) in enumerate(zip(split.captured, compiled)):
             delattr(self.module, piece.name)  # a plain attribute now: the graph's code calls self.<name>(...)
-            setattr(self.module, piece.name, CapturedPiece(self, position, fn, piece.name,
-                                                           mutated_inputs(piece.module), piece.escaping))
+            setattr(self.module, piece.name, CapturedPiece(self, position, fn, piece.name, mutated_inputs(piece.module),
+                                                           piece.escaping, piece.contiguous))
 
     @property
     def stats(self) -> CUDAGraphStats:
@@ -233,8 +254,9 @@ class GraphRunner:
         return tuple(tuple(args[i].shape) if is_tensor else args[i] for i, is_tensor in self.shape_inputs)
 
     def restart(self, shape: _Shape) -> None:
-        """Drop a shape's graphs (a pinned input moved) and run it plainly until its next call captures them again,
-        in order: a graph captured after later ones could put its outputs where they keep their scratch."""
+        """Drop a shape's graphs (an input used in place moved, a CPU input changed) and run it plainly until its
+        next call captures them again, in order: a graph captured after later ones could put its outputs where they
+        keep their scratch."""
         self.stats.graphs -= len(shape.graphs)
         shape.graphs.clear()
         shape.owned.clear()
@@ -275,6 +297,11 @@ class CUDAGraphRuntime:
         if self._pool is None or self.stats.graphs == 0:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+    def drop_pool(self) -> None:
+        """Capture into a fresh pool from now on: a capture that failed may leave its pool marked as recording, and
+        the allocator then refuses every later capture into it."""
+        self._pool = None
 
     def pool_bytes(self) -> int:
         """Bytes of device memory the shared pool holds (reads the allocator's snapshot: not for hot paths)."""

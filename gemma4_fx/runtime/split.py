@@ -1,9 +1,10 @@
 """Split a Dynamo FX graph into pieces that CUDA graphs can hold and pieces that run between them.
 
 Attention is left out of the graphs (its cost depends on context length, and serving engines swap in their own
-kernels), and so is anything a graph cannot hold: host syncs, copies to the CPU, tensors whose shapes come from data,
-and uses of int inputs that size no tensor (a graph would keep the value it was captured with). The cut follows graph
-order: every piece is a contiguous run of nodes, so the pieces always form a chain.
+kernels), and so is anything a graph cannot hold: host syncs, copies between host and device, tensors whose shapes
+come from data, and uses of int inputs that size no tensor (a graph would keep the value it was captured with). The
+cut follows graph order: every piece is a contiguous run of nodes, so the pieces always form a chain; work on host
+values alone moves to the top first, so that it does not cut a layer in two.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch._dispatch.python import enable_python_dispatcher
-from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols, statically_known_true
 from torch.fx.passes.split_module import split_module
+
+from ..passes.row_local import writes_in_place
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
@@ -40,6 +43,7 @@ class Piece:
     module: torch.fx.GraphModule
     captured: bool
     escaping: frozenset[int] = frozenset()  # output positions the caller may receive (directly or through views)
+    contiguous: frozenset[int] = frozenset()  # input positions compiled as contiguous tensors (`compile_pieces`)
 
 
 @dataclass
@@ -124,11 +128,12 @@ def host_value_symbols(graph: torch.fx.Graph) -> set:
     return int_symbols - shape_symbols
 
 
-def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset()) -> bool:
-    """Reads of device tensors on the host (`.item()`, `.cpu()`, `nonzero`...), anything touching a tensor whose
-    shape comes from data, and uses of `host_values` (see `host_value_symbols`). The same reads of CPU tensors
-    stay: under `dynamic=True` Dynamo passes float attributes (norm eps, scales) as 0-d CPU tensors and reads them
-    with `.item()`; a capture keeps the value it read."""
+def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_work: bool = False) -> bool:
+    """Reads of device tensors on the host (`.item()`, `.cpu()`, `nonzero`...), copies between host and device,
+    anything touching a tensor whose shape comes from data, and uses of `host_values` (see `host_value_symbols`).
+    With `host_work` (the graph runs on a device), so do tensors made on the CPU: a graph would not redo them.
+    Reads of CPU tensors on the host (`.item()`) stay: a graph keeps what it read, and the runtime captures again
+    if the value changes."""
     inputs = [_example(arg) for arg in node.all_input_nodes]
     on_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in inputs)
     if on_device and (_method_name(node) in _HOST_SYNC_METHODS
@@ -141,7 +146,10 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset()) -> bool
     if host_values and any(isinstance(value, torch.SymInt) and free_symbols(value) & host_values
                            for value in values):
         return True
-    return on_device and isinstance(out, torch.Tensor) and out.device.type == "cpu"
+    if isinstance(out, torch.Tensor):  # a copy between host and device: a graph holds none from pageable memory
+        sides = {_on_host(v) for v in inputs if isinstance(v, torch.Tensor)}
+        return bool(sides) and sides != {_on_host(out)} or host_work and _on_host(out)
+    return False
 
 
 def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, extra_ops=()) -> set[torch.fx.Node]:
@@ -150,7 +158,7 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, extra_ops=(
     nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
     order = {node: index for index, node in enumerate(nodes)}
     host_values = host_value_symbols(graph)
-    marked = {node for node in nodes if is_uncapturable(node, host_values)}
+    marked = {node for node in nodes if is_uncapturable(node, host_values, host_work=_on_device(graph))}
     if split_attention:
         marked |= {node for node in nodes if is_attention(node, extra_ops)}
         for node in nodes:
@@ -172,23 +180,67 @@ def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
                                  for q in queries)
 
 
-def _hoist_int_arithmetic(graph: torch.fx.Graph) -> None:
-    """Move arithmetic on int inputs alone (`cumulative_length + 1`) to the top of the graph, so that when it must
-    run between graphs it does not cut a layer in two."""
+def _hoist_host_work(graph: torch.fx.Graph) -> None:
+    """Move what is computed from host values alone to the top of the graph, so that where it must run between
+    graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and tensors made on
+    the CPU (HF's sliding cache makes one of its window size) with their copies to the device."""
     placeholders = list(graph.find_nodes(op="placeholder"))
-    anchor, hoisted = placeholders[-1] if placeholders else None, set(placeholders)
+    on_device = _on_device(graph)
+    written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
+    hoisted = {node for node in placeholders if _on_host(_example(node)) and node not in written}
+    anchor = placeholders[-1] if placeholders else None
     for node in list(graph.nodes):
-        if node.op == "call_function" and not isinstance(_example(node), torch.Tensor) \
-                and node.all_input_nodes and all(arg in hoisted for arg in node.all_input_nodes) \
-                and all(isinstance(_example(arg), torch.SymInt) for arg in node.all_input_nodes):
+        inputs = node.all_input_nodes
+        if anchor is None or node.op not in ("call_function", "call_method") or node in written \
+                or writes_in_place(node) or not all(arg in hoisted and _on_host(_example(arg)) for arg in inputs):
+            continue
+        out = _example(node)
+        if isinstance(out, torch.Tensor):  # made on the CPU, or copied from there
+            hoist = on_device and (_on_host(out) or any(isinstance(_example(arg), torch.Tensor) for arg in inputs))
+        else:
+            hoist = inputs and all(isinstance(_example(arg), torch.SymInt) for arg in inputs)
+        if hoist:
             anchor.append(node)
             anchor = node
             hoisted.add(node)
 
 
+def _on_host(value) -> bool:
+    return not isinstance(value, torch.Tensor) or value.device.type == "cpu"
+
+
+def _on_device(graph: torch.fx.Graph) -> bool:
+    """Some tensor of the graph is on a device: then CPU tensors are host work."""
+    return any(not _on_host(_example(node)) for node in graph.nodes)
+
+
+def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, float]:
+    """Under `dynamic=True` Dynamo passes float attributes (norm eps, scales) and arguments as 0-d float64 CPU tensors
+    that the graph reads with `.item()`; Inductor may move one to the device with a blocking copy, which no CUDA graph
+    can hold. Replace each read by its value in `example_inputs` and return {input position: value}. Compiling the
+    result makes Inductor's float pass find those floats unread and have Dynamo trace again with them specialised
+    (constants, guarded on their values), which is what keeps this sound."""
+    baked = {}
+    for index, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
+        if not (isinstance(example, torch.Tensor) and example.device.type == "cpu" and example.ndim == 0
+                and example.dtype == torch.float64 and node.users
+                and all(_method_name(read) == "item" for read in node.users)):
+            continue
+        number = example.item()
+        for read in list(node.users):
+            for user in list(read.users):
+                user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs),
+                                                               lambda arg: number if arg is read else arg)
+            gm.graph.erase_node(read)
+        baked[index] = number
+    if baked:
+        gm.recompile()
+    return baked
+
+
 def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra_ops=()) -> SplitGraph:
     """Cut `gm` into alternating captured and uncaptured pieces (see the module docstring)."""
-    _hoist_int_arithmetic(gm.graph)
+    _hoist_host_work(gm.graph)
     gm.recompile()
     marked = splitting_nodes(gm.graph, split_attention=split_attention, extra_ops=extra_ops)
     partition_of: dict[torch.fx.Node, int] = {}
@@ -250,8 +302,19 @@ class _PieceCompiler(torch.fx.Interpreter):
     def call_module(self, target, args, kwargs):
         outputs = super().call_module(target, args, kwargs)  # before compiling: Inductor may change the module
         if target in self.captured:
-            self.compiled[target] = self.compile_piece(self.captured[target], list(args))
+            piece = self.captured[target]
+            piece.contiguous = frozenset(index for index, arg in enumerate(args) if _known_contiguous(arg))
+            self.compiled[target] = self.compile_piece(piece, list(args))
         return outputs
+
+
+def _known_contiguous(value) -> bool:
+    """A contiguous tensor for all sizes its symbols may take (decided without adding guards)."""
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+        return False
+    expected = torch._prims_common.make_contiguous_strides_for(value.shape)
+    return all(statically_known_true(size == 1) or statically_known_true(stride == want)
+               for size, stride, want in zip(value.shape, value.stride(), expected))
 
 
 def compile_pieces(split: SplitGraph, gm: torch.fx.GraphModule, example_inputs, compile_piece) -> list:
