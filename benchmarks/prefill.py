@@ -17,7 +17,11 @@ FLOPs are left out of the floor.
 Compiling E2B at full depth takes Inductor minutes, so every (preset, variant) runs in its own process over one
 shared copy of the weights (`common.run_jobs`): they compile side by side, then time one at a time; `--deadline`
 bounds the whole run. The "graph" variants run Dynamo's graph op by op (no compiler) and isolate the pass.
-`--cuda-graph` needs `--no-cache`: HF's DynamicCache copies a CPU tensor in prefill, which a CUDA graph cannot hold.
+Our variants run without our CUDA graphs unless `--cudagraphs auto` (the backend's default) says otherwise;
+`--cuda-graph` instead captures each whole compiled call, and needs `--no-cache` (HF's DynamicCache copies a CPU
+tensor in prefill, which a whole-call graph cannot hold; our runtime runs that copy between its graphs).
+`--profile` prints, per variant and shape, the GPU's busy time against the wall time and the top kernels and host
+ops: up to ~2k tokens a prefill without graphs is bound by the host, and its wall time varies between processes.
 """
 
 from __future__ import annotations

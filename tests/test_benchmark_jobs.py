@@ -24,10 +24,10 @@ def timed_turn(job, turn):
     if job == "fail":
         raise ValueError("boom")
     weight = rebuild(job).lm_head.weight  # arrived over the process boundary
-    with turn():
+    with turn() as alone:
         begin = time.monotonic()
         time.sleep(0.3)
-        return float(weight.sum()), begin, time.monotonic()
+        return float(weight.sum()), begin, time.monotonic(), alone
 
 
 def test_jobs_keep_order_and_failures_and_take_turns():
@@ -35,6 +35,7 @@ def test_jobs_keep_order_and_failures_and_take_turns():
     shared = shareable(model)
     results = run_jobs(timed_turn, [shared, "fail", shared], deadline_s=240)
     assert results[1].startswith("failed: ValueError: boom")
-    (total_a, begin_a, end_a), (total_b, begin_b, end_b) = results[0], results[2]
+    (total_a, begin_a, end_a, alone_a), (total_b, begin_b, end_b, alone_b) = results[0], results[2]
     assert total_a == total_b == float(model.lm_head.weight.detach().sum())
+    assert alone_a and alone_b  # every job arrived (the failed one too) before the deadline
     assert end_a <= begin_b or end_b <= begin_a  # one at a time
