@@ -135,7 +135,7 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_wo
     Reads of CPU tensors on the host (`.item()`) stay: a graph keeps what it read, and the runtime captures again
     if the value changes."""
     inputs = [_example(arg) for arg in node.all_input_nodes]
-    on_device = any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in inputs)
+    on_device = not all(_on_host(v) for v in inputs)
     if on_device and (_method_name(node) in _HOST_SYNC_METHODS
                       or (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS)):
         return True
@@ -158,7 +158,8 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, extra_ops=(
     nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
     order = {node: index for index, node in enumerate(nodes)}
     host_values = host_value_symbols(graph)
-    marked = {node for node in nodes if is_uncapturable(node, host_values, host_work=_on_device(graph))}
+    host_work = _on_device(graph)
+    marked = {node for node in nodes if is_uncapturable(node, host_values, host_work)}
     if split_attention:
         marked |= {node for node in nodes if is_attention(node, extra_ops)}
         for node in nodes:
