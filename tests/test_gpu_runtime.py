@@ -2,6 +2,7 @@
 its tokens (run on the GPU machine: `python -m pytest tests/test_gpu_runtime.py -q`)."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -52,7 +53,8 @@ def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
     model = gemma4_fx.build_model("tiny-e2b", dtype=dtype, device="cuda")
     backend = gemma4_fx.Gemma4Backend()  # "auto": piecewise for prefill
     compiled = torch.compile(model, backend=backend, dynamic=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for length in (6, 11):
             ids = token_ids(model, 1, length, seed=length)
             runs = [compiled(ids, logits_to_keep=1, use_cache=True).logits for _ in range(4)]  # run, capture, replay
@@ -63,6 +65,7 @@ def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
             torch.testing.assert_close(runs[0], expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
     stats = backend.cudagraph_stats
     assert stats.replays > 0 and not stats.failures
+    assert not [w for w in caught if "CUDA Graph is empty" in str(w.message)]  # no piece that launches nothing
 
 
 def test_float_inputs_are_captured_as_guarded_constants():

@@ -4,6 +4,8 @@
 CUDA itself is exercised in test_gpu_runtime.py.
 """
 
+import operator
+
 import pytest
 import torch
 from transformers import StaticCache
@@ -312,12 +314,14 @@ def test_float_inputs_end_as_guarded_constants():
 def test_copies_to_the_device_run_between_graphs_from_the_top():
     def layer(x):  # "meta" stands in for the GPU
         y = torch.relu(x) * 2
+        keep = -x.shape[0] + 1  # int arithmetic, hoisted beside the copy: no graph of its own (it launches nothing)
         window = torch.tensor(4)  # as HF's sliding cache makes its window size: on the CPU, then moved
-        return y + window.to(x.device)
+        return y[keep:] + window.to(x.device)
 
     gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"))
     split = split_graph(gm)
     assert [piece.captured for piece in split.pieces] == [False, True]
+    assert any(node.target is operator.neg for node in split.pieces[0].module.graph.nodes)
     moved = [node for node in split.pieces[0].module.graph.nodes if node.op == "call_method" and node.target == "to"]
     assert len(moved) == 1 and not any(node.op == "call_method" for node in split.pieces[1].module.graph.nodes)
 

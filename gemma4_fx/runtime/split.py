@@ -166,7 +166,21 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, extra_ops=(
             span = _is_op(node, _SOFTMAXES) and eager_attention_span(node)
             if span:
                 marked.update(nodes[order[span[0]]:order[span[1]] + 1])
-    return marked
+    return marked | _runs_without_tensors(nodes, marked)
+
+
+def _runs_without_tensors(nodes: list[torch.fx.Node], marked: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The unmarked runs of `nodes` that make no tensor (int arithmetic on sizes, between the copies at the top): a
+    graph of them would launch nothing, so they run with their marked neighbours."""
+    idle, run = set(), []
+    for node in [*nodes, None]:
+        if node is not None and node not in marked:
+            run.append(node)
+            continue
+        if run and not any(isinstance(_example(item), torch.Tensor) for item in run):
+            idle.update(run)
+        run = []
+    return idle
 
 
 def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
