@@ -113,6 +113,24 @@ def test_decode_replays_equal_eager_and_write_the_cache(model, mode):
     assert 0 < stats.graphs < stats.captures and stats.replays > 0 and not stats.failures
 
 
+def test_prefill_lengths_share_the_pool():
+    """Captured pieces hold their outputs unowned (`cudagraphs.PieceGraph`): a length's pool is its peak of live
+    tensors, and shorter lengths reuse the longest one's memory instead of adding their own."""
+    model = gemma4_fx.build_model("e2b", num_hidden_layers=4, dtype=torch.bfloat16, device="cuda")
+    backend = gemma4_fx.Gemma4Backend(cudagraphs="piecewise")
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    first, pools = {}, []
+    with torch.no_grad():
+        for length in (2048, 512, 1024, 2048, 512):  # run, capture, replay; then again after the others
+            ids = token_ids(model, 1, length, seed=length)
+            for _ in range(3):
+                logits = compiled(ids, logits_to_keep=1, use_cache=False).logits
+                torch.testing.assert_close(logits, first.setdefault(length, logits), rtol=0, atol=0)
+            pools.append(backend.cudagraph_runtime.pool_bytes())
+    assert pools[0] > 0 and max(pools) <= 1.25 * pools[0], [p / 2**20 for p in pools]
+    assert not backend.cudagraph_stats.failures
+
+
 def test_memory_is_bounded_across_random_shapes(model):
     backend = gemma4_fx.Gemma4Backend(cudagraphs="piecewise", max_captured_shapes=4)
     compiled = torch.compile(model, backend=backend, dynamic=True)

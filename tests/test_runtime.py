@@ -4,7 +4,9 @@
 CUDA itself is exercised in test_gpu_runtime.py.
 """
 
+import gc
 import operator
+import weakref
 
 import pytest
 import torch
@@ -115,15 +117,20 @@ def test_mutated_cache_inputs_are_found(models):
 
 
 def fake_capture(fn, args, runtime):
-    """A CUDA graph on CPU: replays recompute into the outputs of the capture, from the captured inputs."""
+    """A CUDA graph on CPU: replays recompute into the memory of the capture's outputs, from the captured inputs'
+    memory. Like a graph and its pool, it keeps that memory alive but none of the tensors."""
     inputs = [arg.clone() if isinstance(arg, torch.Tensor) else None for arg in args]
     outputs = fn(*args)
     for arg, before in zip(args, inputs):  # capturing runs nothing: undo what the run wrote (the caches)
         if before is not None and torch._debug_has_internal_overlap(arg) != 1:
             arg.copy_(before)
+    memory = [t.untyped_storage() for t in [*args, *outputs] if isinstance(t, torch.Tensor)]
+    static_args, static_outputs = ([cudagraphs._unowned(t) if isinstance(t, torch.Tensor) else t for t in tensors]
+                                   for tensors in (args, outputs))
 
     def replay():
-        for static, new in zip(outputs, fn(*args)):
+        assert memory
+        for static, new in zip(static_outputs, fn(*static_args)):
             if isinstance(static, torch.Tensor):
                 cudagraphs._written(static).copy_(cudagraphs._written(new))
 
@@ -158,6 +165,28 @@ def test_warm_up_capture_replay_and_held_outputs(monkeypatch, models):
     assert runtime.stats.graphs == 2 * pieces
     for actual, reference in zip(held, expected):  # later replays did not overwrite what the caller holds
         torch.testing.assert_close(actual, reference, **FP32)
+
+
+def test_captured_outputs_are_not_kept_alive(monkeypatch, models):
+    """Each tensor a capture made is freed at its last use in the split graph (on a GPU its memory goes back to the
+    pool for the pieces captured after): the runtime reads and returns them through unowned views."""
+    made = []
+
+    def capture(fn, args, runtime):
+        replay, outputs = fake_capture(fn, args, runtime)
+        made.extend(weakref.ref(out) for out in outputs if isinstance(out, torch.Tensor))
+        return replay, outputs
+
+    monkeypatch.setattr(cudagraphs, "_capture", capture)
+    model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=8)
+    compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        for _ in range(4):  # warm-up, capture, replays
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, expected, **FP32)
+    gc.collect()
+    assert len(made) >= model.config.num_hidden_layers and not [ref for ref in made if ref() is not None]
 
 
 def test_least_recently_used_shape_is_evicted(monkeypatch, models):

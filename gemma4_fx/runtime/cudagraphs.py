@@ -18,8 +18,11 @@ A captured piece reads its inputs from fixed addresses. Per input of a piece:
 Outputs that reach the caller are copied out of the graph's memory after each replay, so no later replay changes a
 tensor the caller holds; outputs that are views of an input are returned as views of the caller's tensor.
 
-All graphs of a backend share one memory pool. That is safe because graphs of one shape replay in the order they
-were captured, graphs of different shapes never interleave within a call, and nothing the caller holds lives in it.
+All graphs of a backend share one memory pool, and hold what they write there without keeping it allocated: a
+tensor a capture made is freed at its last use in the split graph, and pieces captured after that reuse its memory
+(one 42-layer E4B prefill at three lengths: a 1.0 GiB pool, against 10.5 GiB when each graph kept its outputs).
+That is safe because graphs of one shape replay in the order they were captured, graphs of different shapes never
+interleave within a call, and nothing the caller holds lives in the pool.
 """
 
 from __future__ import annotations
@@ -103,13 +106,28 @@ def _written(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _unowned(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor over `tensor`'s memory that does not keep it allocated (as Inductor's CUDA graph trees hold their
+    outputs): the pool may hand that memory to graphs captured after the tensor's last use."""
+    storage = tensor.untyped_storage()
+    memory = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), tensor.device, storage.nbytes())
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(memory, tensor.storage_offset(),
+                                                                          tensor.shape, tensor.stride())
+
+
 class PieceGraph:
-    """One captured piece at one shape: its graph, the inputs it reads and the outputs it writes."""
+    """One captured piece at one shape: its graph, the inputs it reads and the outputs it writes.
+
+    It holds its outputs, and the earlier pieces' outputs it reads, without keeping their memory: on the capture
+    call the caller gets the tensors the capture allocated, so their memory returns to the pool at their last use
+    in the split graph and the pieces captured after that reuse it. A shape's pool memory is then its peak of live
+    tensors, and shapes share it, rather than every piece's outputs of every shape kept apart. Replays run in
+    capture order, so each graph finds in that memory what it found when it was captured."""
 
     def __init__(self, fn, args, *, runtime: CUDAGraphRuntime, mutated: set[int], owned: set[int],
                  escaping: frozenset[int]):
         self.static_args = list(args)
-        self.in_place, self.copied, self.host = [], [], []
+        self.in_place, self.copied, self.host = {}, [], []
         on_device = any(isinstance(arg, torch.Tensor) and arg.is_cuda for arg in args)
         for index, arg in enumerate(args):
             if not isinstance(arg, torch.Tensor) or isinstance(arg, torch.nn.Parameter):
@@ -119,7 +137,7 @@ class PieceGraph:
                 self.host.append(index)
             elif index in mutated or arg.data_ptr() in owned or torch._dynamo.utils.get_static_address_type(arg) \
                     or torch._debug_has_internal_overlap(_written(arg)) == 1:
-                self.in_place.append(index)
+                self.in_place[index] = arg.data_ptr()
             else:  # same strides as the input: the compiled piece may assume them
                 static = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype, device=arg.device)
                 _written(static).copy_(_written(arg))
@@ -127,25 +145,29 @@ class PieceGraph:
                 self.copied.append(index)
         self.replay_graph, outputs = _capture(fn, self.static_args, runtime)
         self.sequence = type(outputs) if isinstance(outputs, (list, tuple)) else None
-        self.outputs = list(outputs) if self.sequence else [outputs]
+        self.captured_outputs = list(outputs) if self.sequence else [outputs]  # handed over by the first replay
         storages = {arg.untyped_storage().data_ptr(): index for index, arg in enumerate(self.static_args)
                     if isinstance(arg, torch.Tensor)}
-        self.views, self.escaping = {}, []
-        for position, out in enumerate(self.outputs):
+        self.views, self.escaping, self.outputs = {}, [], list(self.captured_outputs)
+        for position, out in enumerate(self.captured_outputs):
             if not isinstance(out, torch.Tensor):
                 continue
             source = storages.get(out.untyped_storage().data_ptr())
             if source is not None:  # a view of an input: rebuilt on the caller's tensor at each replay
                 offset = out.storage_offset() - self.static_args[source].storage_offset()
-                self.views[position] = (source, out.shape, out.stride(), offset)
-            elif position in escaping:
+                self.views[position], self.outputs[position] = (source, out.shape, out.stride(), offset), None
+                continue
+            if position in escaping:
                 self.escaping.append(position)
+            self.outputs[position] = _unowned(out)
         self.owned = {out.data_ptr() for out in self.outputs if isinstance(out, torch.Tensor)}
+        # inputs read where they are need only their address
+        self.static_args = [None if index in self.in_place else arg for index, arg in enumerate(self.static_args)]
 
     def stale(self, args) -> bool:
         """An input used in place (cache, earlier piece's output) is not where the graph reads it, or a CPU input
         is not the value it was captured with: capture again."""
-        return any(args[index].data_ptr() != self.static_args[index].data_ptr() for index in self.in_place) \
+        return any(args[index].data_ptr() != address for index, address in self.in_place.items()) \
             or any(not torch.equal(args[index], self.static_args[index]) for index in self.host)
 
     def replay(self, args):
@@ -153,7 +175,7 @@ class PieceGraph:
             if args[index].data_ptr() != self.static_args[index].data_ptr():
                 _written(self.static_args[index]).copy_(_written(args[index]))
         self.replay_graph()
-        outputs = list(self.outputs)
+        outputs, self.captured_outputs = list(self.captured_outputs or self.outputs), None
         for position in self.escaping:
             outputs[position] = outputs[position].clone()
         for position, (source, shape, stride, offset) in self.views.items():
@@ -241,6 +263,7 @@ class GraphRunner:
         self.shape_inputs, self.runtime = shape_inputs, runtime
         self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()
         self.active: _Shape | None = None
+        self.retired: list[PieceGraph] = []  # dropped during the current call (`restart`)
         for position, (piece, fn) in enumerate(zip(split.captured, compiled)):
             delattr(self.module, piece.name)  # a plain attribute now: the graph's code calls self.<name>(...)
             setattr(self.module, piece.name, CapturedPiece(self, position, fn, piece.name, mutated_inputs(piece.module),
@@ -256,8 +279,10 @@ class GraphRunner:
     def restart(self, shape: _Shape) -> None:
         """Drop a shape's graphs (an input used in place moved, a CPU input changed) and run it plainly until its
         next call captures them again, in order: a graph captured after later ones could put its outputs where they
-        keep their scratch."""
+        keep their scratch. The graphs live until the call ends: the outputs their replays gave this call are in
+        their pool, which must not be freed under them."""
         self.stats.graphs -= len(shape.graphs)
+        self.retired += shape.graphs.values()
         shape.graphs.clear()
         shape.owned.clear()
         shape.calls = 1
@@ -281,6 +306,7 @@ class GraphRunner:
             return self.module.forward(*args)
         finally:
             self.active = None
+            self.retired.clear()
 
 
 class CUDAGraphRuntime:
