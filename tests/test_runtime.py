@@ -137,11 +137,11 @@ def fake_capture(fn, args, runtime):
     return replay, outputs
 
 
-def runner_backend(runtime, *, split_attention=True):
+def runner_backend(runtime, *, split_attention=True, extra_ops=()):
     """A backend that runs the split graph's pieces uncompiled under the runtime, capturing even on CPU."""
 
     def backend(gm, example_inputs):
-        split = split_graph(gm, split_attention=split_attention)
+        split = split_graph(gm, split_attention=split_attention, extra_ops=extra_ops)
         return GraphRunner(split, [piece.module for piece in split.captured], shape_inputs(gm), runtime,
                            capture=True)
 
@@ -251,6 +251,49 @@ def test_cache_is_written_in_place_and_captured_again_when_it_moves(monkeypatch)
     assert (runtime.stats.captures, runtime.stats.graphs) == (2, 1)
     torch.testing.assert_close(caches[0], expected)  # the first cache left alone
     torch.testing.assert_close(caches[1][4:], torch.tanh(x[:, 0]))
+
+
+FLAKY = {"fail": False}
+
+
+@torch.library.custom_op("gemma4_fx_test::flaky", mutates_args=())
+def flaky(x: torch.Tensor) -> torch.Tensor:
+    """Runs between graphs (a splitting op); raises when `FLAKY` says so, as user code between graphs may."""
+    if FLAKY["fail"]:
+        raise ValueError("flaky")
+    return x * 3
+
+
+@flaky.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_capture_call_that_raised_is_captured_again_in_order(monkeypatch):
+    """Pieces the capture call did not reach are not captured by a later call, after the earlier ones' memory was
+    handed back: that shape's graphs are dropped and all captured again on its next call."""
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+
+    def fn(x):
+        return torch.cos(flaky(torch.sin(x)))
+
+    runtime = CUDAGraphRuntime(max_shapes=4)
+    compiled = torch.compile(fn, backend=runner_backend(runtime, extra_ops=["gemma4_fx_test::flaky"]))
+    x = torch.randn(5)
+    counts = []
+    for fail in [False, True, False, False, False]:
+        FLAKY["fail"] = fail
+        try:
+            if fail:
+                with pytest.raises(ValueError, match="flaky"):
+                    compiled(x)
+            else:
+                torch.testing.assert_close(compiled(x), fn(x))
+        finally:
+            FLAKY["fail"] = False
+        counts.append((runtime.stats.captures, runtime.stats.graphs))
+    # call 2 captures sin and raises; 3 replays sin, finds cos uncaptured and drops the graphs; 4 captures both
+    assert counts == [(0, 0), (1, 1), (1, 0), (3, 2), (3, 2)]
 
 
 def test_failed_capture_warns_and_runs_without_graphs(monkeypatch, models):

@@ -64,8 +64,9 @@ def writes_in_place(node: torch.fx.Node) -> bool:
 
 
 def value(arg):
-    """The FakeTensor (or SymInt, tuple...) a node stands for; a plain Python value stands for itself."""
-    return arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else arg
+    """The FakeTensor (or SymInt, tuple...) a node stands for (Dynamo's `example_value`, else the `val` that
+    make_fx and AOT graphs carry); a plain Python value stands for itself."""
+    return arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, torch.fx.Node) else arg
 
 
 def same(a, b) -> bool:

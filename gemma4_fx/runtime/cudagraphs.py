@@ -210,6 +210,9 @@ class CapturedPiece:
             self.runner.restart(shape)
             return self.compiled(*args)
         if graph is None:
+            if shape.calls > 2:  # the capture call raised before this piece: capture them all again, in order
+                self.runner.restart(shape)
+                return self.compiled(*args)
             graph = self._capture(shape, args)
             if graph is None:
                 return self.compiled(*args)

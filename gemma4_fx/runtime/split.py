@@ -19,7 +19,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols, statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from ..passes.row_local import writes_in_place
+from ..passes.row_local import value as example_value, writes_in_place
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
@@ -110,17 +110,13 @@ def eager_attention_span(softmax: torch.fx.Node) -> tuple[torch.fx.Node, torch.f
     return None
 
 
-def _example(value):
-    return value.meta.get("example_value", value.meta.get("val")) if isinstance(value, torch.fx.Node) else None
-
-
 def host_value_symbols(graph: torch.fx.Graph) -> set:
     """Symbols of the graph's int inputs that size no tensor: their values feed the computation (HF's sliding cache
     passes its fill level, which moves every step, into the mask). A graph would keep the value it was captured
     with, and since they size nothing, capturing per value would capture every step."""
     shape_symbols, int_symbols = set(), set()
     for node in graph.nodes:
-        value = _example(node)
+        value = example_value(node)
         if isinstance(value, torch.Tensor):
             shape_symbols |= free_symbols(value)
         elif node.op == "placeholder" and isinstance(value, torch.SymInt):
@@ -134,12 +130,12 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_wo
     With `host_work` (the graph runs on a device), so do tensors made on the CPU: a graph would not redo them.
     Reads of CPU tensors on the host (`.item()`) stay: a graph keeps what it read, and the runtime captures again
     if the value changes."""
-    inputs = [_example(arg) for arg in node.all_input_nodes]
+    inputs = [example_value(arg) for arg in node.all_input_nodes]
     on_device = not all(_on_host(v) for v in inputs)
     if on_device and (_method_name(node) in _HOST_SYNC_METHODS
                       or (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS)):
         return True
-    out = _example(node)
+    out = example_value(node)
     values = [value for value in [out, *inputs] if value is not None]
     if any(free_unbacked_symbols(value) for value in values):
         return True
@@ -177,7 +173,7 @@ def _runs_without_tensors(nodes: list[torch.fx.Node], marked: set[torch.fx.Node]
         if node is not None and node not in marked:
             run.append(node)
             continue
-        if run and not any(isinstance(_example(item), torch.Tensor) for item in run):
+        if run and not any(isinstance(example_value(item), torch.Tensor) for item in run):
             idle.update(run)
         run = []
     return idle
@@ -188,9 +184,9 @@ def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
     queries = []
     for node in graph.nodes:
         if is_attention(node, extra_ops) and node.args:
-            queries.append(_example(node.args[0]))
+            queries.append(example_value(node.args[0]))
         elif _is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
-            queries.append(_example(span[0].args[0]))
+            queries.append(example_value(span[0].args[0]))
     return bool(queries) and all(isinstance(q, torch.Tensor) and q.ndim >= 2 and q.shape[-2] == 1
                                  for q in queries)
 
@@ -202,18 +198,18 @@ def _hoist_host_work(graph: torch.fx.Graph) -> None:
     placeholders = list(graph.find_nodes(op="placeholder"))
     on_device = _on_device(graph)
     written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
-    hoisted = {node for node in placeholders if _on_host(_example(node)) and node not in written}
+    hoisted = {node for node in placeholders if _on_host(example_value(node)) and node not in written}
     anchor = placeholders[-1] if placeholders else None
     for node in list(graph.nodes):
         inputs = node.all_input_nodes
         if anchor is None or node.op not in ("call_function", "call_method") or node in written \
-                or writes_in_place(node) or not all(arg in hoisted and _on_host(_example(arg)) for arg in inputs):
+                or writes_in_place(node) or not all(arg in hoisted and _on_host(example_value(arg)) for arg in inputs):
             continue
-        out = _example(node)
+        out = example_value(node)
         if isinstance(out, torch.Tensor):  # made on the CPU, or copied from there
-            hoist = on_device and (_on_host(out) or any(isinstance(_example(arg), torch.Tensor) for arg in inputs))
+            hoist = on_device and (_on_host(out) or any(isinstance(example_value(arg), torch.Tensor) for arg in inputs))
         else:
-            hoist = inputs and all(isinstance(_example(arg), torch.SymInt) for arg in inputs)
+            hoist = inputs and all(isinstance(example_value(arg), torch.SymInt) for arg in inputs)
         if hoist:
             anchor.append(node)
             anchor = node
@@ -226,7 +222,7 @@ def _on_host(value) -> bool:
 
 def _on_device(graph: torch.fx.Graph) -> bool:
     """Some tensor of the graph is on a device: then CPU tensors are host work."""
-    return any(not _on_host(_example(node)) for node in graph.nodes)
+    return any(not _on_host(example_value(node)) for node in graph.nodes)
 
 
 def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, float]:
@@ -342,7 +338,7 @@ def compile_pieces(split: SplitGraph, gm: torch.fx.GraphModule, example_inputs, 
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         with fake_mode:
             for index, node in enumerate(placeholders):
-                value = _example(node)
+                value = example_value(node)
                 if isinstance(value, torch.Tensor):
                     inputs[index] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
                                                         device=value.device)
