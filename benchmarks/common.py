@@ -126,6 +126,8 @@ def run_jobs(worker, jobs: list, *, deadline_s: float) -> list:
     the deadline has passed: the rest is for timing) and then lets the jobs time their runs one at a time (one at a
     time on the whole host, a file lock: two benchmark scripts may share a machine), the GPU otherwise idle. It
     gives True if every job had arrived: else others may still be compiling, and host-bound timings suffer."""
+    if torch.cuda.is_initialized():  # what this process freed stays cached (the weights' random draw: gigabytes)
+        torch.cuda.empty_cache()
     context = torch.multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(len(jobs)), context.Queue()
     threads = max(1, (os.cpu_count() or 1) // len(jobs))

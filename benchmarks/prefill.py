@@ -258,8 +258,6 @@ def main():
         config = model.config
         print(f"{preset}: {config.num_hidden_layers} layers ({config.num_kv_shared_layers} KV-shared), hidden "
               f"{config.hidden_size}")
-    if device.type == "cuda":  # the drawing of the weights left gigabytes cached here, which the jobs need
-        torch.cuda.empty_cache()
     # A job per batch size: Dynamo specialises batch 1 apart from the others, so that takes a compile of its own.
     by_batch = {batch: [shape for shape in args.shapes if shape[0] == batch] for batch, _ in args.shapes}
     jobs = [(preset, variant, shapes) for preset in models for variant in args.variants for shapes in by_batch.values()]
