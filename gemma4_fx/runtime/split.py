@@ -148,13 +148,13 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_wo
     return False
 
 
-def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, extra_ops=()) -> set[torch.fx.Node]:
-    """Nodes that must run outside CUDA graphs. An eager attention contributes every node from its scores matmul
-    to its value matmul, so that the cut leaves the pieces a chain."""
+def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, host_work: bool, extra_ops=()
+                    ) -> set[torch.fx.Node]:
+    """Nodes that must run outside CUDA graphs (`host_work`: see `is_uncapturable`). An eager attention contributes
+    every node from its scores matmul to its value matmul, so that the cut leaves the pieces a chain."""
     nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
     order = {node: index for index, node in enumerate(nodes)}
     host_values = host_value_symbols(graph)
-    host_work = _on_device(graph)
     marked = {node for node in nodes if is_uncapturable(node, host_values, host_work)}
     if split_attention:
         marked |= {node for node in nodes if is_attention(node, extra_ops)}
@@ -191,12 +191,11 @@ def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
                                  for q in queries)
 
 
-def _hoist_host_work(graph: torch.fx.Graph) -> None:
+def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
     """Move what is computed from host values alone to the top of the graph, so that where it must run between
     graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and tensors made on
     the CPU (HF's sliding cache makes one of its window size) with their copies to the device."""
     placeholders = list(graph.find_nodes(op="placeholder"))
-    on_device = _on_device(graph)
     written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
     hoisted = {node for node in placeholders if _on_host(example_value(node)) and node not in written}
     anchor = placeholders[-1] if placeholders else None
@@ -251,9 +250,10 @@ def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, flo
 
 def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra_ops=()) -> SplitGraph:
     """Cut `gm` into alternating captured and uncaptured pieces (see the module docstring)."""
-    _hoist_host_work(gm.graph)
+    on_device = _on_device(gm.graph)
+    _hoist_host_work(gm.graph, on_device)
     gm.recompile()
-    marked = splitting_nodes(gm.graph, split_attention=split_attention, extra_ops=extra_ops)
+    marked = splitting_nodes(gm.graph, split_attention=split_attention, host_work=on_device, extra_ops=extra_ops)
     partition_of: dict[torch.fx.Node, int] = {}
     partition, previous = 0, None
     for node in gm.graph.nodes:
