@@ -49,7 +49,8 @@ def test_prefill_replays_equal_eager_and_held_outputs_survive(model, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
     """As HF's prefill calls it: DynamicCache, logits_to_keep=1, lengths left dynamic (Dynamo passes float
-    attributes as CPU tensors then; graphs copy them from pinned memory)."""
+    attributes as CPU tensors then, baked in as guarded constants; the cache's CPU-made window size is copied to the
+    GPU between graphs)."""
     model = gemma4_fx.build_model("tiny-e2b", dtype=dtype, device="cuda")
     backend = gemma4_fx.Gemma4Backend()  # "auto": piecewise for prefill
     compiled = torch.compile(model, backend=backend, dynamic=True)
