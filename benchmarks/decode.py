@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
+from gemma4_fx.presets import cache_kwargs  # noqa: E402
 from benchmarks.common import copy_bandwidth, markdown, rebuild, run_jobs, shareable, synchronize  # noqa: E402
 
 EPILOGUES = ("post_attn_norm", "ple_tail")
@@ -70,7 +71,7 @@ def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
     chunk = model.config.sliding_window
     with torch.no_grad():
         for start in range(0, context, chunk):
-            model(ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1,
+            model(ids[:, start:start + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
                   cache_position=torch.arange(start, min(start + chunk, context), device=model.device))
     return cache
 
@@ -95,7 +96,7 @@ def step_job(variant: str, batch: int, model, args, turn) -> dict:
     position = torch.tensor([args.context], device=model.device)
 
     def step():
-        return fn(ids, past_key_values=cache, cache_position=position, use_cache=True).logits
+        return fn(ids, **cache_kwargs(model, cache), cache_position=position, use_cache=True).logits
 
     with torch.no_grad():
         for _ in range(WARMUP):

@@ -47,8 +47,7 @@ class Gemma4Backend:
             should be eager's. It costs speed where it splits Inductor's fusions: E2B prefill at 2k-8k tokens ran
             20-28% slower with it on an H100 (BENCHMARKS.md); pass False for Inductor's numerics and speed.
         fx_graph_cache: Inductor's FX graph cache skips the passes on a hit, so the report would miss those graphs;
-            it is off unless you ask for it. (On an H100, with `dynamic=True` piecewise decode and several processes
-            sharing the cache, a cached piece once failed with a NameError on a size symbol; not root-caused.)
+            it is off unless you ask for it.
         cudagraphs: how compiled graphs run from CUDA graphs (`gemma4_fx.runtime.cudagraphs`): "piecewise" cuts
             the graph at attention and at what a graph cannot hold, and captures the pieces between per input
             shape; "full" cuts only at what a graph cannot hold; "auto" is "full" for decode steps (one query
@@ -189,7 +188,7 @@ class Gemma4Backend:
         capture = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
         log.info("%s: %s CUDA graphs, %d pieces (%d captured)", graph_name, mode, len(split.pieces),
                  len(split.captured))
-        return GraphRunner(split, compiled, shape_inputs(gm), self.cudagraph_runtime, capture=capture)
+        return GraphRunner(split, compiled, shape_inputs(gm), self.cudagraph_runtime, capture=capture, report=report)
 
     def _inductor(self, gm, example_inputs, graph_name: str, report: Report, config: dict):
         """Inductor with our post-grad passes; without them if that fails (the graph passes' work stays)."""

@@ -7,6 +7,8 @@ build and run in seconds on two CPU cores, so kernels meet masked edges.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 _COMMON = dict(
@@ -145,3 +147,10 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 param.copy_(noise * param.shape[-1] ** -0.5)
     return module
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The keyword a model's forward takes its KV cache by: `cache` in transformers >= 5.2x, which deprecates
+    `past_key_values` (removal planned for 5.40), `past_key_values` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

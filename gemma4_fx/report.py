@@ -58,6 +58,7 @@ class Report:
     matches: list[Match] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # graphs compiled without our passes, and why
+    uncaptured: list[str] = field(default_factory=list)  # pieces whose CUDA graph capture failed, and why
     verify: list[VerifyResult] = field(default_factory=list)
 
     @property
@@ -92,6 +93,7 @@ class Report:
             total.matches += report.matches
             total.skipped += report.skipped
             total.fallbacks += report.fallbacks
+            total.uncaptured += report.uncaptured
             total.verify += report.verify
         return total
 
@@ -109,6 +111,8 @@ class Report:
             lines += [f"  {s.pattern:<14} {s.graph:<10} {s.location or '?':<40} {s.reason}" for s in self.skipped]
         if self.fallbacks:
             lines += ["", "compiled without gemma4_fx passes:"] + [f"  {f}" for f in self.fallbacks]
+        if self.uncaptured:
+            lines += ["", "running without CUDA graphs:"] + [f"  {u}" for u in self.uncaptured]
         if self.verify:
             lines += ["", f"verify against eager:  {'graph':<10}{'output':>7}{'max abs':>12}{'max rel':>12}"
                           f"{'mismatched':>12}"]
@@ -131,10 +135,15 @@ def describe_error(error: BaseException) -> str:
 def node_location(node: torch.fx.Node) -> str:
     """The innermost module that produced `node` ("model.layers.3.router"), from Dynamo's nn_module_stack."""
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']", "L['fn']."):
-        if path.startswith(prefix):
-            return path[len(prefix):]
-    return path
+    return module_path(list(stack.values())[-1][0]) if stack else ""
+
+
+_SOURCE_ROOT = re.compile(r"^[LG](\[[^\]]*\])+\.?")  # L['self'], L['args'][0], L['fn'], G['model']
+
+
+def module_path(source: str) -> str:
+    """The module path of a Dynamo source name: "L['self'].model.layers[3].router" and
+    "L['args'][0].model.layers.3.router" (how newer transformers' wrapped forwards reach the module) are both
+    "model.layers.3.router"."""
+    path = _SOURCE_ROOT.sub("", source, count=1)
+    return re.sub(r"\[(?:'([^']*)'|(\d+))\]", lambda m: "." + (m.group(1) or m.group(2)), path).lstrip(".")

@@ -9,6 +9,7 @@ import torch
 from transformers import CompileConfig, StaticCache
 
 import gemma4_fx
+from gemma4_fx.presets import cache_kwargs
 
 pytestmark = pytest.mark.gpu
 
@@ -99,12 +100,12 @@ def test_decode_replays_equal_eager_and_write_the_cache(model, mode):
         caches = [StaticCache(config=model.config, max_cache_len=32) for _ in range(2)]
         with torch.no_grad():
             for cache in caches:
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, **cache_kwargs(model, cache), use_cache=True)
             token = ids[:, -1:]
             for position in range(7, 13):
                 kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device="cuda"))
-                expected = model(token, past_key_values=caches[0], **kwargs).logits
-                logits = compiled(token, past_key_values=caches[1], **kwargs).logits
+                expected = model(token, **cache_kwargs(model, caches[0]), **kwargs).logits
+                logits = compiled(token, **cache_kwargs(model, caches[1]), **kwargs).logits
                 assert_close(logits, expected)
                 token = expected.argmax(-1)
         for layer, expected in zip(caches[1].layers, caches[0].layers):  # the graphs wrote the real cache
@@ -160,3 +161,22 @@ def test_generate_gives_eagers_tokens(model):
     assert torch.equal(out, expected)
     stats = backend.cudagraph_stats
     assert stats.replays > 0 and not stats.failures
+
+
+def test_generate_survives_batch_size_and_backend_changes():
+    """HF generate through the backend at batch 1, under `mode="reduce-overhead"`, then through the backend at
+    batch 16 and 3, in one process with fresh static caches and a Dynamo reset between: every capture succeeds and
+    the tokens are eager's. (The graphs of the first run die with the reset while memory of their pool lives on;
+    capturing into that pool again failed an allocator assert.)"""
+    model = gemma4_fx.build_model("tiny-26b-a4b", dtype=torch.float32, device="cuda")
+    backend = gemma4_fx.Gemma4Backend()
+    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    for batch, config in [(1, CompileConfig(backend=backend)), (1, CompileConfig()),
+                          (16, CompileConfig(backend=backend)), (3, CompileConfig(backend=backend))]:
+        torch._dynamo.reset()
+        model.__dict__.pop("_compiled_call", None)
+        ids = token_ids(model, batch, 12, seed=batch)
+        expected = model.generate(ids, disable_compile=True, **kwargs)
+        assert torch.equal(model.generate(ids, compile_config=config, **kwargs), expected), (batch, config.backend)
+    stats = backend.cudagraph_stats
+    assert stats.captures > 0 and stats.replays > 0 and not stats.failures, str(stats)

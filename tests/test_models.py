@@ -65,6 +65,19 @@ def test_router_rewritten_in_every_moe_layer(moe):
     assert not moe.report.fallbacks
 
 
+def locations(report, pattern):
+    return sorted((match.location for match in report.matches if match.pattern == pattern),
+                  key=lambda path: [int(part) if part.isdigit() else part for part in path.split(".")])
+
+
+def test_report_locations_are_module_paths(moe):
+    """Users read where each rewrite happened as module paths on every supported transformers (newer ones wrap
+    `forward`, and Dynamo then names the model `L['args'][0]`, not `L['self']`)."""
+    layers = [f"model.layers.{i}" for i in range(moe.model.config.num_hidden_layers)]
+    assert locations(moe.report, "router") == [f"{layer}.router" for layer in layers]
+    assert locations(moe.report, "post_attn_norm") == layers
+
+
 def test_moe_logits_match_eager(moe):
     assert_close_to_eager(moe.logits, moe.expected)
 
@@ -85,6 +98,9 @@ def test_dense_gemma4_has_no_router_match(preset):
     assert backend.report.counts["router"] == 0
     assert not backend.report.skipped and not backend.report.fallbacks
     assert_close_to_eager(logits, expected)
+    layers = [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    assert locations(backend.report, "post_attn_norm") == layers
+    assert locations(backend.report, "ple_tail") == (layers if model.config.hidden_size_per_layer_input else [])
 
 
 @pytest.mark.parametrize("preset", ["e2b", "e4b", "tiny-e2b"])

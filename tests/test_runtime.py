@@ -15,6 +15,7 @@ from transformers import StaticCache
 import gemma4_fx
 import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
+from gemma4_fx.presets import cache_kwargs
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphRunner, mutated_inputs, shape_inputs
 from gemma4_fx.runtime.split import bake_float_inputs, is_decode_shaped, split_graph
 
@@ -93,8 +94,8 @@ def decode_graph(model, cache_len=16, tokens=1):
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    return dynamo_graph(model, ids[:, :tokens], past_key_values=cache, use_cache=True,
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+    return dynamo_graph(model, ids[:, :tokens], **cache_kwargs(model, cache), use_cache=True,
                         cache_position=torch.arange(5, 5 + tokens), dynamic=False)[0]
 
 
@@ -137,13 +138,13 @@ def fake_capture(fn, args, runtime):
     return replay, outputs
 
 
-def runner_backend(runtime, *, split_attention=True, extra_ops=()):
+def runner_backend(runtime, *, split_attention=True, extra_ops=(), report=None):
     """A backend that runs the split graph's pieces uncompiled under the runtime, capturing even on CPU."""
 
     def backend(gm, example_inputs):
         split = split_graph(gm, split_attention=split_attention, extra_ops=extra_ops)
         return GraphRunner(split, [piece.module for piece in split.captured], shape_inputs(gm), runtime,
-                           capture=True)
+                           capture=True, report=report)
 
     return backend
 
@@ -213,12 +214,13 @@ def test_decode_steps_replay_and_write_the_static_cache(monkeypatch, models, spl
     caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
         token = ids[:, -1:]
         for position in range(5, 13):  # the sliding layers fill up at 6: their fill level moves every step
             kwargs = dict(use_cache=True, cache_position=torch.tensor([position]))
-            expected = model(token, past_key_values=caches[0], **kwargs).logits
-            torch.testing.assert_close(compiled(token, past_key_values=caches[1], **kwargs).logits, expected, **FP32)
+            expected = model(token, **cache_kwargs(model, caches[0]), **kwargs).logits
+            logits = compiled(token, **cache_kwargs(model, caches[1]), **kwargs).logits
+            torch.testing.assert_close(logits, expected, **FP32)
             token = expected.argmax(-1)
     for layer, expected in zip(caches[1].layers, caches[0].layers):
         torch.testing.assert_close(layer.keys, expected.keys, **FP32)
@@ -301,15 +303,61 @@ def test_failed_capture_warns_and_runs_without_graphs(monkeypatch, models):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cudagraphs, "_capture", failing)
-    model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=8)
-    compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
+    model, runtime, report = models["sdpa"], CUDAGraphRuntime(max_shapes=8), gemma4_fx.Report()
+    compiled = torch.compile(model, backend=runner_backend(runtime, report=report), dynamic=True)
     ids = torch.randint(3, model.config.vocab_size, (1, 5))
     with torch.no_grad(), pytest.warns(UserWarning, match="capture failed"):
         for _ in range(3):
             torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                        **FP32)
     assert len(runtime.stats.failures) == model.config.num_hidden_layers + 1  # each piece gave up once
+    assert report.uncaptured == runtime.stats.failures and "not permitted" in str(report)
     assert runtime.stats.graphs == 0
+
+
+class _Graph:
+    """Stands for a torch.cuda.CUDAGraph: an object the runtime holds weakly."""
+
+
+def test_a_pool_whose_graphs_are_all_gone_is_not_captured_into(monkeypatch):
+    """The allocator refuses a capture into a pool none of whose graphs is alive (its use count is 0) while memory
+    in it lives: after the graphs die (a Dynamo reset drops the compiled graphs that held them), a fresh pool."""
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
+    runtime = CUDAGraphRuntime(max_shapes=8)
+    first, second = _Graph(), _Graph()
+    with runtime.capturing(first) as pool:
+        pass
+    with runtime.capturing(second) as shared:
+        assert shared == pool  # a graph of the pool is alive: share it
+    first.cycle, second.cycle = first, second  # die only when the garbage collector runs
+    alive = weakref.ref(second)
+    del first, second
+    with runtime.capturing(_Graph()) as again:
+        gc.collect()  # as torch.cuda.graph may when the capture begins
+        assert again == pool and alive() is not None  # held through the capture
+    gc.collect()
+    assert alive() is None
+    with runtime.capturing(_Graph()) as fresh:
+        pass
+    # the graph captured into `again` died at once (nothing held it): none is alive
+    assert fresh not in (pool, None)
+
+
+def test_piece_whose_int_input_a_guard_equated_with_another_size():
+    """`n == x.size(0)` makes the shape environment replace n's symbol by x's; Inductor then writes the piece that
+    reads only n in x's symbol, which nothing in that piece binds (a NameError at its first call, seen first with
+    the FX graph cache in piecewise decode). Pieces get their int inputs as the symbol the environment uses."""
+
+    def f(n: int, x):
+        return torch.arange(n) + torch.sin(x)  # the piece before sin reads n alone
+
+    backend = Gemma4Backend(cudagraphs="piecewise", splitting_ops=(torch.sin,))
+    compiled = torch.compile(f, backend=backend, dynamic=True)
+    for n in (5, 6, 9):
+        x = torch.randn(n)
+        torch.testing.assert_close(compiled(n, x), f(n, x))
+    assert not backend.report.fallbacks
 
 
 def test_piecewise_backend_compiles_each_piece_with_the_passes():

@@ -27,7 +27,9 @@ interleave within a call, and nothing the caller holds lives in the pool.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from ..passes.row_local import writes_in_place
-from ..report import describe_error, record_fallback
+from ..report import Report, describe_error, record_fallback
 from .split import SplitGraph, _method_name, host_value_symbols
 
 
@@ -93,7 +95,7 @@ def _capture(fn, args: list, runtime: CUDAGraphRuntime):
     """Record `fn(*args)` into a CUDA graph in the runtime's pool; returns (replay, the outputs the graph writes).
     Capturing runs nothing: the caller replays once for the values."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=runtime.pool()):
+    with runtime.capturing(graph) as pool, torch.cuda.graph(graph, pool=pool):
         outputs = fn(*args)
     return graph.replay, outputs
 
@@ -241,6 +243,8 @@ class CapturedPiece:
             self.runner.runtime.drop_pool()
             message = f"{self.name}: CUDA graph capture failed ({describe_error(error)}); it runs without graphs"
             record_fallback(stats.failures, message)
+            if self.runner.report is not None:
+                self.runner.report.uncaptured.append(message)
             return None
         stats.graphs += 1
         stats.captures += 1
@@ -258,11 +262,12 @@ class GraphRunner:
         shape_inputs: (position, is_tensor) of the inputs whose values (ints) or shapes (tensors) tell shapes apart.
         runtime: the backend's `CUDAGraphRuntime` (pool, stats, cap).
         capture: False runs the pieces without graphs (CPU, or graphs switched off).
+        report: the compiled graph's report, which names the pieces whose capture failed.
     """
 
     def __init__(self, split: SplitGraph, compiled: list, shape_inputs: list[tuple[int, bool]],
-                 runtime: CUDAGraphRuntime, *, capture: bool):
-        self.module, self.capture = split.module, capture
+                 runtime: CUDAGraphRuntime, *, capture: bool, report: Report | None = None):
+        self.module, self.capture, self.report = split.module, capture, report
         self.shape_inputs, self.runtime = shape_inputs, runtime
         self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()
         self.active: _Shape | None = None
@@ -319,13 +324,19 @@ class CUDAGraphRuntime:
         self.max_shapes = max_shapes
         self.stats = CUDAGraphStats()
         self._pool = None
+        self._graphs = weakref.WeakSet()  # the graphs captured into `_pool` that are still alive
 
-    def pool(self):
-        """The pool to capture into. A fresh one once no graph is alive: the allocator keeps a pool whose graphs
-        were all dropped (restart, eviction) as long as memory in it lives, and refuses captures into it."""
-        if self._pool is None or self.stats.graphs == 0:
+    @contextlib.contextmanager
+    def capturing(self, graph):
+        """The pool to capture `graph` into. The allocator refuses a capture into a pool whose graphs are all gone
+        while memory in it lives (an internal assert on the pool's use count): once none is alive (dropped,
+        evicted, or collected with its compiled graph after `torch._dynamo.reset()`), a fresh pool. The live
+        graphs are held through the capture, so a garbage collection as it begins cannot free the last of them."""
+        alive = list(self._graphs)
+        if not alive or self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        return self._pool
+        yield self._pool
+        self._graphs.add(graph)
 
     def drop_pool(self) -> None:
         """Capture into a fresh pool from now on: a capture that failed may leave its pool marked as recording, and

@@ -315,8 +315,21 @@ class _PieceCompiler(torch.fx.Interpreter):
         if target in self.captured:
             piece = self.captured[target]
             piece.contiguous = frozenset(index for index, arg in enumerate(args) if _known_contiguous(arg))
-            self.compiled[target] = self.compile_piece(piece, list(args))
+            self.compiled[target] = self.compile_piece(piece, [_canonical(arg) for arg in args])
         return outputs
+
+
+def _canonical(value):
+    """An int input as the symbol the shape environment now knows it by. A guard may have equated its symbol with
+    another (`n == x.size(0)`); Inductor then writes the piece's code in the other symbol, which only the whole
+    graph's inputs bind, and the piece fails with a NameError on it. Handed the other symbol, the piece binds it."""
+    if not isinstance(value, torch.SymInt):
+        return value
+    node = value.node
+    expr = node.expr  # `_expr` is the symbol it was made with; `expr` applies the replacements guards made
+    if expr == node._expr or not expr.is_Symbol:
+        return value
+    return node.shape_env.create_symintnode(expr, hint=node.hint)
 
 
 def _known_contiguous(value) -> bool:
