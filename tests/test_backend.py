@@ -55,6 +55,7 @@ def router_skips(report):
     return [skip for skip in report.skipped if skip.pattern == "router"]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_router_rewrite_matches_eager(dtype):
     module, backend = TopK(moe_router(dtype)), Gemma4Backend()

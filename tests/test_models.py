@@ -59,6 +59,7 @@ def moe(request):
     return SimpleNamespace(model=model, report=backend.report, logits=logits, expected=expected)
 
 
+@pytest.mark.compat
 def test_router_rewritten_in_every_moe_layer(moe):
     assert moe.report.counts["router"] == len(routers(moe.model)) > 0
     assert {match.location for match in moe.report.matches if match.pattern == "router"} == routers(moe.model)
@@ -70,6 +71,7 @@ def locations(report, pattern):
                   key=lambda path: [int(part) if part.isdigit() else part for part in path.split(".")])
 
 
+@pytest.mark.compat
 def test_report_locations_are_module_paths(moe):
     """Users read where each rewrite happened as module paths on every supported transformers (newer ones wrap
     `forward`, and Dynamo then names the model `L['args'][0]`, not `L['self']`)."""
@@ -78,6 +80,7 @@ def test_report_locations_are_module_paths(moe):
     assert locations(moe.report, "post_attn_norm") == layers
 
 
+@pytest.mark.compat
 def test_moe_logits_match_eager(moe):
     assert_close_to_eager(moe.logits, moe.expected)
 
@@ -91,6 +94,7 @@ def test_verify_mode_checks_every_graph(moe):
 DENSE = {"tiny-e2b": {}, "tiny-e4b": {}, "tiny-31b": {"num_hidden_layers": 2}}  # KV sharing needs the E models' depth
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("preset", DENSE)
 def test_dense_gemma4_has_no_router_match(preset):
     model, backend = build_model(preset, **DENSE[preset]), Gemma4Backend()
@@ -192,6 +196,7 @@ def test_passes_as_inductor_custom_pass():
     assert_close_to_eager(logits, expected)
 
 
+@pytest.mark.compat
 def test_generate_matches_eager():
     model, backend = build_model(MOE, num_hidden_layers=2), Gemma4Backend()
     compile_config = transformers.CompileConfig(backend=backend)

@@ -205,6 +205,7 @@ def test_least_recently_used_shape_is_evicted(monkeypatch, models):
     assert runtime.stats.graphs == pieces  # 8's; 6 came back after its eviction and ran its warm-up again
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("split_attention", [True, False], ids=["piecewise", "full"])
 def test_decode_steps_replay_and_write_the_static_cache(monkeypatch, models, split_attention):
     monkeypatch.setattr(cudagraphs, "_capture", fake_capture)

@@ -106,6 +106,7 @@ def test_kept_rows_match_the_whole_computation(name, dtype):
     assert reasons == ({"already sliced by the model"} if already_sliced else set()), backend.report
 
 
+@pytest.mark.compat
 def test_generate_matches_eager():
     model, backend = build_model("tiny-e2b"), YocoOnly()
     input_ids = random_ids(model, (1, 9), seed=3)
@@ -204,6 +205,7 @@ def test_rows_needed_whole_leave_the_graph_alone(mode, reason):
     assert [skip.reason for skip in backend.report.skipped] == [reason]
 
 
+@pytest.mark.compat
 def test_model_without_kv_sharing_loses_only_the_last_layers_tail():
     """No KV-shared layers: only the last layer's queries, output projection and MLP run on the kept rows."""
     torch.manual_seed(0)
