@@ -33,8 +33,10 @@ class Gemma4Backend:
     as its post-grad custom pass.
 
     Args:
-        patterns: rewrites to run (default: all; see `gemma4_fx.GRAPH_PASSES`, run on Dynamo's graph, and
-            `gemma4_fx.PATTERNS`, run on Inductor's post-grad graph).
+        patterns: names of the rewrites to run (default: all). They are of two kinds, named in one list:
+            `gemma4_fx.GRAPH_PASSES` (YOCO) rewrite Dynamo's graph before it is split or lowered;
+            `gemma4_fx.PATTERNS` match Inductor's post-grad graph (through `Gemma4Passes`). Each kind runs in its
+            registry's order, whatever the order of the names.
         verify: on the first call of each compiled graph, also run it eagerly and compare every output
             (`report.verify`); differences beyond `verify_tolerance` warn or raise (`verify_action`).
         verify_action: "warn" or "raise".
@@ -42,10 +44,10 @@ class Gemma4Backend:
         dump_dir: write each graph's Dynamo code and its post-grad code before/after the passes there.
         router_exact: see `Gemma4Passes`.
         emulate_precision_casts: Inductor's own kernels round bf16/fp16 intermediates where eager does, so the
-            parts we do not rewrite track eager (Inductor's default keeps them in fp32: 3.8% of bf16 tokens pick
-            other experts at 26B-A4B widths when Inductor computes the router). On by default: compiled results
-            should be eager's. It costs speed where it splits Inductor's fusions: E2B prefill at 2k-8k tokens ran
-            20-28% slower with it on an H100 (BENCHMARKS.md); pass False for Inductor's numerics and speed.
+            parts we do not rewrite track eager (Inductor's default keeps them in fp32, and bf16 tokens then pick
+            other experts when Inductor computes the router). On by default: compiled results should be eager's.
+            It costs speed where it splits Inductor's fusions (E2B prefill in BENCHMARKS.md); pass False for
+            Inductor's numerics and speed.
         fx_graph_cache: Inductor's FX graph cache skips the passes on a hit, so the report would miss those graphs;
             it is off unless you ask for it.
         cudagraphs: how compiled graphs run from CUDA graphs (`gemma4_fx.runtime.cudagraphs`): "piecewise" cuts
@@ -180,11 +182,8 @@ class Gemma4Backend:
         compiled = compile_pieces(split, gm, example_inputs, compile_piece)
         if floats:  # Inductor found the float inputs unread and had Dynamo trace again with them as guarded constants
             raise RuntimeError(f"{len(floats)} float inputs were baked in but Dynamo did not specialise them")
-        merged = Report.merged(piece_reports)
         report.graphs.append(graph_name)
-        report.matches += merged.matches
-        report.skipped += merged.skipped
-        report.fallbacks += merged.fallbacks
+        report.absorb(Report.merged(piece_reports), graphs=False)
         capture = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
         log.info("%s: %s CUDA graphs, %d pieces (%d captured)", graph_name, mode, len(split.pieces),
                  len(split.captured))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -84,17 +84,18 @@ class Report:
         self.matches[:] = [m for m in self.matches if patterns is not None and m.pattern not in patterns]
         self.skipped[:] = [s for s in self.skipped if patterns is not None and s.pattern not in patterns]
 
+    def absorb(self, other: Report, *, graphs: bool = True) -> None:
+        """Add `other`'s findings to this report; `graphs=False` when other's graphs are pieces of one of ours."""
+        self.patterns = tuple(dict.fromkeys(self.patterns + other.patterns))
+        for f in fields(self):
+            if f.name != "patterns" and (graphs or f.name != "graphs"):
+                getattr(self, f.name).extend(getattr(other, f.name))
+
     @classmethod
     def merged(cls, reports) -> Report:
         total = cls()
         for report in reports:
-            total.patterns = tuple(dict.fromkeys(total.patterns + report.patterns))
-            total.graphs += report.graphs
-            total.matches += report.matches
-            total.skipped += report.skipped
-            total.fallbacks += report.fallbacks
-            total.uncaptured += report.uncaptured
-            total.verify += report.verify
+            total.absorb(report)
         return total
 
     def __str__(self) -> str:

@@ -11,21 +11,10 @@ import gemma4_fx.patterns.router
 import gemma4_fx.replacements.router
 from gemma4_fx import Gemma4Backend, Gemma4Passes
 from gemma4_fx.runtime.verify import VerificationError
+from helpers import TopK
 
 MOE = "tiny-26b-a4b"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-class TopK(torch.nn.Module):
-    """A Gemma-4 router used as the MoE block uses it: the probabilities are dropped, (weights, ids) go on."""
-
-    def __init__(self, router):
-        super().__init__()
-        self.router = router
-
-    def forward(self, hidden_states):
-        _, weights, ids = self.router(hidden_states)
-        return weights, ids
 
 
 def moe_router(dtype=torch.float32):

@@ -6,7 +6,7 @@ from transformers import CompileConfig, Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
 
 import gemma4_fx
-from test_backend import TopK
+from helpers import TopK
 
 pytestmark = pytest.mark.gpu
 

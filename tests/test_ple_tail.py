@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import gemma4_fx
-from gemma4_fx.patterns.norm_chain import rms_norm
+from gemma4_fx.replacements.rows import rms_norm
 from gemma4_fx.replacements import ple_tail as P
-from test_router_kernels import DEVICES, DTYPES, _generator, _interpreter_rounds_bf16_to_nearest_even  # noqa: F401
+from helpers import DEVICES, DTYPES, seeded
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -14,7 +14,7 @@ from test_router_kernels import DEVICES, DTYPES, _generator, _interpreter_rounds
 @pytest.mark.parametrize("rows,hidden,row_stride", [(1, 88, 88), (5, 104, 104), (3, 1536, 1600), (2, 2560, 2560)])
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_norm_add_kernel(device, dtype, rows, hidden, row_stride, with_scale):
-    g = _generator("norm_add", rows, hidden, dtype, with_scale)
+    g = seeded("norm_add", rows, hidden, dtype, with_scale)
     x = (torch.randn(rows, row_stride, generator=g) * 3).to(dtype).to(device)[:, :hidden]
     residual = torch.randn(rows, hidden, generator=g).to(dtype).to(device)
     weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(device)
@@ -38,7 +38,7 @@ def test_norm_add_kernel(device, dtype, rows, hidden, row_stride, with_scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 12), (7, 256), (33, 100)])
 def test_gate_kernel(device, dtype, rows, cols):
-    g = _generator("gate", rows, cols, dtype)
+    g = seeded("gate", rows, cols, dtype)
     gate = (torch.randn(rows, cols, generator=g) * 3).to(dtype).to(device)
     pli = torch.randn(rows, 2 * cols, generator=g).to(dtype).to(device)[:, :cols]
     out = torch.full((rows, cols), float("nan"), dtype=dtype, device=device)

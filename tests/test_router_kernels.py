@@ -1,62 +1,16 @@
 """The fused router ops against eager: Triton kernels (interpreter on CPU, compiled on CUDA), custom ops, fakes."""
 
-import zlib
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 from gemma4_fx.replacements import router as R
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-INTERPRET = triton.knobs.runtime.interpret
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs the interpreter")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_rounds_bf16_to_nearest_even():
-    """The Triton interpreter truncates fp32 -> bf16 casts; the GPU (and PyTorch) round to nearest even."""
-    if not INTERPRET:
-        yield
-        return
-    from triton.runtime import interpreter
-
-    truncating = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.tensor(src.data).to(torch.bfloat16).view(torch.uint16).numpy()
-            return interpreter.TensorHandle(rounded, tl.bfloat16)
-        return truncating(self, src, dst_type)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-        yield
-
-
-def _generator(*key) -> torch.Generator:
-    """A generator seeded by the test's parameters: fresh inputs per case, the same on every run."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in units in the last place of their (common) dtype; +0 and -0 are 0 apart."""
-    int_dtype = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    mask = torch.iinfo(int_dtype).max
-
-    def ordered(t):
-        bits = t.contiguous().view(int_dtype).long()
-        return torch.where(bits < 0, -(bits & mask), bits)
-
-    return (ordered(a) - ordered(b)).abs()
+from helpers import DEVICES, DTYPES, seeded, ulps
 
 
 def _router_input_args(rows, hidden, dtype, device, *key):
-    g = _generator("input", rows, hidden, dtype, *key)
+    g = seeded("input", rows, hidden, dtype, *key)
     row_scale = torch.logspace(-4, 4, rows, dtype=torch.float64)[torch.randperm(rows, generator=g)]
     x = (torch.randn(rows, hidden, generator=g, dtype=torch.float64) * row_scale[:, None]).to(dtype)
     scale = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
@@ -92,10 +46,10 @@ def _assert_close_to_eager(out, eager, min_bitwise):
     if out.dtype == torch.float32:
         torch.testing.assert_close(out, eager, rtol=2e-6, atol=0)
         return
-    ulps = _ulps(out, eager)
-    bitwise = (ulps == 0).double().mean().item()
-    print(f"router_input {out.dtype}: {bitwise:.6%} bitwise equal to eager, max {ulps.max()} ulp")
-    assert ulps.max() <= 3 and bitwise >= min_bitwise
+    apart = ulps(out, eager)
+    bitwise = (apart == 0).double().mean().item()
+    print(f"router_input {out.dtype}: {bitwise:.6%} bitwise equal to eager, max {apart.max()} ulp")
+    assert apart.max() <= 3 and bitwise >= min_bitwise
 
 
 def _softmax_topk_tie_order(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,7 +78,7 @@ def _softmax_topk_tie_order(probs: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _logits(rows, experts, dtype, device, ties, *key):
-    g = _generator("logits", rows, experts, dtype, ties, *key)
+    g = seeded("logits", rows, experts, dtype, ties, *key)
     if ties:  # few distinct values: ties inside the top-k and across the k-th place
         logits = torch.randint(0, 6, (rows, experts), generator=g) / 4.0
     else:
@@ -168,7 +122,7 @@ def _check_select(logits, per_expert_scale, k, weights, ids):
 @pytest.mark.parametrize("ties", [False, True])
 def test_router_select_kernel(device, dtype, rows, experts, k, ties):
     logits = _logits(rows, experts, dtype, device, ties)
-    g = _generator("per_expert_scale", experts, dtype)
+    g = seeded("per_expert_scale", experts, dtype)
     per_expert_scale = (1 + 0.1 * torch.randn(experts, generator=g)).to(dtype).to(device)
     out = (torch.full((rows, k), float("nan"), device=device), torch.full((rows, k), -1, device=device))
     weights, ids = R.router_select_triton(logits, per_expert_scale, k, out=out)

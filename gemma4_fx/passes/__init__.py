@@ -1,3 +1,3 @@
-"""Graph passes: the pipeline that runs the pattern rewrites on Inductor's post-grad graph (`pipeline`), the
-context a pattern records into while it runs (`context`), and YOCO on Dynamo's graph (`yoco`, with its op
-classification in `row_local`)."""
+"""Passes: what runs over whole graphs. `pipeline` runs the patterns on Inductor's post-grad graph (`context` is
+what a pattern records into while it runs); `yoco` rewrites Dynamo's graph, with its op classification in
+`row_local`. A new rewrite of a subgraph is a pattern (`gemma4_fx.patterns`), not a pass."""

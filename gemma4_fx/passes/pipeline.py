@@ -36,7 +36,8 @@ class Gemma4Passes(CustomGraphPass):
     """Runs the enabled Gemma-4 patterns on a post-grad FX graph and records what they did.
 
     Args:
-        patterns: names of the rewrites to run (default: all that exist; see `gemma4_fx.PATTERNS`).
+        patterns: names of the rewrites to run (default: all that exist; see `gemma4_fx.PATTERNS`). They run in
+            `PATTERNS`' order, whatever the order of the names.
         router_exact: compute the router's norm·scale prologue with eager's own kernels (bitwise-identical router
             input and expert ids on CUDA, a few more launches) instead of the fused Triton kernel (within one ulp).
         dump_dir: if set, each graph's post-grad code before and after the passes is written there as
@@ -50,7 +51,7 @@ class Gemma4Passes(CustomGraphPass):
             raise ValueError(f"patterns: expected a sequence of names from {sorted(PATTERNS)}, got {patterns!r}")
         if not isinstance(router_exact, bool):
             raise TypeError(f"router_exact: expected a bool, got {router_exact!r}")
-        self.patterns = names
+        self.patterns = tuple(name for name in PATTERNS if name in names)  # PATTERNS' order: see why there
         self.options = {"router_exact": router_exact}
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.reports: list[Report] = []

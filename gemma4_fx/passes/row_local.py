@@ -12,10 +12,9 @@ FakeTensors that Dynamo stores in `node.meta["example_value"]`, so sizes may be 
 
 from __future__ import annotations
 
-import operator
-
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..fx_utils import MATMULS, op_name, same, value
 
 # Keys name an argument of a node: ("attn_mask",) a keyword, (1,) a positional one, (0, 2) the third tensor of a
 # list passed first (torch.cat).
@@ -26,7 +25,7 @@ _ELEMENTWISE = {
     "div_", "dropout", "eq", "erf", "exp", "float", "floordiv", "ge", "gelu", "gt", "half", "iadd", "imul", "invert",
     "isub", "itruediv", "le", "log", "logical_and", "logical_not", "logical_or", "lt", "masked_fill", "masked_fill_",
     "maximum", "minimum", "mul", "mul_", "ne", "neg", "or_", "pow", "reciprocal", "relu", "rsqrt", "sigmoid", "silu",
-    "sin", "softplus", "sqrt", "square", "sub", "sub_", "tanh", "to", "truediv", "type_as", "where",
+    "sin", "softplus", "sqrt", "square", "sub", "sub_", "tanh", "truediv", "where",
 }
 # Dtype-only operands: `x.type_as(other)`, `x.to(other)` read only other's dtype and device.
 _DTYPE_SOURCE = {"type_as", "to"}
@@ -34,44 +33,22 @@ _REDUCTIONS = {"amax", "amin", "any", "all", "argmax", "argmin", "logsumexp", "m
 _ALONG_DIM = {"argsort", "cumprod", "cumsum", "log_softmax", "softmax", "sort", "topk"}  # keep the rank
 _SPLITS = {"chunk", "split"}
 _RESHAPES = {"reshape", "view"}
-_MATMULS = {"bmm", "matmul", "mm"}
-# Ops whose output may share storage with their first input (an in-place op on it would write through).
-ALIASING = {"contiguous", "detach", "expand", "float", "getitem", "half", "bfloat16", "permute", "reshape",
-            "squeeze", "to", "transpose", "type_as", "unsqueeze", "view"}
-_OPERATOR_IN_PLACE = {operator.iadd, operator.iand, operator.ifloordiv, operator.imul, operator.ior, operator.isub,
-                      operator.itruediv, operator.setitem}
+
+_RULES: dict[str, object] = {}
 
 
-def op_name(node: torch.fx.Node) -> str:
-    """`add` for `operator.add`, `torch.add` and `Tensor.add` alike."""
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return node.op
+def rows_rule(*names: str):
+    """Register the function that says, for an op named one of `names` (`fx_utils.op_name`), which arguments follow
+    its selected output rows: `rule(node, dim) -> {argument key: dim} | None`. Adding an op is one rule."""
 
+    def register(rule):
+        for name in names:
+            if name in _RULES:
+                raise ValueError(f"rows_rule: {name!r} already has a rule ({_RULES[name].__name__})")
+            _RULES[name] = rule
+        return rule
 
-def writes_in_place(node: torch.fx.Node) -> bool:
-    """The op writes into its first argument (`x.add_`, `x *= y`, `cache.index_copy_`, `x[i] = y`, an op whose
-    schema mutates)."""
-    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
-        return node.target in _OPERATOR_IN_PLACE
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None and schema.is_mutable:
-        return True
-    name = op_name(node)
-    return node.op in ("call_function", "call_method") and name.endswith("_") and not name.endswith("__")
-
-
-def value(arg):
-    """The FakeTensor (or SymInt, tuple...) a node stands for (Dynamo's `example_value`, else the `val` that
-    make_fx and AOT graphs carry); a plain Python value stands for itself."""
-    return arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, torch.fx.Node) else arg
-
-
-def same(a, b) -> bool:
-    """a == b provably, for ints and SymInts (no guard is added)."""
-    return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+    return register
 
 
 def argument(node: torch.fx.Node, key: ArgKey):
@@ -156,6 +133,7 @@ def _keepdim(node: torch.fx.Node) -> bool:
     return bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
 
 
+@rows_rule(*_REDUCTIONS, *_ALONG_DIM)
 def _reduction_rows(node, dim: int):
     name, rank = op_name(node), value(node.args[0]).dim()
     if name in _ALONG_DIM:
@@ -190,6 +168,7 @@ def size_argument(node: torch.fx.Node, dim: int) -> ArgKey | None:
     return (key[0], dim) if key is not None else (1 + dim,)
 
 
+@rows_rule(*_RESHAPES)
 def _reshape_rows(node, dim: int):
     """A reshape keeps the row dim when that dim exists, whole, in the input at the same element offset."""
     source, out = value(node.args[0]).shape, value(node).shape
@@ -204,6 +183,7 @@ def _reshape_rows(node, dim: int):
     return None
 
 
+@rows_rule("getitem")
 def _getitem_rows(node, dim: int):
     source, index = node.args
     if isinstance(value(source), (tuple, list)):  # one result of a multi-output op (topk, chunk)
@@ -231,6 +211,7 @@ def _getitem_rows(node, dim: int):
     return {(0,): source_dim + dim - out_dim} if dim >= out_dim else None
 
 
+@rows_rule("scaled_dot_product_attention")
 def _attention_rows(node, dim: int):
     """scaled_dot_product_attention: query rows are independent given whole keys and values; the mask's query
     dim follows the query. (`is_causal` ties query i to key i: the caller turns it into a mask of the kept rows.)"""
@@ -249,6 +230,7 @@ def _attention_rows(node, dim: int):
     return rows
 
 
+@rows_rule(*MATMULS)
 def _matmul_rows(node, dim: int):
     a, b = node.args[:2]
     rank = value(node).dim()
@@ -263,62 +245,90 @@ def _matmul_rows(node, dim: int):
 
 def arg_rows(node: torch.fx.Node, dim: int) -> dict[ArgKey, int] | None:
     """For output rows selected along `dim`: {argument key: dim of that argument to select along}; arguments not
-    named are used whole. None if rows of this op interact (or the op is unknown)."""
+    named are used whole. None if rows of this op interact (or no rule knows the op)."""
     if node.op not in ("call_function", "call_method") or not isinstance(value(node), (torch.Tensor, tuple, list)):
         return None
-    name = op_name(node)
     if isinstance(value(node), torch.Tensor) and value(node).dim() <= dim:
         return None
-    if name in _DTYPE_SOURCE:
-        rows = _broadcast_rows(node, [((0,), node.args[0])], dim)
-        for key, arg in _tensor_args(node):
-            if key != (0,) and rows is not None and _broadcast_rows(node, [(key, arg)], dim) == {key: dim}:
-                rows[key] = dim  # same shape: select it too, so the whole-size tensor is not kept alive for a dtype
-        return rows
-    if name in _ELEMENTWISE:
-        return _broadcast_rows(node, _tensor_args(node), dim)
-    if name in _REDUCTIONS | _ALONG_DIM:
-        return _reduction_rows(node, dim)
-    if name in ("layer_norm", "rms_norm"):  # normalise over the trailing `normalized_shape` dims
-        return {(0,): dim} if dim < value(node).dim() - len(node.args[1]) else None
-    if name == "linear":
-        return {(0,): dim} if dim < value(node).dim() - 1 else None
-    if name in _MATMULS:
-        return _matmul_rows(node, dim)
-    if name == "embedding":
-        return {(0,): dim} if dim < value(node.args[0]).dim() else None
-    if name == "scaled_dot_product_attention":
-        return _attention_rows(node, dim)
-    if name == "getitem":
-        return _getitem_rows(node, dim)
-    if name in _RESHAPES:
-        return _reshape_rows(node, dim)
-    if name == "expand":
-        source = value(node.args[0])
-        source_dim = dim + source.dim() - value(node).dim()
-        return {(0,): source_dim} if source_dim >= 0 and same(source.shape[source_dim], value(node).shape[dim]) \
-            else None
-    if name == "unsqueeze":
-        at = node.args[1] % value(node).dim()
-        return None if at == dim else {(0,): dim - (at < dim)}
-    if name == "squeeze" and len(node.args) > 1 and isinstance(node.args[1], int):
-        at = node.args[1] % value(node.args[0]).dim()
-        if not same(value(node.args[0]).shape[at], 1):
-            return {(0,): dim}
-        return {(0,): dim + (at <= dim)}
-    if name in ("transpose", "swapaxes"):
-        rank = value(node).dim()
-        a, b = node.args[1] % rank, node.args[2] % rank
-        return {(0,): {a: b, b: a}.get(dim, dim)}
-    if name == "permute":
-        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        return {(0,): order[dim] % value(node).dim()}
-    if name == "cat":
-        cat_dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % value(node).dim()
-        if cat_dim == dim:
-            return None
-        return {key: dim for key, _ in _tensor_args(node) if key[0] == 0}
-    if name in _SPLITS:
-        split_dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % value(node.args[0]).dim()
-        return {(0,): dim} if split_dim != dim else None
-    return None
+    rule = _RULES.get(op_name(node))
+    return rule(node, dim) if rule is not None else None
+
+
+@rows_rule(*_DTYPE_SOURCE)
+def _dtype_source_rows(node, dim: int):
+    rows = _broadcast_rows(node, [((0,), node.args[0])], dim)
+    for key, arg in _tensor_args(node):
+        if key != (0,) and rows is not None and _broadcast_rows(node, [(key, arg)], dim) == {key: dim}:
+            rows[key] = dim  # same shape: select it too, so the whole-size tensor is not kept alive for a dtype
+    return rows
+
+
+@rows_rule(*_ELEMENTWISE)
+def _elementwise_rows(node, dim: int):
+    return _broadcast_rows(node, _tensor_args(node), dim)
+
+
+@rows_rule("layer_norm", "rms_norm")
+def _norm_rows(node, dim: int):
+    """Normalise over the trailing `normalized_shape` dims."""
+    return {(0,): dim} if dim < value(node).dim() - len(node.args[1]) else None
+
+
+@rows_rule("linear")
+def _linear_rows(node, dim: int):
+    return {(0,): dim} if dim < value(node).dim() - 1 else None
+
+
+@rows_rule("embedding")
+def _embedding_rows(node, dim: int):
+    return {(0,): dim} if dim < value(node.args[0]).dim() else None
+
+
+@rows_rule("expand")
+def _expand_rows(node, dim: int):
+    source = value(node.args[0])
+    source_dim = dim + source.dim() - value(node).dim()
+    return {(0,): source_dim} if source_dim >= 0 and same(source.shape[source_dim], value(node).shape[dim]) else None
+
+
+@rows_rule("unsqueeze")
+def _unsqueeze_rows(node, dim: int):
+    at = node.args[1] % value(node).dim()
+    return None if at == dim else {(0,): dim - (at < dim)}
+
+
+@rows_rule("squeeze")
+def _squeeze_rows(node, dim: int):
+    if len(node.args) < 2 or not isinstance(node.args[1], int):
+        return None
+    at = node.args[1] % value(node.args[0]).dim()
+    if not same(value(node.args[0]).shape[at], 1):
+        return {(0,): dim}
+    return {(0,): dim + (at <= dim)}
+
+
+@rows_rule("transpose", "swapaxes")
+def _transpose_rows(node, dim: int):
+    rank = value(node).dim()
+    a, b = node.args[1] % rank, node.args[2] % rank
+    return {(0,): {a: b, b: a}.get(dim, dim)}
+
+
+@rows_rule("permute")
+def _permute_rows(node, dim: int):
+    order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return {(0,): order[dim] % value(node).dim()}
+
+
+@rows_rule("cat")
+def _cat_rows(node, dim: int):
+    cat_dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % value(node).dim()
+    if cat_dim == dim:
+        return None
+    return {key: dim for key, _ in _tensor_args(node) if key[0] == 0}
+
+
+@rows_rule(*_SPLITS)
+def _split_rows(node, dim: int):
+    split_dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % value(node.args[0]).dim()
+    return {(0,): dim} if split_dim != dim else None

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch._dispatch.python import enable_python_dispatcher
 
+from ..fx_utils import ALIASING, op_name, same, value, writes_in_place
 from ..report import Report, node_location
-from .row_local import (ALIASING, ArgKey, arg_rows, argument, is_causal, node_arguments, op_name,
-                        replace_arguments, same, size_argument, value, writes_in_place)
+from .row_local import ArgKey, arg_rows, argument, is_causal, node_arguments, replace_arguments, size_argument
 
 NAME = "yoco"
 

@@ -1,8 +1,14 @@
-"""The Gemma-4 subgraph rewrites, one module each: the math a pattern matches sits beside the replacement it installs.
+"""Patterns: the Gemma-4 math each rewrite matches in Inductor's post-grad graph, beside the replacement it installs.
 
-Each module has `NAME` (the report's name for it) and `apply(graph, ctx)`.
+One module per rewrite, with `NAME` (its name in reports and in `Gemma4Backend(patterns=...)`) and
+`apply(graph, ctx)`. Kernels and custom ops live in `gemma4_fx.replacements`; the tracing helpers and the table of
+float stand-ins all patterns share live in `matcher_utils`.
 """
 
-from . import norm_chain, ple_tail, router
+from . import ple_tail, post_attn_norm, router
 
-PATTERNS = {module.NAME: module for module in (router, norm_chain, ple_tail)}
+# The order the passes run in, whatever order a user names them in:
+# - router before post_attn_norm: post_attn_norm's widest variant consumes the `router_input` op that the router
+#   rewrite creates, and folds the router's norm into the layer's one pass over the residual;
+# - ple_tail last: it matches the end of a layer, after the MLP, which no other pattern touches.
+PATTERNS = {module.NAME: module for module in (router, post_attn_norm, ple_tail)}

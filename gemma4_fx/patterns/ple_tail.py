@@ -19,8 +19,8 @@ from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_
 
 from ..passes.context import current
 from ..replacements import ple_tail as ple_ops
-from .norm_chain import rms_norm
-from .tracing import trace
+from ..replacements.rows import rms_norm
+from .matcher_utils import stand_ins, trace
 
 NAME = "ple_tail"
 
@@ -42,12 +42,11 @@ def ple_tail_replacement(mlp_out, residual, per_layer_input, ff_weight, gate_wei
     return out.reshape(residual.shape)
 
 
-# On an H100 (BENCHMARKS.md, layer epilogues) the rewrite ties Inductor's own fusion of the tail up to 64 tokens
-# (±1%, the same five launches) and wins from 512 on; below this many static tokens on CUDA it is left to Inductor.
+# Below this many static tokens on CUDA the rewrite only ties Inductor's own fusion of the tail (the same five
+# launches), so it is left to Inductor (BENCHMARKS.md, layer epilogues).
 CUDA_MIN_TOKENS = 512
 
-# Float stand-ins traced as wildcards: distinct from each other and from the other patterns' stand-ins.
-_SCALARS = {"eps_ff": 2.5e-5, "eps_ple": 2.75e-5}
+_SCALARS = stand_ins(NAME)  # traced as wildcards (`matcher_utils.STAND_INS`)
 _TENSORS = ("mlp_out", "residual", "per_layer_input", "ff_weight", "gate_weight", "proj_weight", "ple_weight",
             "layer_scalar")
 

@@ -20,6 +20,8 @@ from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only,
 
 from ..passes.context import PassContext, current
 from ..replacements import router as router_ops
+from ..replacements.rows import rms_norm
+from .matcher_utils import stand_ins
 
 NAME = "router"
 aten = torch.ops.aten
@@ -27,9 +29,7 @@ aten = torch.ops.aten
 
 def _router(x, scale, proj, per_expert_scale, eps, root_size, k, softmax):
     """The router's math; `softmax` is the one step whose aten form depends on where in Inductor the pass runs."""
-    h = x.float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    h = h.type_as(x) * scale * root_size
+    h = rms_norm(x, None, eps) * scale * root_size
     logits = torch.nn.functional.linear(h, proj)
     weights, ids = torch.topk(softmax(logits), k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -65,9 +65,9 @@ def router_replacement(x, scale, proj, per_expert_scale, eps, root_size, k):
     return torch.ops.gemma4_fx.router_select(logits, per_expert_scale, k)
 
 
-# Float scalars are traced with these stand-ins and matched as wildcards; neither collides with the pattern's own
-# literals. k is not a wildcard (older Inductors drop integer stand-ins): patterns are registered per k seen.
-_SCALARS = {"eps": 3.25e-5, "root_size": 0.0471}
+# Float scalars are traced as stand-ins (`matcher_utils.STAND_INS`). k is not a wildcard (older Inductors drop
+# integer stand-ins): patterns are registered per k seen.
+_SCALARS = stand_ins(NAME)
 
 
 def _unsupported(x, scale, proj, per_expert_scale, k) -> str | None:

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, row_output
+from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, rms_norm, row_output
 
 
 def supports(hidden_size: int, ple_size: int, dtype: torch.dtype) -> bool:
@@ -38,9 +38,7 @@ def supports(hidden_size: int, ple_size: int, dtype: torch.dtype) -> bool:
 
 def norm_add_reference(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor | None, eps: float) -> Tensor:
     """The eager ops of `residual + Gemma4RMSNorm(x)`, then `*= layer_scalar` when `scale` is given."""
-    h = x.float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    out = residual + (h * weight.float()).type_as(x)
+    out = residual + rms_norm(x, weight, eps)
     return out if scale is None else out * scale
 
 

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, row_output
+from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, rms_norm, row_output
 
 MAX_EXPERTS = 1024  # CUDA softmax takes its warp-per-row path, whose order we copy, up to 1024 fp32 columns
 MAX_TOP_K = 32  # torch.topk sorts k <= 32 with the 32-wide bitonic network we copy
@@ -44,10 +44,7 @@ def supports(hidden_size: int, num_experts: int, top_k: int, dtype: torch.dtype)
 
 def router_input_reference(x: Tensor, scale: Tensor, eps: float, root_size: float) -> Tensor:
     """The eager ops of `Gemma4RMSNorm(with_scale=False)` followed by `* scale * root_size`."""
-    h = x.float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    h = h.type_as(x)
-    return h * scale * root_size
+    return rms_norm(x, None, eps) * scale * root_size
 
 
 @triton.jit

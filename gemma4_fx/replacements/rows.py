@@ -1,4 +1,5 @@
-"""What the row kernels share: one program per row of a [tokens, hidden] activation, rounding where eager rounds.
+"""What the row kernels share: one program per row of a [tokens, hidden] activation, rounding where eager rounds, and
+the Gemma RMSNorm that their references (and the patterns that match them) are written in.
 
 They reproduce eager's CUDA arithmetic, so they compile the way eager's kernels compute: products that eager
 rounds to fp32 stay out of FMAs (`enable_fp_fusion=False`) and libdevice's rsqrt is the non-flushing
@@ -15,6 +16,15 @@ from torch import Tensor
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 16384  # a whole row lives in one program's registers
 EAGER_ARITHMETIC = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """`Gemma4RMSNorm.forward`: normalise and weigh in fp32, round once to x.dtype (no weight: `with_scale=False`)."""
+    out = x.float()
+    out = out * torch.pow(out.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
 
 
 def mean_factor(rows: int, hidden: int) -> float:

@@ -1,1 +1,2 @@
-"""What runs at call time around a compiled graph (verify mode; CUDA graphs later)."""
+"""Runtime: what runs at call time around compiled graphs: the graph split (`split`), CUDA graphs per input shape
+(`cudagraphs`) and verify mode (`verify`)."""

@@ -20,7 +20,7 @@ tensor the caller holds; outputs that are views of an input are returned as view
 
 All graphs of a backend share one memory pool, and hold what they write there without keeping it allocated: a
 tensor a capture made is freed at its last use in the split graph, and pieces captured after that reuse its memory
-(one 42-layer E4B prefill at three lengths: a 1.0 GiB pool, against 10.5 GiB when each graph kept its outputs).
+(BENCHMARKS.md has the pool of an E4B prefill at three lengths, against each graph keeping its outputs).
 That is safe because graphs of one shape replay in the order they were captured, graphs of different shapes never
 interleave within a call, and nothing the caller holds lives in the pool.
 """
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from ..passes.row_local import writes_in_place
+from ..fx_utils import method_name, writes_in_place
 from ..report import Report, describe_error, record_fallback
-from .split import SplitGraph, _method_name, host_value_symbols
+from .split import SplitGraph, host_value_symbols
 
 
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "select",
@@ -73,7 +73,7 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
         source = node.args[0]
         if source not in base:
             continue
-        name = _method_name(node)
+        name = method_name(node)
         if writes_in_place(node):
             mutated.add(base[source])
         elif name in _VIEW_METHODS or node.target is operator.getitem:
@@ -128,6 +128,18 @@ class PieceGraph:
 
     def __init__(self, fn, args, *, runtime: CUDAGraphRuntime, mutated: set[int], owned: set[int],
                  escaping: frozenset[int]):
+        self._place_inputs(args, mutated, owned)
+        self.replay_graph, outputs = _capture(fn, self.static_args, runtime)
+        self.sequence = type(outputs) if isinstance(outputs, (list, tuple)) else None
+        self.captured_outputs = list(outputs) if self.sequence else [outputs]  # handed over by the first replay
+        self._hold_outputs(escaping)
+        # inputs read where they are need only their address
+        self.static_args = [None if index in self.in_place else arg for index, arg in enumerate(self.static_args)]
+
+    def _place_inputs(self, args, mutated: set[int], owned: set[int]) -> None:
+        """Decide where the graph reads each input: CPU tensors as values read at capture (`host`); written, owned
+        or static tensors where they are (`in_place`, by address); the rest from buffers of the graph's own that
+        each replay fills (`copied`). Parameters stay where they are."""
         self.static_args = list(args)
         self.in_place, self.copied, self.host = {}, [], []
         on_device = any(isinstance(arg, torch.Tensor) and arg.is_cuda for arg in args)
@@ -145,9 +157,10 @@ class PieceGraph:
                 _written(static).copy_(_written(arg))
                 self.static_args[index] = static
                 self.copied.append(index)
-        self.replay_graph, outputs = _capture(fn, self.static_args, runtime)
-        self.sequence = type(outputs) if isinstance(outputs, (list, tuple)) else None
-        self.captured_outputs = list(outputs) if self.sequence else [outputs]  # handed over by the first replay
+
+    def _hold_outputs(self, escaping: frozenset[int]) -> None:
+        """Outputs that are views of an input are rebuilt on the caller's tensor at each replay (`views`); the
+        others are held unowned (`outputs`), and those that reach the caller are cloned after each replay."""
         storages = {arg.untyped_storage().data_ptr(): index for index, arg in enumerate(self.static_args)
                     if isinstance(arg, torch.Tensor)}
         self.views, self.escaping, self.outputs = {}, [], list(self.captured_outputs)
@@ -155,7 +168,7 @@ class PieceGraph:
             if not isinstance(out, torch.Tensor):
                 continue
             source = storages.get(out.untyped_storage().data_ptr())
-            if source is not None:  # a view of an input: rebuilt on the caller's tensor at each replay
+            if source is not None:
                 offset = out.storage_offset() - self.static_args[source].storage_offset()
                 self.views[position], self.outputs[position] = (source, out.shape, out.stride(), offset), None
                 continue
@@ -163,8 +176,6 @@ class PieceGraph:
                 self.escaping.append(position)
             self.outputs[position] = _unowned(out)
         self.owned = {out.data_ptr() for out in self.outputs if isinstance(out, torch.Tensor)}
-        # inputs read where they are need only their address
-        self.static_args = [None if index in self.in_place else arg for index, arg in enumerate(self.static_args)]
 
     def stale(self, args) -> bool:
         """An input used in place (cache, earlier piece's output) is not where the graph reads it, or a CPU input

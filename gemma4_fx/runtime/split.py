@@ -19,11 +19,11 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols, statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from ..passes.row_local import value as example_value, writes_in_place
+from ..fx_utils import MATMULS, is_op, method_name, on_host, op_name, qualified_name, value as example_value, \
+    writes_in_place
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
-_MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.ops.aten._softmax.default,
               torch.ops.aten.softmax.int}
 # Between the scores matmul and the softmax (scale, softcap, mask) and between the softmax and the value matmul
@@ -56,32 +56,12 @@ class SplitGraph:
         return [piece for piece in self.pieces if piece.captured]
 
 
-def _method_name(node: torch.fx.Node) -> str | None:
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function" and getattr(node.target, "__objclass__", None) is torch.Tensor:
-        return node.target.__name__
-    return None
-
-
-def _is_op(node: torch.fx.Node, targets) -> bool:
-    if node.op == "call_function":
-        return node.target in targets
-    return node.op == "call_method" and getattr(torch.Tensor, node.target, None) in targets
-
-
-def _qualified_name(target) -> str:
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return target.name() if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
-    return ""
-
-
 def is_attention(node: torch.fx.Node, extra_ops=()) -> bool:
     """SDPA, flex attention, flash-attention style library ops, or one of `extra_ops` (targets or "ns::name")."""
     if node.op != "call_function":
         return False
     target = node.target
-    name = _qualified_name(target)
+    name = qualified_name(target)
     if target in _ATTENTION_FUNCTIONS or target is torch.ops.higher_order.flex_attention:
         return True
     if target in extra_ops or (name and (name in extra_ops or name.split(".")[0] in extra_ops)):
@@ -93,8 +73,8 @@ def is_attention(node: torch.fx.Node, extra_ops=()) -> bool:
 def eager_attention_span(softmax: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     """(scores matmul, value matmul) around `softmax` if it is HF's eager attention, else None."""
     scores = softmax.args[0]
-    while isinstance(scores, torch.fx.Node) and not _is_op(scores, _MATMULS):
-        if not _is_op(scores, _SCORE_STEPS) or not scores.args:
+    while isinstance(scores, torch.fx.Node) and not op_name(scores) in MATMULS:
+        if not is_op(scores, _SCORE_STEPS) or not scores.args:
             return None
         scores = scores.args[0]
     if not isinstance(scores, torch.fx.Node):
@@ -102,9 +82,9 @@ def eager_attention_span(softmax: torch.fx.Node) -> tuple[torch.fx.Node, torch.f
     weights = softmax
     while len(weights.users) == 1:
         [user] = weights.users
-        if _is_op(user, _MATMULS) and user.args[0] is weights:
+        if op_name(user) in MATMULS and user.args[0] is weights:
             return scores, user
-        if not _is_op(user, _SCORE_STEPS):
+        if not is_op(user, _SCORE_STEPS):
             return None
         weights = user
     return None
@@ -131,8 +111,8 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_wo
     Reads of CPU tensors on the host (`.item()`) stay: a graph keeps what it read, and the runtime captures again
     if the value changes."""
     inputs = [example_value(arg) for arg in node.all_input_nodes]
-    on_device = not all(_on_host(v) for v in inputs)
-    if on_device and (_method_name(node) in _HOST_SYNC_METHODS
+    on_device = not all(on_host(v) for v in inputs)
+    if on_device and (method_name(node) in _HOST_SYNC_METHODS
                       or (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS)):
         return True
     out = example_value(node)
@@ -143,8 +123,8 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_wo
                            for value in values):
         return True
     if isinstance(out, torch.Tensor):  # a copy between host and device: a graph holds none from pageable memory
-        sides = {_on_host(v) for v in inputs if isinstance(v, torch.Tensor)}
-        return bool(sides) and sides != {_on_host(out)} or host_work and _on_host(out)
+        sides = {on_host(v) for v in inputs if isinstance(v, torch.Tensor)}
+        return bool(sides) and sides != {on_host(out)} or host_work and on_host(out)
     return False
 
 
@@ -159,7 +139,7 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, host_work: 
     if split_attention:
         marked |= {node for node in nodes if is_attention(node, extra_ops)}
         for node in nodes:
-            span = _is_op(node, _SOFTMAXES) and eager_attention_span(node)
+            span = is_op(node, _SOFTMAXES) and eager_attention_span(node)
             if span:
                 marked.update(nodes[order[span[0]]:order[span[1]] + 1])
     return marked | _runs_without_tensors(nodes, marked)
@@ -185,7 +165,7 @@ def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
     for node in graph.nodes:
         if is_attention(node, extra_ops) and node.args:
             queries.append(example_value(node.args[0]))
-        elif _is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
+        elif is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
             queries.append(example_value(span[0].args[0]))
     return bool(queries) and all(isinstance(q, torch.Tensor) and q.ndim >= 2 and q.shape[-2] == 1
                                  for q in queries)
@@ -197,16 +177,16 @@ def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
     the CPU (HF's sliding cache makes one of its window size) with their copies to the device."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
-    hoisted = {node for node in placeholders if _on_host(example_value(node)) and node not in written}
+    hoisted = {node for node in placeholders if on_host(example_value(node)) and node not in written}
     anchor = placeholders[-1] if placeholders else None
     for node in list(graph.nodes):
         inputs = node.all_input_nodes
         if anchor is None or node.op not in ("call_function", "call_method") or node in written \
-                or writes_in_place(node) or not all(arg in hoisted and _on_host(example_value(arg)) for arg in inputs):
+                or writes_in_place(node) or not all(arg in hoisted and on_host(example_value(arg)) for arg in inputs):
             continue
         out = example_value(node)
         if isinstance(out, torch.Tensor):  # made on the CPU, or copied from there
-            hoist = on_device and (_on_host(out) or any(isinstance(example_value(arg), torch.Tensor) for arg in inputs))
+            hoist = on_device and (on_host(out) or any(isinstance(example_value(arg), torch.Tensor) for arg in inputs))
         else:
             hoist = inputs and all(isinstance(example_value(arg), torch.SymInt) for arg in inputs)
         if hoist:
@@ -215,13 +195,9 @@ def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
             hoisted.add(node)
 
 
-def _on_host(value) -> bool:
-    return not isinstance(value, torch.Tensor) or value.device.type == "cpu"
-
-
 def _on_device(graph: torch.fx.Graph) -> bool:
     """Some tensor of the graph is on a device: then CPU tensors are host work."""
-    return any(not _on_host(example_value(node)) for node in graph.nodes)
+    return any(not on_host(example_value(node)) for node in graph.nodes)
 
 
 def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, float]:
@@ -234,7 +210,7 @@ def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, flo
     for index, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
         if not (isinstance(example, torch.Tensor) and example.device.type == "cpu" and example.ndim == 0
                 and example.dtype == torch.float64 and node.users
-                and all(_method_name(read) == "item" for read in node.users)):
+                and all(method_name(read) == "item" for read in node.users)):
             continue
         number = example.item()
         for read in list(node.users):

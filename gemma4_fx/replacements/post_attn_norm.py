@@ -24,23 +24,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .rows import DTYPES, MAX_HIDDEN, launch_rows, mean_factor
-
-__all__ = ["post_attn_norm", "post_attn_norm_reference", "post_attn_norm_triton", "rms_norm", "supports"]
-
+from .rows import DTYPES, MAX_HIDDEN, launch_rows, mean_factor, rms_norm
 
 def supports(hidden_size: int, dtype: torch.dtype) -> bool:
     """Whether the Triton kernel handles rows of this width and dtype (one row per program)."""
     return dtype in DTYPES and 1 <= hidden_size <= MAX_HIDDEN
-
-
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """`Gemma4RMSNorm.forward`: normalise and weigh in fp32, round once to x.dtype."""
-    out = x.float()
-    out = out * torch.pow(out.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        out = out * weight.float()
-    return out.type_as(x)
 
 
 def post_attn_norm_reference(attn: Tensor, residual: Tensor, post_weight: Tensor, pre_weight: Tensor,

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import gemma4_fx
-from gemma4_fx.replacements import norm_chain as N
-from test_router_kernels import DEVICES, _generator, _interpreter_rounds_bf16_to_nearest_even  # noqa: F401
+from gemma4_fx.replacements import post_attn_norm as N
+from helpers import DEVICES, seeded
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _args(rows, hidden, dtype, device, variant):
-    g = _generator("post_attn", rows, hidden, dtype, variant)
+    g = seeded("post_attn", rows, hidden, dtype, variant)
     attn = torch.randn(1, rows, hidden, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, rows)[:, None]
     residual = torch.randn(1, rows, hidden, generator=g, dtype=torch.float64) * 4
     weights = [(1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(device) for _ in range(4)]

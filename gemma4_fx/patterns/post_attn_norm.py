@@ -19,13 +19,13 @@ import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_replacement
 
 from ..passes.context import current
-from ..replacements import norm_chain as norm_ops
-from ..replacements import router as router_ops  # noqa: F401  (registers torch.ops.gemma4_fx.router_input)
-from .tracing import trace
+from ..replacements import post_attn_norm as norm_ops
+from ..replacements import router as router_ops
+from ..replacements.rows import rms_norm
+from .matcher_utils import stand_ins, trace
 
 NAME = "post_attn_norm"
 aten = torch.ops.aten
-rms_norm = norm_ops.rms_norm
 
 
 def dense_pattern(attn, residual, post_weight, pre_weight, eps_post, eps_pre):
@@ -45,7 +45,7 @@ def moe_router_pattern(attn, residual, post_weight, pre_weight, moe_weight, rout
                        eps_router, root_size):
     h, ff_in, flat, moe_in = moe_pattern(attn, residual, post_weight, pre_weight, moe_weight, eps_post, eps_pre,
                                          eps_moe)
-    return h, ff_in, torch.ops.gemma4_fx.router_input(flat, router_scale, eps_router, root_size, False), moe_in
+    return h, ff_in, router_ops.router_input(flat, router_scale, eps_router, root_size, False), moe_in
 
 
 def dense_replacement(attn, residual, post_weight, pre_weight, eps_post, eps_pre):
@@ -67,8 +67,7 @@ def moe_router_replacement(attn, residual, post_weight, pre_weight, moe_weight, 
     return h, ff_in, router_in, moe_in
 
 
-# Float stand-ins traced as wildcards: distinct from each other, from the router's and from the pattern's literals.
-_SCALARS = {"eps_post": 1.25e-5, "eps_pre": 1.5e-5, "eps_moe": 1.75e-5, "eps_router": 2.25e-5, "root_size": 0.0517}
+_SCALARS = stand_ins(NAME)  # traced as wildcards (`matcher_utils.STAND_INS`)
 _TENSORS = ("attn", "residual", "post_weight", "pre_weight", "moe_weight", "router_scale")
 _VARIANTS = (  # widest first; (pattern, replacement, weights, scalars)
     ("moe_router", moe_router_pattern, moe_router_replacement, 4, ("eps_post", "eps_pre", "eps_moe", "eps_router",
@@ -117,7 +116,7 @@ def _patterns(variant: str) -> PatternMatcherPass:
         tensors = [torch.empty(2, 3, 16, dtype=dtype), torch.empty(2, 3, 16, dtype=dtype)]
         tensors += [torch.empty(16, dtype=dtype) for _ in range(weights)]
         register_replacement(pattern, replacement, tensors + [_SCALARS[name] for name in scalars], trace, patterns,
-                             extra_check=_check, scalar_workaround={name: _SCALARS[name] for name in scalars})
+                             extra_check=_check, scalar_workaround=stand_ins(NAME, scalars))
     return patterns
 
 

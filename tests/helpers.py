@@ -1,0 +1,43 @@
+"""What several test modules share: kernel-test parameters, seeded inputs, ulp distances, a lone router module."""
+
+import zlib
+
+import pytest
+import torch
+import triton
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INTERPRET = triton.knobs.runtime.interpret
+DEVICES = [  # where kernel tests run their Triton kernels
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs the interpreter")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def seeded(*key) -> torch.Generator:
+    """A generator seeded by the test's parameters: fresh inputs per case, the same on every run."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units in the last place of their (common) dtype; +0 and -0 are 0 apart."""
+    int_dtype = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    mask = torch.iinfo(int_dtype).max
+
+    def ordered(t):
+        bits = t.contiguous().view(int_dtype).long()
+        return torch.where(bits < 0, -(bits & mask), bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+class TopK(torch.nn.Module):
+    """A Gemma-4 router used as the MoE block uses it: the probabilities are dropped, (weights, ids) go on."""
+
+    def __init__(self, router):
+        super().__init__()
+        self.router = router
+
+    def forward(self, hidden_states):
+        _, weights, ids = self.router(hidden_states)
+        return weights, ids
