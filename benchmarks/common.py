@@ -52,6 +52,12 @@ def graph_replay_us(fn, *args) -> float:
         return triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
+def plain_call_us(fn, *args) -> float:
+    """Median µs of calling `fn(*args)` outside any CUDA graph (host launch costs included); L2 cleared before each."""
+    with torch.no_grad():
+        return triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median") * 1e3
+
+
 def kernel_profile(fn, top: int = 8) -> tuple[float, str]:
     """One call of `fn` (after one more for warm-up) under torch.profiler: the GPU's busy ms, and a summary of its
     wall ms against that (is the host or the GPU the bottleneck?) and of the `top` kernels and host ops."""

@@ -11,8 +11,9 @@ submodules in the order `Gemma4TextDecoderLayer.forward` does:
     ple_tail          h = residual + post_feedforward_layernorm(mlp); per-layer gate, gelu·input, projection, norm,
                       residual, * layer_scalar
 
-Each variant runs as the replay of a CUDA graph holding one call (`triton.testing.do_bench`, median, L2 cleared
-before each replay). The floor is the bytes the block must read and write once (activations, weights, outputs)
+Each variant runs as the replay of a CUDA graph holding one call, and as a plain call ("plain": what users get with
+`cudagraphs=None`, on CPU-launched paths, or with a backward), both `triton.testing.do_bench` medians with L2
+cleared before each. The floor is the bytes the block must read and write once (activations, weights, outputs)
 over the device-to-device copy bandwidth measured here. Kernels are counted with the profiler on one plain call.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 import gemma4_fx  # noqa: E402
-from benchmarks.common import copy_bandwidth, graph_replay_us, markdown  # noqa: E402
+from benchmarks.common import copy_bandwidth, graph_replay_us, markdown, plain_call_us  # noqa: E402
 
 DTYPE = torch.bfloat16
 BYTES = 2  # bf16
@@ -148,11 +149,13 @@ def bench_blocks(names, sizes, bandwidth) -> list[dict]:
             for variant, fn in variants.items():
                 try:
                     row[variant] = graph_replay_us(fn, *args)
+                    row[f"{variant} plain"] = plain_call_us(fn, *args)
                     row[f"{variant} kernels"] = kernels_launched(fn, args)
                 except Exception as error:  # a variant that fails to compile or capture is reported, not fatal
                     print(f"{name} {variant} at {tokens} tokens failed: {error!r}")
-            if "gemma4_fx" in row and "inductor" in row:
-                row["inductor / gemma4_fx"] = row["inductor"] / row["gemma4_fx"]
+            for suffix in ("", " plain"):
+                if f"gemma4_fx{suffix}" in row and f"inductor{suffix}" in row:
+                    row[f"inductor / gemma4_fx{suffix}"] = row[f"inductor{suffix}"] / row[f"gemma4_fx{suffix}"]
             row["floor"] = floor_bytes(block, config, tokens) / bandwidth * 1e6
             if "gemma4_fx" in row:
                 row["gemma4_fx / floor"] = row["gemma4_fx"] / row["floor"]
@@ -190,7 +193,7 @@ def accuracy(names, tokens: int) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tokens 1 and 4096 only")
+    parser.add_argument("--quick", action="store_true", help="tokens 1, 64 and 4096 only")
     parser.add_argument("--parts", nargs="+", default=["blocks", "accuracy"], choices=["blocks", "accuracy"])
     parser.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=list(BLOCKS), metavar="BLOCK")
     args = parser.parse_args()
@@ -198,11 +201,11 @@ def main():
     torch._dynamo.config.recompile_limit = 64
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    sizes = [1, 4096] if args.quick else [1, 16, 64, 512, 4096]
+    sizes = [1, 64, 4096] if args.quick else [1, 16, 64, 512, 4096]
     tables = {}
     if "blocks" in args.parts:
         rows = bench_blocks(args.blocks, sizes, bandwidth)
-        tables["Blocks, CUDA graph replay (µs, median, L2 cleared)"] = rows
+        tables["Blocks: CUDA graph replay and plain call (µs, median, L2 cleared)"] = rows
     if "accuracy" in args.parts:
         tables["‖out - float64‖ / ‖float64‖, worst output (512 tokens)"] = accuracy(args.blocks, 512)
     for title, rows in tables.items():

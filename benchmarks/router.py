@@ -17,12 +17,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
-import triton.testing  # noqa: E402
 from transformers import Gemma4TextConfig  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter  # noqa: E402
 
-import gemma4_fx.replacements.router  # noqa: E402  (registers torch.ops.gemma4_fx.*)
-from benchmarks.common import copy_bandwidth, graph_replay_us, markdown  # noqa: E402
+import gemma4_fx.replacements.router  # noqa: E402,F401  (defines torch.ops.gemma4_fx.router_*)
+from benchmarks.common import copy_bandwidth, graph_replay_us, markdown, plain_call_us  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 2816, 128, 8
 DTYPE = torch.bfloat16
@@ -70,10 +69,7 @@ def tokens(n: int, seed: int) -> torch.Tensor:
 
 def time_us(fn, x) -> tuple[float, float]:
     """(plain, graph replay) medians in µs; do_bench clears L2 before each call."""
-    replay = graph_replay_us(fn, x)
-    with torch.no_grad():
-        plain = triton.testing.do_bench(lambda: fn(x), warmup=25, rep=200, return_mode="median")
-    return plain * 1e3, replay
+    return plain_call_us(fn, x), graph_replay_us(fn, x)
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

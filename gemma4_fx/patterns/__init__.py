@@ -5,10 +5,11 @@ One module per rewrite, with `NAME` (its name in reports and in `Gemma4Backend(p
 float stand-ins all patterns share live in `matcher_utils`.
 """
 
-from . import ple_tail, post_attn_norm, router
+from . import moe_experts, ple_tail, post_attn_norm, router
 
 # The order the passes run in, whatever order a user names them in:
 # - router before post_attn_norm: post_attn_norm's widest variant consumes the `router_input` op that the router
 #   rewrite creates, and folds the router's norm into the layer's one pass over the residual;
-# - ple_tail last: it matches the end of a layer, after the MLP, which no other pattern touches.
-PATTERNS = {module.NAME: module for module in (router, post_attn_norm, ple_tail)}
+# - moe_experts reads the routing whichever op computes it (eager's or the router rewrite's);
+# - ple_tail last: it matches the end of a layer, after the MLP and the experts, which it takes as a wildcard.
+PATTERNS = {module.NAME: module for module in (router, post_attn_norm, moe_experts, ple_tail)}

@@ -1,0 +1,264 @@
+"""Gemma-4 MoE experts: each token's top-k experts, a gelu-tanh-gated MLP per expert, the weighted sum over k.
+
+Matched as transformers' "grouped_mm" experts (`Gemma4TextExperts`, the default implementation) reach Inductor's
+post-grad graph, and as any module with the same aten ops:
+
+    ids, perm = sort(top_k_index.reshape(-1))
+    x = hidden[perm // K]
+    offs = cumsum(histc(ids, E, 0, E - 1), int32)
+    gate, up = split(_grouped_mm(x, gate_up_proj.transpose(1, 2), offs), N, -1)
+    y = _grouped_mm(gelu_tanh(gate) * up, down_proj.transpose(1, 2), offs)
+    weighted = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    out = weighted[inverse(perm)].reshape(T, K, H).sum(1).to(hidden.dtype)
+
+becomes one `gemma4_fx::moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)`: four Triton
+launches with no host sync, each expert's weights read once per tile (replacements/moe_experts.py), the same
+roundings as the grouped_mm path. The chain is checked link by link from the second grouped GEMM outwards; the
+activation between the two GEMMs is checked by value (whatever ops compute it, it must give gelu_tanh bit for bit
+on probe values). A chain that breaks anywhere is left to Inductor with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..fx_utils import value
+from ..passes.context import PassContext
+from ..replacements import moe_experts as moe_ops
+
+NAME = "moe_experts"
+aten, prims = torch.ops.aten, torch.ops.prims
+
+
+def _grouped_mms() -> tuple:
+    """`aten._grouped_mm`, and the op transformers falls back to where that has no kernel (fp32 on CPU; registered
+    when transformers' MoE integration is imported)."""
+    fallback = getattr(torch.ops.transformers, "grouped_mm_fallback", None) if hasattr(torch.ops, "transformers") \
+        else None
+    return (aten._grouped_mm.default,) + ((fallback.default,) if fallback is not None else ())
+
+
+class _Mismatch(Exception):
+    """The chain around a grouped GEMM is not the experts computation; the message says where."""
+
+
+def _expect(node, targets, what: str) -> torch.fx.Node:
+    if not isinstance(node, torch.fx.Node) or node.target not in targets:
+        found = node.target if isinstance(node, torch.fx.Node) else node
+        raise _Mismatch(f"{what}: expected {', '.join(map(str, targets))}, found {found}")
+    return node
+
+
+def _only_user(node: torch.fx.Node, targets, what: str) -> torch.fx.Node:
+    if len(node.users) != 1:
+        raise _Mismatch(f"{what}: {node.name} has {len(node.users)} users")
+    return _expect(next(iter(node.users)), targets, what)
+
+
+def _getitem(node: torch.fx.Node, index: int, what: str) -> torch.fx.Node:
+    items = [user for user in node.users if user.target is operator.getitem and user.args[1] == index]
+    if len(items) != 1:
+        raise _Mismatch(f"{what}: no single item {index} of {node.name}")
+    return items[0]
+
+
+def _transposed_weight(node, what: str) -> torch.fx.Node:
+    """`w.transpose(1, 2)` of a 3-D weight, as a permute [0, 2, 1]."""
+    permute = _expect(node, (aten.permute.default,), what)
+    if list(permute.args[1]) != [0, 2, 1]:
+        raise _Mismatch(f"{what}: permute {permute.args[1]}, want [0, 2, 1]")
+    return permute.args[0]
+
+
+def _is_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node) -> str | None:
+    """Why the elementwise ops from `gate` to `act` are not gelu_tanh(gate) in gate's dtype, or None. Inductor
+    decomposes gelu and engines write it their own way, so the ops are run on probe values (magnitudes from 2**-10
+    to 2**5, both signs, zero) against a float64 gelu_tanh, to two ulps; a tanh among them (or gelu's own
+    `approximate="tanh"`) tells it from the erf form, which no bf16 probe could."""
+    nodes, stack = {}, [act]
+    while stack:
+        node = stack.pop()
+        if node is gate or node in nodes:
+            continue
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            return f"activation: {node.name} is not an aten op"
+        nodes[node] = None
+        stack += node.all_input_nodes
+    if not any(node.target is aten.tanh.default or node.target is aten.gelu.default
+               and node.kwargs.get("approximate") == "tanh" for node in nodes):
+        return "activation between the grouped GEMMs has no tanh: not gelu_tanh"
+    order = {node: i for i, node in enumerate(gate.graph.nodes)}
+    dtype = value(gate).dtype
+    probe = torch.cat([torch.logspace(-10, 5, 2048, base=2.0, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    probe = torch.cat([probe, -probe]).to(dtype)
+    env = {gate: probe}
+    for node in sorted(nodes, key=order.get):
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        env[node] = node.target(*args, **kwargs)
+    got, exact = env[act], F.gelu(probe.double(), approximate="tanh")
+    eps = torch.finfo(dtype).eps
+    if got.dtype != dtype or got.shape != exact.shape or \
+            ((got.double() - exact).abs() > 2 * eps * (exact.abs() + 1)).any():
+        return "activation between the grouped GEMMs is not gelu_tanh in the activation dtype"
+    return None
+
+
+_RESHAPES = (aten.reshape.default, aten.view.default)
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _gated_activation(act, second_gemm_of) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """Check `act = gelu_tanh(gate) * up` with gate, up the halves of one GEMM's output; return (that GEMM's
+    output node as `second_gemm_of` unwraps it, the split)."""
+    mul = _expect(act, (aten.mul.Tensor,), "gated activation")
+    gated, up = mul.args
+    up_half = _expect(up, (operator.getitem,), "up half")
+    split = _expect(up_half.args[0], _SPLITS, "gate/up split")
+    if up_half.args[1] != 1 or split.args[-1] not in (-1, 1) or len(split.users) != 2:
+        raise _Mismatch("gate/up split: not two halves along the last dim")
+    reason = _is_gelu_tanh(_getitem(split, 0, "gate half"), gated)
+    if reason:
+        raise _Mismatch(reason)
+    return second_gemm_of(split.args[0]), split
+
+
+def _sum_over_k(weighted: torch.fx.Node, hidden: torch.fx.Node) -> torch.fx.Node:
+    """`weighted.reshape(T, K, H).sum(1).to(hidden.dtype)`: the node that gives the experts' output."""
+    per_slot = _only_user(weighted, _RESHAPES, "[T, K, H] view")
+    total = _only_user(per_slot, (aten.sum.dim_IntList,), "sum over k")
+    if list(total.args[1]) != [1]:
+        raise _Mismatch(f"sum over dims {total.args[1]}, want [1]")
+    if value(total).dtype == value(hidden).dtype:  # `.to(hidden.dtype)` is no op when the product kept it (fp32)
+        return total
+    out = _only_user(total, (prims.convert_element_type.default,), "cast back")
+    if out.args[1] != value(hidden).dtype:
+        raise _Mismatch("the sum is not cast back to the activation dtype")
+    return out
+
+
+def _weight_column(node, what: str) -> torch.fx.Node:
+    """`top_k_weights.reshape(-1)[rows].unsqueeze(-1)` or `top_k_weights.reshape(-1).unsqueeze(-1)`: returns the
+    gathered or flat weights."""
+    return _expect(_expect(node, (aten.unsqueeze.default,), what).args[0], (aten.index.Tensor,) + _RESHAPES, what)
+
+
+def _match_grouped(down_mm: torch.fx.Node):
+    """transformers' "grouped_mm" experts: pairs sorted by expert, two grouped GEMMs over the groups, unsorted."""
+    act, down_t, offs = down_mm.args[:3]
+    down_proj = _transposed_weight(down_t, "down projection")
+    gate_up_mm, _ = _gated_activation(act, lambda node: _expect(node, _grouped_mms(), "gate_up grouped GEMM"))
+    x_sorted, gate_up_t, gate_up_offs = gate_up_mm.args[:3]
+    if gate_up_offs is not offs:
+        raise _Mismatch("the two grouped GEMMs do not share their group offsets")
+    gate_up_proj = _transposed_weight(gate_up_t, "gate_up projection")
+
+    hidden, [source_rows] = _expect(x_sorted, (aten.index.Tensor,), "token gather").args
+    floor_div = _expect(source_rows, (aten.div.Tensor_mode,), "pair -> token")
+    perm, top_k = floor_div.args[:2]
+    if floor_div.kwargs.get("rounding_mode") != "floor":
+        raise _Mismatch("pair -> token: not a floor division")
+    perm = _expect(perm, (operator.getitem,), "sort permutation")
+    sort = _expect(perm.args[0], (aten.sort.default, aten.sort.stable), "expert sort")
+    top_k_index = _expect(sort.args[0], _RESHAPES, "flattened expert ids").args[0]
+    if perm.args[1] != 1 or value(top_k_index).shape[-1] != top_k:
+        raise _Mismatch("expert sort: not the ids' permutation, or K differs from the ids' width")
+
+    weighted = _only_user(down_mm, (aten.mul.Tensor,), "routing weight product")
+    gathered = _weight_column(weighted.args[1], "routing weight column")
+    if gathered.target is not aten.index.Tensor or gathered.args[1][0] is not perm:
+        raise _Mismatch("routing weights are not gathered in the sorted order")
+    top_k_weights = _expect(gathered.args[0], _RESHAPES, "flattened weights").args[0]
+    unsort = _only_user(weighted, (aten.index.Tensor,), "unsort")
+    inverse = _expect(unsort.args[1][0], (aten.index_put.default,), "inverse permutation")
+    if inverse.args[1][0] is not perm:
+        raise _Mismatch("unsort: not the inverse of the sort's permutation")
+    return _sum_over_k(unsort, hidden), hidden, top_k_index, top_k_weights, gate_up_proj, down_proj
+
+
+def _batched_gemm(squeeze, what: str) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
+    """`bmm(weight[flat_ids], rows.unsqueeze(-1)).squeeze(-1)`: returns (rows, weight, flat_ids)."""
+    bmm = _expect(_expect(squeeze, (aten.squeeze.dim,), what).args[0], (aten.bmm.default,), what)
+    gathered, column = bmm.args
+    weight, [flat_ids] = _expect(gathered, (aten.index.Tensor,), f"{what}: per-pair weights").args
+    rows = _expect(column, (aten.unsqueeze.default,), f"{what}: rows as columns").args[0]
+    return rows, weight, flat_ids
+
+
+def _match_batched(down_squeeze: torch.fx.Node):
+    """transformers' "batched_mm" experts: each pair's expert weights gathered, two batched matrix-vector GEMMs."""
+    act, down_proj, flat_ids = _batched_gemm(down_squeeze, "down GEMM")
+    (x_rows, gate_up_proj, gate_up_ids), _ = _gated_activation(act, lambda node: _batched_gemm(node,
+                                                                                                "gate_up GEMM"))
+    if gate_up_ids is not flat_ids:
+        raise _Mismatch("the two GEMMs gather their weights by different ids")
+    top_k_index = _expect(flat_ids, _RESHAPES, "flattened expert ids").args[0]
+    # x.repeat_interleave(K, 0) as Inductor writes it: x.unsqueeze(1).expand(T, K, H) made contiguous, flattened
+    expanded = _expect(_expect(x_rows, _RESHAPES, "repeated tokens").args[0], (aten.clone.default, aten.expand.default),
+                       "repeated tokens")
+    expanded = _expect(expanded.args[0], (aten.expand.default,), "repeated tokens") \
+        if expanded.target is aten.clone.default else expanded
+    hidden = _expect(expanded.args[0], (aten.unsqueeze.default,), "repeated tokens").args[0]
+    if list(expanded.args[1])[1] != value(top_k_index).shape[-1]:
+        raise _Mismatch("tokens are not repeated once per routed expert")
+
+    weighted = _only_user(down_squeeze, (aten.mul.Tensor,), "routing weight product")
+    flat_weights = _weight_column(weighted.args[1], "routing weight column")
+    if flat_weights.target not in _RESHAPES:
+        raise _Mismatch("routing weights are gathered, not taken in pair order")
+    return _sum_over_k(weighted, hidden), hidden, top_k_index, flat_weights.args[0], gate_up_proj, down_proj
+
+
+def _candidates(graph: torch.fx.Graph):
+    """(matcher, node) for each GEMM that may be an experts block's down projection: grouped GEMMs and squeezed
+    batched GEMMs whose output is not split in two halves (that would be the gate_up one)."""
+    for target in _grouped_mms():
+        for node in graph.find_nodes(op="call_function", target=target):
+            if not any(user.target in _SPLITS for user in node.users):
+                yield _match_grouped, node
+    for bmm in graph.find_nodes(op="call_function", target=aten.bmm.default):
+        gathered = bmm.args[0]
+        if isinstance(gathered, torch.fx.Node) and gathered.target is aten.index.Tensor \
+                and len(bmm.users) == 1 and next(iter(bmm.users)).target is aten.squeeze.dim:
+            squeeze = next(iter(bmm.users))
+            if not any(user.target in _SPLITS for user in squeeze.users):
+                yield _match_batched, squeeze
+
+
+def _unsupported(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) -> str | None:
+    """Why the kernels cannot take these operands, or None."""
+    x, ids, w, gate_up, down = (value(n) for n in (hidden, top_k_index, top_k_weights, gate_up_proj, down_proj))
+    if x.device.type not in ("cuda", "cpu"):
+        return f"device {x.device.type}"
+    if any(not isinstance(size, int) for t in (x, ids, gate_up, down) for size in t.shape):
+        return "symbolic sizes"
+    experts, inter, width, top_k = gate_up.shape[0], gate_up.shape[1] // 2, x.shape[-1], ids.shape[-1]
+    if not moe_ops.supports(width, inter, experts, top_k, x.dtype):
+        return (f"{x.dtype} experts with hidden {width}, intermediate {inter}, {experts} experts, top-{top_k} are "
+                f"outside the kernels' range (dtypes {', '.join(map(str, moe_ops.DTYPES))}, experts <= "
+                f"{moe_ops.MAX_EXPERTS}, k <= {moe_ops.MAX_TOP_K})")
+    try:
+        moe_ops.check_inputs(x, ids, w, gate_up, down)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
+    for match, down in list(_candidates(graph)):
+        if down.graph is not graph:  # erased with an earlier match
+            continue
+        try:
+            out, *operands = match(down)
+        except _Mismatch as mismatch:
+            ctx.skipped(NAME, down, str(mismatch))
+            continue
+        if not ctx.decide(NAME, down, _unsupported(*operands)):
+            continue
+        with graph.inserting_before(out):
+            fused = graph.call_function(torch.ops.gemma4_fx.moe_experts.default, tuple(operands))
+        fused.meta.update(out.meta)
+        out.replace_all_uses_with(fused)
+        graph.eliminate_dead_code()
