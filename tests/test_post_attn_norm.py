@@ -64,7 +64,8 @@ def test_moe_model_rewritten_per_layer():
     assert torch.equal(logits, expected)
 
 
-@pytest.mark.parametrize("preset,overrides", [("tiny-e2b", {}), ("tiny-31b", {"num_hidden_layers": 2})])
+@pytest.mark.parametrize("preset,overrides", [("tiny-e2b", {"num_hidden_layers": 3}),
+                                              ("tiny-31b", {"num_hidden_layers": 2})])
 def test_dense_models_rewritten_per_layer_and_float64_left_alone(preset, overrides):
     counts, reasons = {}, {}
     for dtype in (torch.float32, torch.float64):

@@ -362,7 +362,7 @@ def test_piece_whose_int_input_a_guard_equated_with_another_size():
 
 
 def test_piecewise_backend_compiles_each_piece_with_the_passes():
-    model = gemma4_fx.build_model("tiny-26b-a4b")
+    model = gemma4_fx.build_model("tiny-26b-a4b", num_hidden_layers=2)
     backend = Gemma4Backend(["router"], cudagraphs="piecewise")  # on CPU: split and compiled, no graphs
     compiled = torch.compile(model, backend=backend, dynamic=True)
     with torch.no_grad():
