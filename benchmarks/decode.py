@@ -12,7 +12,8 @@ count and CUDA-graph stats.
 `gemma4_fx auto, no epilogues` leaves out the post-attention norm and PLE tail rewrites, so the difference to
 `gemma4_fx auto` is their share of the step. The floor is the bytes of weights one step must read (all but the
 embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
-device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (decode tokens per second).
+device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (decode tokens per second), and
+beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included) through the backend.
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
 by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
@@ -38,7 +39,7 @@ from benchmarks.common import copy_bandwidth, markdown, rebuild, run_jobs, share
 EPILOGUES = ("post_attn_norm", "ple_tail")
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
             "gemma4_fx auto, no epilogues")
-GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto")
+GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.generate")
 WARMUP = 4  # steps before timing: compile, recompile with the cache's moving int dynamic, warm up, capture
 
 
@@ -109,17 +110,27 @@ def step_job(variant: str, batch: int, model, args, turn) -> dict:
 
 
 def generate_job(variant: str, batch: int, model, args, turn) -> dict:
-    """HF `generate` decode tokens/s: `eager` uncompiled, the others through its `CompileConfig`. The prompt is at
-    most a sliding window long (transformers 5.17's static sliding cache fails on longer prefills)."""
-    config = {"eager": None, "reduce-overhead": CompileConfig(),
-              "gemma4_fx auto": CompileConfig(backend=ours("auto"))}[variant]
-    kwargs = dict(do_sample=False, cache_implementation="static", min_new_tokens=args.new_tokens,
-                  max_new_tokens=args.new_tokens, disable_compile=config is None, compile_config=config)
+    """Greedy decode tokens/s: HF `generate` (`eager` uncompiled, the others through its `CompileConfig`), or our
+    loop (`gemma4_fx.generate`, through the backend). The prompt is at most a sliding window long (transformers
+    5.17's static sliding cache fails on longer prefills)."""
+    kwargs = dict(do_sample=False, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens)
     prompt = min(args.context, model.config.sliding_window)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
-    model.generate(ids, **kwargs)  # compiles, captures
+    if variant == "gemma4_fx.generate":
+        backend = ours("auto")
+
+        def run():
+            return gemma4_fx.generate(model, ids, backend=backend, **kwargs)
+    else:
+        config = {"eager": None, "reduce-overhead": CompileConfig(),
+                  "gemma4_fx auto": CompileConfig(backend=ours("auto"))}[variant]
+        kwargs.update(cache_implementation="static", disable_compile=config is None, compile_config=config)
+
+        def run():
+            return model.generate(ids, **kwargs)
+    run()  # compiles, captures
     with turn():
-        seconds = median_block_ms(lambda: model.generate(ids, **kwargs), 1, 3, model.device) / 1e3
+        seconds = median_block_ms(run, 1, 3, model.device) / 1e3
     return {"value": batch * args.new_tokens / seconds, "prompt": prompt}
 
 
@@ -199,7 +210,9 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--generate", type=int, nargs="*", default=[], help="batch sizes for HF generate")
+    parser.add_argument("--generate", type=int, nargs="*", default=[],
+                        help="batch sizes for HF generate and gemma4_fx.generate")
+    parser.add_argument("--generate-variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     args = parser.parse_args()
@@ -217,7 +230,7 @@ def main():
         model = build(spec, device, dtype)
         models[f"{spec.partition(':')[0]} ({model.config.num_hidden_layers} layers)"] = model
     jobs = [(label, "step", variant, batch) for label in models for variant in args.variants for batch in args.batch]
-    jobs += [(label, "generate", variant, batch) for label in models for variant in GENERATE_VARIANTS
+    jobs += [(label, "generate", variant, batch) for label in models for variant in args.generate_variants
              for batch in args.generate]
     shared = {label: shareable(model) for label, model in models.items()}
     results = run_jobs(job, [(kind, variant, batch, shared[label], args) for label, kind, variant, batch in jobs],
@@ -225,7 +238,8 @@ def main():
     print(f"{len(jobs)} jobs, {time.perf_counter() - start:.0f} s in all")
     step_rows, generate_rows = tables(models, jobs, results, args, bandwidth)
     if generate_rows:
-        print(f"\n### HF generate, decode tokens/s ({args.new_tokens} new tokens; higher is better)\n\n"
+        print(f"\n### generate, decode tokens/s ({args.new_tokens} new tokens; HF generate, and gemma4_fx.generate; "
+              "higher is better)\n\n"
               + markdown(generate_rows))
     print(f"\n### Decode step, ms (context {args.context}, lower is better)\n\n" + markdown(step_rows))
 

@@ -4,6 +4,7 @@
 """
 
 from .backend import GRAPH_PASSES, Gemma4Backend, gemma4_backend
+from .generation import generate
 from .inspection import inspect
 from .passes.pipeline import Gemma4Passes
 from .patterns import PATTERNS
@@ -11,4 +12,4 @@ from .presets import PRESETS, build_model, randomize_, text_config
 from .report import Report
 
 __all__ = ["GRAPH_PASSES", "Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model",
-           "gemma4_backend", "inspect", "randomize_", "text_config"]
+           "gemma4_backend", "generate", "inspect", "randomize_", "text_config"]
