@@ -31,7 +31,7 @@ from transformers import Gemma4TextConfig  # noqa: E402
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts  # noqa: E402
 
 from benchmarks.common import copy_bandwidth, cuda_graph, kernel_profile, markdown  # noqa: E402
-from gemma4_fx.replacements import moe_experts as M  # noqa: E402  (registers torch.ops.gemma4_fx.moe_experts)
+from gemma4_fx.replacements import moe_experts as M  # noqa: E402
 
 EXPERTS, INTER, HIDDEN, TOP_K = 128, 704, 2816, 8
 DTYPE = torch.bfloat16
@@ -57,10 +57,12 @@ def routed_tokens(tokens: int, experts: int, hidden: int, device, seed: int = 0,
     return x, ids, weights / weights.sum(-1, keepdim=True)
 
 
-def hf_experts(implementation: str, gate_up: torch.Tensor, down: torch.Tensor) -> Gemma4TextExperts:
+def hf_experts(implementation: str, gate_up: torch.Tensor, down: torch.Tensor,
+               top_k: int = TOP_K) -> Gemma4TextExperts:
+    """transformers' `Gemma4TextExperts` in `implementation` over these weights (shared: the tests use it too)."""
     experts, two_inter, hidden = gate_up.shape
     config = Gemma4TextConfig(hidden_size=hidden, moe_intermediate_size=two_inter // 2, num_experts=experts,
-                              top_k_experts=TOP_K, enable_moe_block=True, experts_implementation=implementation)
+                              top_k_experts=top_k, enable_moe_block=True, experts_implementation=implementation)
     with torch.device("meta"):
         module = Gemma4TextExperts(config)
     module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)

@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import Gemma4TextConfig
-from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
 
 from gemma4_fx.replacements import moe_experts as M
+from benchmarks.moe import hf_experts
 from helpers import DEVICES, DTYPES, seeded
 
 # ‖out - float64‖ / ‖float64‖: eager rounds four times per pair (gate_up, gelu, product, down) and once at the end.
@@ -125,17 +124,6 @@ def test_regime_follows_pairs(monkeypatch):
     assert seen == [(32, 2 + 16), (16, 5 + 16)]  # (BLOCK_M, blocks bound: cdiv(P, BLOCK_M) + E)
 
 
-def _hf_experts(implementation, gate_up, down, top_k):
-    experts, two_inter, hidden = gate_up.shape
-    config = Gemma4TextConfig(hidden_size=hidden, moe_intermediate_size=two_inter // 2, num_experts=experts,
-                              top_k_experts=top_k, enable_moe_block=True, experts_implementation=implementation)
-    with torch.device("meta"):
-        module = Gemma4TextExperts(config)
-    module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
-    module.down_proj = torch.nn.Parameter(down, requires_grad=False)
-    return module
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_is_transformers_experts(dtype):
     """Bitwise HF's "grouped_mm" forward; "batched_mm" too where its bmm adds as mm does (CPU bf16); "eager" sums
@@ -143,7 +131,7 @@ def test_reference_is_transformers_experts(dtype):
     x, ids, weights, gate_up, down = _experts_args(33, 16, 40, 72, 4, dtype, "cpu")
     ours = M.moe_experts_reference(x, ids, weights, gate_up, down)
     with torch.no_grad():
-        hf = {name: _hf_experts(name, gate_up, down, 4)(x, ids, weights) for name in ("grouped_mm", "batched_mm",
+        hf = {name: hf_experts(name, gate_up, down, 4)(x, ids, weights) for name in ("grouped_mm", "batched_mm",
                                                                                       "eager")}
     assert torch.equal(ours, hf["grouped_mm"])
     _assert_close_to_eager(ours, hf["batched_mm"], min_bitwise={torch.float32: 0.0, torch.bfloat16: 1.0,
@@ -227,7 +215,7 @@ def test_real_widths_against_eager(tokens):
                          "cuda")
     _check_kernel(args, None, min_bitwise=0.95)
     with torch.no_grad():
-        hf = _hf_experts("grouped_mm", args[3], args[4], REAL["top_k"])(*args[:3])
+        hf = hf_experts("grouped_mm", args[3], args[4], REAL["top_k"])(*args[:3])
     _assert_close_to_eager(M.moe_experts_triton(*args), hf, min_bitwise=0.99)
 
 

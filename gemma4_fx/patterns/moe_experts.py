@@ -92,7 +92,8 @@ def _is_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node) -> str | None:
         return "activation between the grouped GEMMs has no tanh: not gelu_tanh"
     order = {node: i for i, node in enumerate(gate.graph.nodes)}
     dtype = value(gate).dtype
-    probe = torch.cat([torch.logspace(-10, 5, 2048, base=2.0, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    magnitudes = torch.logspace(-10, 5, 2048, base=2.0, dtype=torch.float64)
+    probe = torch.cat([magnitudes, torch.zeros(1, dtype=torch.float64)])
     probe = torch.cat([probe, -probe]).to(dtype)
     env = {gate: probe}
     for node in sorted(nodes, key=order.get):

@@ -425,7 +425,8 @@ def moe_experts_triton(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, ga
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     gate_up = _fit(config.gate_up, inter, hidden)
     _gate_up_kernel[(max_blocks * triton.cdiv(inter, gate_up.block_n),)](
-        x, gate_up_proj, order, table, act, x.stride(0), max_blocks, max_blocks if path == "stream" else gate_up.group_m,
+        x, gate_up_proj, order, table, act, x.stride(0), max_blocks,
+        max_blocks if path == "stream" else gate_up.group_m,
         HIDDEN=hidden, INTER=inter, TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k,
         PRECISION=precision, PDL=pdl, num_warps=gate_up.num_warps, num_stages=gate_up.num_stages, launch_pdl=pdl,
     )
