@@ -42,7 +42,7 @@ class Gemma4Backend:
         verify_action: "warn" or "raise".
         verify_tolerance: max |out - eager| / max |eager| allowed per float output (default: by dtype).
         dump_dir: write each graph's Dynamo code and its post-grad code before/after the passes there.
-        router_exact: see `Gemma4Passes`.
+        router_exact, rms_norm_ops, linear_ops: see `Gemma4Passes`.
         emulate_precision_casts: Inductor's own kernels round bf16/fp16 intermediates where eager does, so the
             parts we do not rewrite track eager (Inductor's default keeps them in fp32, and bf16 tokens then pick
             other experts when Inductor computes the router). On by default: compiled results should be eager's.
@@ -68,7 +68,8 @@ class Gemma4Backend:
     def __init__(self, patterns=None, *, verify: bool = False, verify_action: str = "warn",
                  verify_tolerance: float | None = None, dump_dir: str | Path | None = None,
                  router_exact: bool = False, emulate_precision_casts: bool = True, fx_graph_cache: bool = False,
-                 cudagraphs: str | None = "auto", max_captured_shapes: int = 32, splitting_ops=()):
+                 cudagraphs: str | None = "auto", max_captured_shapes: int = 32, splitting_ops=(), rms_norm_ops=(),
+                 linear_ops=()):
         if cudagraphs not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraphs: expected one of {CUDAGRAPH_MODES}, got {cudagraphs!r}")
         if isinstance(max_captured_shapes, bool) or not isinstance(max_captured_shapes, int) or max_captured_shapes < 1:
@@ -81,7 +82,8 @@ class Gemma4Backend:
             raise ValueError(f"verify_tolerance: expected a positive float or None, got {verify_tolerance!r}")
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         post_grad, self.graph_passes = _split_patterns(patterns)
-        self.passes = Gemma4Passes(post_grad, router_exact=router_exact, dump_dir=self.dump_dir)
+        self.passes = Gemma4Passes(post_grad, router_exact=router_exact, dump_dir=self.dump_dir,
+                                   rms_norm_ops=rms_norm_ops, linear_ops=linear_ops)
         self.verify, self.verify_action, self.verify_tolerance = bool(verify), verify_action, verify_tolerance
         self.inductor_config = {"emulate_precision_casts": bool(emulate_precision_casts),
                                 "fx_graph_cache": bool(fx_graph_cache)}

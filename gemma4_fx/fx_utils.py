@@ -78,3 +78,28 @@ def on_host(val) -> bool:
 def same(a, b) -> bool:
     """a == b provably, for ints and SymInts (no guard is added)."""
     return statically_known_true(a == b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+
+
+def op_names(argument: str, names) -> tuple[str, ...]:
+    """`names` as a tuple of "ns::name" op names (an option naming an engine's ops), or a clear error naming
+    `argument`."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.count("::") == 1
+                                                        and all(n.split("::")) for n in names):
+        raise ValueError(f'{argument}: expected a sequence of op names like "ns::name", got {names!r}')
+    return tuple(names)
+
+
+def find_op(name: str) -> torch._ops.OpOverloadPacket | None:
+    """The op registered as "ns::name", or None where nothing registered it (the engine is not loaded)."""
+    namespace, op = name.split("::")
+    try:
+        return getattr(getattr(torch.ops, namespace), op)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def calls(graph: torch.fx.Graph, name: str) -> bool:
+    """`graph` calls the op registered as "ns::name" (any overload)."""
+    op = find_op(name)
+    return op is not None and any(graph.find_nodes(op="call_function", target=getattr(op, overload))
+                                  for overload in op.overloads())

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from ..fx_utils import op_names
 from ..patterns import PATTERNS
 from ..report import Report, describe_error, record_fallback
 from .context import PassContext, active
@@ -42,9 +43,15 @@ class Gemma4Passes(CustomGraphPass):
             input and expert ids on CUDA, a few more launches) instead of the fused Triton kernel (within one ulp).
         dump_dir: if set, each graph's post-grad code before and after the passes is written there as
             `<graph>.post_grad.before.py` / `.after.py`.
+        rms_norm_ops: names ("ns::name") of ops an engine registers for its RMSNorm, matched wherever the patterns
+            have a norm: `op(x, weight or None, eps)` = x·rsqrt(mean(x²) + eps) in fp32, cast to the weight's
+            dtype, times the weight (vLLM's `vllm_ir::rms_norm`).
+        linear_ops: names of ops an engine registers for its linear layers, `op(x, weight)` = x @ weight.T, matched
+            where the PLE tail has its projections.
     """
 
-    def __init__(self, patterns=None, *, router_exact: bool = False, dump_dir: str | Path | None = None):
+    def __init__(self, patterns=None, *, router_exact: bool = False, dump_dir: str | Path | None = None,
+                 rms_norm_ops=(), linear_ops=()):
         names = tuple(PATTERNS) if patterns is None else tuple(patterns)
         unknown = [name for name in names if name not in PATTERNS]
         if unknown or isinstance(patterns, str):
@@ -52,7 +59,8 @@ class Gemma4Passes(CustomGraphPass):
         if not isinstance(router_exact, bool):
             raise TypeError(f"router_exact: expected a bool, got {router_exact!r}")
         self.patterns = tuple(name for name in PATTERNS if name in names)  # PATTERNS' order: see why there
-        self.options = {"router_exact": router_exact}
+        self.options = {"router_exact": router_exact, "rms_norm_ops": op_names("rms_norm_ops", rms_norm_ops),
+                        "linear_ops": op_names("linear_ops", linear_ops)}
         self.dump_dir = None if dump_dir is None else Path(dump_dir)
         self.reports: list[Report] = []
         self._recording: tuple[str, Report] | None = None

@@ -270,8 +270,12 @@ def _elementwise_rows(node, dim: int):
 
 @rows_rule("layer_norm", "rms_norm")
 def _norm_rows(node, dim: int):
-    """Normalise over the trailing `normalized_shape` dims."""
-    return {(0,): dim} if dim < value(node).dim() - len(node.args[1]) else None
+    """Normalise over the trailing `normalized_shape` dims (an op of that name taking no shape is an engine's own,
+    unknown here)."""
+    shape = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(shape, (list, tuple, torch.Size)):
+        return None
+    return {(0,): dim} if dim < value(node).dim() - len(shape) else None
 
 
 @rows_rule("linear")
@@ -332,3 +336,27 @@ def _cat_rows(node, dim: int):
 def _split_rows(node, dim: int):
     split_dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % value(node.args[0]).dim()
     return {(0,): dim} if split_dim != dim else None
+
+
+@rows_rule("unflatten")
+def _unflatten_rows(node, dim: int):
+    """Splitting one dim into several keeps every other dim (`x.unflatten(-1, (heads, head_dim))`)."""
+    at = _dim_argument(node, 1)
+    sizes = node.kwargs.get("sizes", node.args[2] if len(node.args) > 2 else None)
+    if at is None or sizes is None:
+        return None
+    at, added = at[0], len(sizes) - 1
+    if dim < at:
+        return {(0,): dim}
+    return {(0,): dim - added} if dim > at + added else None
+
+
+@rows_rule("flatten")
+def _flatten_rows(node, dim: int):
+    """Merging dims start..end keeps every other dim (`x.flatten(-2, -1)`)."""
+    rank = value(node.args[0]).dim()
+    start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0) % rank
+    end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1) % rank
+    if dim < start:
+        return {(0,): dim}
+    return {(0,): dim + end - start} if dim > start else None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._dispatch.python import enable_python_dispatcher
 
-from ..fx_utils import ALIASING, op_name, same, value, writes_in_place
+from ..fx_utils import ALIASING, op_name, qualified_name, same, value, writes_in_place
 from ..report import Report, node_location
 from .row_local import ArgKey, arg_rows, argument, is_causal, node_arguments, replace_arguments, size_argument
 
@@ -102,8 +102,9 @@ def _keeps_fewer_rows(selection: RowSelection) -> bool:
     return not same(whole, 1) and not same(whole, kept)
 
 
-def _stop_reason(node: torch.fx.Node, users) -> str | None:
-    """Why the rows of `node` must all be computed, where that is worth telling the user."""
+def _stop_reason(node: torch.fx.Node, users, asked: bool) -> str | None:
+    """Why the rows of `node` must all be computed, where that is worth telling the user: `users` want them all, or
+    (`asked`) its op's rule said no."""
     if node.op == "placeholder":
         return "kept rows are selected from a graph input (a graph break above the selection?)"
     for user in users:
@@ -111,6 +112,9 @@ def _stop_reason(node: torch.fx.Node, users) -> str | None:
             return "full-sequence intermediate is a graph output"
         if writes_in_place(user):
             return "cache write downstream" if user.args[0] is not node else "written in place downstream"
+    if asked and node.op in ("call_function", "call_method"):
+        return f"{qualified_name(node.target) or op_name(node)} mixes rows or is not known to be row-local " \
+               "(`row_local.rows_rule`)"
     return None
 
 
@@ -127,13 +131,13 @@ def live_rows(selection: RowSelection, blocked: frozenset = frozenset()) -> Live
         if wants is not None:
             dims = set(wants.values())
             others = [user for user in node.users if user not in wants]
-            rows = arg_rows(node, dims.pop()) if len(dims) == 1 and not others and node not in whole | blocked \
-                else None
+            asked = len(dims) == 1 and not others and node not in whole | blocked
+            rows = arg_rows(node, dims.pop()) if asked else None
             if rows is not None and writes_in_place(node) and (0,) not in rows:
                 rows = None  # an in-place op joins only if the tensor it writes is computed on the kept rows
             if rows is None:
-                live.cuts.update(dict.fromkeys((node, dim) for dim in sorted(set(wants.values()))))
-                live.stop = live.stop or _stop_reason(node, others)
+                _cut(live, node, set(wants.values()))
+                live.stop = live.stop or _stop_reason(node, others, asked)
             else:
                 live.rows[node], live.inputs[node] = next(iter(wants.values())), rows
                 for key, arg in node_arguments(node):
@@ -143,6 +147,19 @@ def live_rows(selection: RowSelection, blocked: frozenset = frozenset()) -> Live
                         whole.add(arg)  # one op selects it along two dims: keep it whole
         node = node.prev
     return live
+
+
+def _cut(live: LiveRows, node: torch.fx.Node, dims) -> None:
+    """Compute `node` whole and select the rows (along `dims`) its users want. The result of a multi-output op (a
+    tuple: top-k, split) cannot be selected as one: its users that joined (`getitem`s) are computed whole instead,
+    and selected in its place."""
+    if isinstance(value(node), torch.Tensor):
+        live.cuts.update(dict.fromkeys((node, dim) for dim in sorted(dims)))
+        return
+    for user in node.users:
+        if user in live.rows:
+            del live.inputs[user]
+            _cut(live, user, {live.rows.pop(user)})
 
 
 def writes_through_a_cut(live: LiveRows) -> set[torch.fx.Node]:

@@ -1,4 +1,5 @@
-"""What the pattern modules share: how a pattern is traced, and the float stand-ins its scalars are traced with.
+"""What the pattern modules share: how a pattern is traced, the float stand-ins its scalars are traced with, and the
+forms an RMSNorm is written in.
 
 Patterns are traced with `fwd_only`, views written as reshapes as the post-grad graph has them (Inductor's
 `view_to_reshape` runs before the custom passes). A float argument of a pattern (an eps, a scale) is traced as a
@@ -9,8 +10,16 @@ a graph whose constant happens to equal it. One table holds them all so that `te
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch._inductor.pattern_matcher import fwd_only
+
+from ..fx_utils import calls, find_op
+from ..replacements.rows import rms_norm
 
 # pattern module NAME -> {argument name: stand-in value}
 STAND_INS: dict[str, dict[str, float]] = {
@@ -33,3 +42,90 @@ def trace(fn, args, **kwargs) -> torch.fx.GraphModule:
         node.target = torch.ops.aten.reshape.default
     gm.recompile()
     return gm
+
+
+def bind(fn, **fixed):
+    """`fn` with keyword arguments `fixed` (the others with a default keep it), as a function of its inputs alone:
+    `register_replacement` names a pattern's inputs after its parameters, and make_fx counts them from its code
+    object (so no `*args` wrapper)."""
+    params = [name for name, p in inspect.signature(fn).parameters.items()
+              if name not in fixed and p.default is p.empty]
+    namespace = {"fn": fn, "fixed": fixed}
+    exec(f"def {fn.__name__}({', '.join(params)}):\n    return fn({', '.join(params)}, **fixed)", namespace)
+    return namespace[fn.__name__]
+
+
+def residual_first(residual, x):
+    return residual + x
+
+
+def residual_last(residual, x):
+    return x + residual
+
+
+def computed(nodes) -> bool:
+    """Any of `nodes` (a match's norm weights) is computed in the graph rather than taken as a parameter: Gemma-2/3
+    weigh their rsqrt norms by `1 + w`, which a Gemma-4 norm's wildcard weight would otherwise take."""
+    return any(node.op not in ("placeholder", "get_attr") for node in nodes)
+
+
+# The two orders a residual add is written in (HF: `residual + x`, vLLM: `x + residual`): a pattern matches aten.add's
+# arguments in order.
+RESIDUAL_ADDS = (residual_first, residual_last)
+
+
+# How an RMSNorm is written. Each form is proven equal to `rows.rms_norm` (HF's `Gemma4RMSNorm`, what the replacements
+# compute) in tests/test_patterns.py, where it is rewritten.
+
+
+def rms_norm_rsqrt(x, weight, eps):
+    """`rsqrt` for HF's `pow(·, -0.5)` (ATen computes that pow as rsqrt on CPU and CUDA), weighed in fp32, rounded
+    once: HF's math."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (out if weight is None else out * weight.float()).type_as(x)
+
+
+def rms_norm_rsqrt_cast(x, weight, eps):
+    """vLLM's `rms_norm` (`vllm.ir.ops`): rsqrt, cast to the weight's dtype, then weighed. In fp32 the casts vanish
+    and it is `rms_norm_rsqrt`'s graph; in bf16/fp16 it rounds before the weight, which the replacements do not."""
+    out = x.float()
+    out = out * torch.rsqrt(out.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (out if weight is None else out.to(weight.dtype) * weight).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class NormForm:
+    name: str
+    fn: Callable  # fn(x, weight | None, eps)
+    rounds_before_weight: bool = False  # exact (the replacements' math) only where x and the weight are fp32
+
+    def reason(self, dtype: torch.dtype) -> str | None:
+        """Why a match of this form in `dtype` is left alone, or None."""
+        if self.rounds_before_weight and dtype != torch.float32:
+            return (f"{self.name} RMSNorm rounds to {dtype} before its weight; the replacements weigh in fp32 and "
+                    "round once (HF's Gemma4RMSNorm)")
+        return None
+
+
+NORM_FORMS = {form.name: form for form in (NormForm("hf", rms_norm), NormForm("rsqrt", rms_norm_rsqrt),
+                                           NormForm("rsqrt_cast", rms_norm_rsqrt_cast, True))}
+
+
+@functools.cache
+def op_norm_form(name: str) -> NormForm:
+    """The form of an engine's norm op "ns::name" (`Gemma4Passes(rms_norm_ops=...)`): vLLM's semantics."""
+    op = find_op(name)
+    return NormForm(name, lambda x, weight, eps: op(x, weight, eps), True)
+
+
+def norm_forms(graph: torch.fx.Graph, options: dict) -> list[NormForm]:
+    """The norm forms that can be in `graph`: HF's if it has a pow(·, -0.5), the rsqrt ones if it has an rsqrt, and
+    the configured norm ops it calls. Patterns register one set per form, so a graph pays only for its own."""
+    aten = torch.ops.aten
+    forms = []
+    if any(node.args[1] == -0.5 for node in graph.find_nodes(op="call_function", target=aten.pow.Tensor_Scalar)):
+        forms.append(NORM_FORMS["hf"])
+    if graph.find_nodes(op="call_function", target=aten.rsqrt.default):
+        forms += [NORM_FORMS["rsqrt"], NORM_FORMS["rsqrt_cast"]]
+    return forms + [op_norm_form(name) for name in options.get("rms_norm_ops", ()) if calls(graph, name)]

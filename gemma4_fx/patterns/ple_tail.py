@@ -6,12 +6,16 @@
 
 becomes `ple_norm_add` → the same mm as eager → `ple_gate` → the same mm → `ple_norm_add` (with the scalar): the
 GEMMs stay eager's, the three steps around them are one launch each and round where eager rounds. On MoE layers
-mlp_out is the sum of the two post-FF norms; it enters as a wildcard, so those match too.
+mlp_out is the sum of the two post-FF norms; it enters as a wildcard, so those match too. Matched on
+[batch, seq, hidden] and [tokens, hidden] (a linear lowers differently on each), with the residual added on either
+side, the norms in any form of `matcher_utils.NORM_FORMS`, and the projections as an engine's linear op
+(`Gemma4Passes(linear_ops=...)`), which the replacement then calls for its GEMMs.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -20,25 +24,29 @@ from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_
 from ..passes.context import current
 from ..replacements import ple_tail as ple_ops
 from ..replacements.rows import rms_norm
-from .matcher_utils import stand_ins, trace
+from ..fx_utils import calls, find_op
+from .matcher_utils import RESIDUAL_ADDS, NormForm, bind, computed, norm_forms, residual_first, stand_ins, trace
 
 NAME = "ple_tail"
 
 
 def ple_tail_pattern(mlp_out, residual, per_layer_input, ff_weight, gate_weight, proj_weight, ple_weight,
-                     layer_scalar, eps_ff, eps_ple):
-    h = residual + rms_norm(mlp_out, ff_weight, eps_ff)
-    g = torch.nn.functional.gelu(torch.nn.functional.linear(h, gate_weight), approximate="tanh") * per_layer_input
-    return (h + rms_norm(torch.nn.functional.linear(g, proj_weight), ple_weight, eps_ple)) * layer_scalar
+                     layer_scalar, eps_ff, eps_ple, norm=rms_norm, linear=torch.nn.functional.linear,
+                     add=residual_first):
+    h = add(residual, norm(mlp_out, ff_weight, eps_ff))
+    g = torch.nn.functional.gelu(linear(h, gate_weight), approximate="tanh") * per_layer_input
+    return (h + norm(linear(g, proj_weight), ple_weight, eps_ple)) * layer_scalar
 
 
 def ple_tail_replacement(mlp_out, residual, per_layer_input, ff_weight, gate_weight, proj_weight, ple_weight,
-                         layer_scalar, eps_ff, eps_ple):
+                         layer_scalar, eps_ff, eps_ple, linear=None):
+    """`linear`: the engine's op the pattern matched (None: the GEMM was aten's, and is eager's `mm`)."""
     hidden, ple = residual.shape[-1], per_layer_input.shape[-1]
+    mm = linear or (lambda x, weight: torch.mm(x, weight.t()))
     h = torch.ops.gemma4_fx.ple_norm_add(mlp_out.reshape(-1, hidden), residual.reshape(-1, hidden), ff_weight, None,
                                          eps_ff)
-    g = torch.ops.gemma4_fx.ple_gate(torch.mm(h, gate_weight.t()), per_layer_input.reshape(-1, ple))
-    out = torch.ops.gemma4_fx.ple_norm_add(torch.mm(g, proj_weight.t()), h, ple_weight, layer_scalar, eps_ple)
+    g = torch.ops.gemma4_fx.ple_gate(mm(h, gate_weight), per_layer_input.reshape(-1, ple))
+    out = torch.ops.gemma4_fx.ple_norm_add(mm(g, proj_weight), h, ple_weight, layer_scalar, eps_ple)
     return out.reshape(residual.shape)
 
 
@@ -83,23 +91,41 @@ def _unsupported(match: Match) -> str | None:
     return None
 
 
-def _check(match: Match) -> bool:
-    return current().decide(NAME, match.output_nodes()[0], _unsupported(match))  # anchor: the `* layer_scalar`
+def _check(match: Match, form: NormForm) -> bool:
+    if computed([match.kwargs["ff_weight"], match.kwargs["ple_weight"]]):
+        return False  # not a Gemma-4 norm (see `computed`)
+    reason = _unsupported(match) or form.reason(match.kwargs["residual"].meta["val"].dtype)
+    return current().decide(NAME, match.output_nodes()[0], reason)  # anchor: the `* layer_scalar`
 
 
 @functools.cache
-def _patterns() -> PatternMatcherPass:
-    patterns = PatternMatcherPass(pass_name="gemma4_fx_ple_tail")
-    for dtype in (*ple_ops.DTYPES, torch.float64):  # float64 too, to say why it is left alone
-        hidden, ple = 16, 8
-        example = [torch.empty(2, 3, hidden, dtype=dtype), torch.empty(2, 3, hidden, dtype=dtype),
-                   torch.empty(2, 3, ple, dtype=dtype), torch.empty(hidden, dtype=dtype),
+def _patterns(form: NormForm, linear_op: str | None) -> PatternMatcherPass:
+    """The PLE tail with norms written in `form`, either order of the first residual add, and its projections as
+    aten's linear (views around an `mm` on [batch, seq, hidden], a bare `mm` on [tokens, hidden]) or as the engine's
+    op `linear_op`."""
+    patterns = PatternMatcherPass(pass_name=f"gemma4_fx_ple_tail_{form.name}_{linear_op}")
+    linear = {} if linear_op is None else {"linear": functools.partial(_call, linear_op)}
+    hidden, ple = 16, 8
+    for dtype, rows, add in itertools.product((*ple_ops.DTYPES, torch.float64),  # float64: to say why it is left
+                                              ((2, 3), (6,)) if linear_op is None else ((6,),), RESIDUAL_ADDS):
+        example = [torch.empty(*rows, hidden, dtype=dtype), torch.empty(*rows, hidden, dtype=dtype),
+                   torch.empty(*rows, ple, dtype=dtype), torch.empty(hidden, dtype=dtype),
                    torch.empty(ple, hidden, dtype=dtype), torch.empty(hidden, ple, dtype=dtype),
                    torch.empty(hidden, dtype=dtype), torch.empty(1, dtype=dtype), *_SCALARS.values()]
-        register_replacement(ple_tail_pattern, ple_tail_replacement, example, trace, patterns, extra_check=_check,
-                             scalar_workaround=_SCALARS)
+        register_replacement(bind(ple_tail_pattern, norm=form.fn, add=add, **linear),
+                             bind(ple_tail_replacement, **linear), example, trace, patterns,
+                             extra_check=functools.partial(_check, form=form),
+                             scalar_workaround=_SCALARS, skip_duplicates=True)
     return patterns
 
 
+def _call(name: str, x, weight):
+    """The engine's linear op "ns::name" on x (looked up when traced: a module-level function, so patterns cache)."""
+    return find_op(name)(x, weight)
+
+
 def apply(graph: torch.fx.Graph, ctx) -> None:
-    _patterns().apply(graph)
+    linear_ops = [name for name in ctx.options.get("linear_ops", ()) if calls(graph, name)]
+    for form in norm_forms(graph, ctx.options):
+        for linear_op in (None, *linear_ops):
+            _patterns(form, linear_op).apply(graph)
