@@ -36,7 +36,8 @@ def test_experts_rewritten_in_every_layer(implementation, dtype):
     assert report.counts["moe_experts"] == layers
     assert sorted(m.location for m in report.matches if m.pattern == "moe_experts") == [
         f"model.layers.{i}.experts" for i in range(layers)]
-    assert not [skip for skip in report.skipped if skip.pattern == "moe_experts"] and not report.fallbacks
+    # nothing left alone: batched_mm's `gate_up_proj[expert_ids]` is a weight lookup, not rows for YOCO to report
+    assert not report.skipped and not report.fallbacks
     assert_close(logits, expected)
 
 

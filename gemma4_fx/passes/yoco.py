@@ -64,10 +64,12 @@ class LiveRows:
 
 def row_selection(node: torch.fx.Node) -> RowSelection | None:
     """`node` as a selection of rows along one dim: a slice `x[..., a:b, ...]` or `narrow`, `index_select`, or a
-    single 1-D index tensor `x[..., idx]`."""
+    single 1-D index tensor `x[..., idx]`. A lookup into a weight (an embedding table, `gate_up_proj[expert_ids]`)
+    selects no activation rows: not one."""
     name = op_name(node)
     if not node.args or not isinstance(node.args[0], torch.fx.Node) \
-            or not isinstance(value(node.args[0]), torch.Tensor) or not isinstance(value(node), torch.Tensor):
+            or not isinstance(value(node.args[0]), torch.Tensor) or not isinstance(value(node), torch.Tensor) \
+            or isinstance(value(node.args[0]), torch.nn.Parameter):
         return None
     source, rank = node.args[0], value(node.args[0]).dim()
     if name in ("index_select", "narrow") and (node.kwargs or len(node.args) < 3):
