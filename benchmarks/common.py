@@ -58,27 +58,55 @@ def plain_call_us(fn, *args) -> float:
         return triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def kernel_profile(fn, top: int = 8) -> tuple[float, str]:
-    """One call of `fn` (after one more for warm-up) under torch.profiler: the GPU's busy ms, and a summary of its
-    wall ms against that (is the host or the GPU the bottleneck?) and of the `top` kernels and host ops."""
+# Kernel families for `kernel_profile`, first match wins (names as the profiler prints them).
+KERNEL_FAMILIES = (
+    ("gemm (cuBLAS/CUTLASS)", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemma4_fx kernels", ("_router", "_moe", "moe_", "_gate_up", "_down", "_combine", "_route", "post_attn",
+                           "ple_", "_norm_kernel", "_rows")),
+    ("inductor triton", ("triton_",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill")),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, keys in KERNEL_FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+def kernel_profile(fn, top: int = 8, calls: int = 1) -> tuple[float, str]:
+    """`calls` calls of `fn` (after one more for warm-up) under torch.profiler: the GPU's busy ms per call, and a
+    summary of its wall ms against that (is the host or the GPU the bottleneck?), of the kernel families
+    (`KERNEL_FAMILIES`) and of the `top` kernels and host ops, all per call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         begin = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - begin) * 1e3
+        wall_ms = (time.perf_counter() - begin) * 1e3 / calls
     events = prof.key_averages()
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: -e.self_device_time_total)
     host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                   key=lambda e: -e.self_cpu_time_total)
-    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
-    lines = [f"wall {wall_ms:.2f} ms (profiled), GPU busy {busy_ms:.2f} ms in {sum(e.count for e in kernels)} kernels"]
-    lines += [f"  gpu {e.self_device_time_total / 1e3:7.2f} ms {e.count:5d}x {e.key[:100]}" for e in kernels[:top]]
-    lines += [f"  cpu {e.self_cpu_time_total / 1e3:7.2f} ms {e.count:5d}x {e.key[:100]}" for e in host[:top]]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    families: dict[str, list] = {}
+    for e in kernels:
+        ms_count = families.setdefault(kernel_family(e.key), [0.0, 0])
+        ms_count[0] += e.self_device_time_total / 1e3 / calls
+        ms_count[1] += e.count / calls
+    lines = [f"wall {wall_ms:.3f} ms (profiled), GPU busy {busy_ms:.3f} ms in "
+             f"{sum(e.count for e in kernels) / calls:.0f} kernels, per call"]
+    lines += ["  family " + "; ".join(f"{name} {ms:.3f} ms / {count:.0f}" for name, (ms, count)
+                                      in sorted(families.items(), key=lambda item: -item[1][0]))]
+    lines += [f"  gpu {e.self_device_time_total / 1e3 / calls:7.3f} ms {e.count / calls:6.1f}x {e.key[:100]}"
+              for e in kernels[:top]]
+    lines += [f"  cpu {e.self_cpu_time_total / 1e3 / calls:7.3f} ms {e.count / calls:6.1f}x {e.key[:100]}"
+              for e in host[:top]]
     return busy_ms, "\n".join(lines)
 
 

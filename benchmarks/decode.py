@@ -12,7 +12,7 @@ count and CUDA-graph stats.
 `gemma4_fx auto, no epilogues` leaves out the post-attention norm and PLE tail rewrites, so the difference to
 `gemma4_fx auto` is their share of the step. The floor is the bytes of weights one step must read (all but the
 embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
-device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (decode tokens per second), and
+device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (ms per decoded token, prefill left out), and
 beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included) through the backend.
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
@@ -34,12 +34,14 @@ from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 from gemma4_fx.presets import cache_kwargs  # noqa: E402
-from benchmarks.common import copy_bandwidth, markdown, rebuild, run_jobs, shareable, synchronize  # noqa: E402
+from benchmarks.common import copy_bandwidth, kernel_profile, markdown, rebuild, run_jobs, shareable, synchronize  # noqa: E402
 
 EPILOGUES = ("post_attn_norm", "ple_tail")
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
             "gemma4_fx auto, no epilogues")
 GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.generate")
+GENERATE_SHORT = 16  # new tokens of the shorter generate run, whose time is subtracted
+PROFILED_STEPS = 10  # decode steps under the profiler (`--profile`)
 WARMUP = 4  # steps before timing: compile, recompile with the cache's moving int dynamic, warm up, capture
 
 
@@ -61,6 +63,18 @@ def compiled_variant(model, name: str):
     else:
         backend = ours(name.split()[1])
     return torch.compile(model, backend=backend), backend
+
+
+def described(backend: gemma4_fx.Gemma4Backend) -> str:
+    """Each compiled graph's match counts, why candidates were left alone, failed captures and the CUDA-graph stats:
+    what a user should check before reading the times."""
+    report = backend.report
+    counts = "; ".join(f"{name}: " + ", ".join(f"{p} {n}" for p, n in r.counts.items() if n)
+                       for name, r in backend.graph_reports.items())
+    reasons = sorted({f"{skip.pattern}: {skip.reason}" for skip in report.skipped})
+    return (f"{len(backend.graph_reports)} compiled graph(s) [{counts}]; {backend.cudagraph_stats}"
+            + "".join(f"\n    left alone: {reason}" for reason in reasons)
+            + "".join(f"\n    {line}" for line in report.fallbacks + report.uncaptured))
 
 
 def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
@@ -92,7 +106,7 @@ def median_block_ms(fn, steps: int, repeats: int, device) -> float:
 
 def step_job(variant: str, batch: int, model, args, turn) -> dict:
     fn, backend = compiled_variant(model, variant)
-    cache = filled_cache(model, batch, args.context, WARMUP + args.steps * args.repeats)
+    cache = filled_cache(model, batch, args.context, WARMUP + args.steps * args.repeats + 2 * PROFILED_STEPS)
     ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=model.device)
     position = torch.tensor([args.context], device=model.device)
 
@@ -104,34 +118,44 @@ def step_job(variant: str, batch: int, model, args, turn) -> dict:
             step()
         with turn():
             result = {"value": median_block_ms(step, args.steps, args.repeats, model.device)}
+            if args.profile:
+                result["gpu busy"], result["profile"] = kernel_profile(step, calls=PROFILED_STEPS)
     if backend is not None:
-        result["graphs"] = f"{len(backend.graph_reports)} compiled graph(s); {backend.cudagraph_stats}"
+        result["graphs"] = described(backend)
     return result
 
 
 def generate_job(variant: str, batch: int, model, args, turn) -> dict:
-    """Greedy decode tokens/s: HF `generate` (`eager` uncompiled, the others through its `CompileConfig`), or our
-    loop (`gemma4_fx.generate`, through the backend). The prompt is at most a sliding window long (transformers
-    5.17's static sliding cache fails on longer prefills)."""
-    kwargs = dict(do_sample=False, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens)
-    prompt = min(args.context, model.config.sliding_window)
+    """Greedy decode through HF `generate` (`eager` uncompiled, the others through its `CompileConfig`), or our loop
+    (`gemma4_fx.generate`, through the backend). Per generated token: (t(N) - t(16)) / (N - 16) for N =
+    `--new-tokens`, which leaves the prefill and the first steps out, as a user sees the decode rate. The prompt is
+    at most a sliding window long (transformers 5.17's static sliding cache fails on longer prefills)."""
+    prompt = min(args.prompt, model.config.sliding_window)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
-    if variant == "gemma4_fx.generate":
-        backend = ours("auto")
+    backend = ours("auto") if variant in ("gemma4_fx auto", "gemma4_fx.generate") else None
 
-        def run():
+    def run(new_tokens: int):
+        kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+        if variant == "gemma4_fx.generate":
             return gemma4_fx.generate(model, ids, backend=backend, **kwargs)
-    else:
-        config = {"eager": None, "reduce-overhead": CompileConfig(),
-                  "gemma4_fx auto": CompileConfig(backend=ours("auto"))}[variant]
-        kwargs.update(cache_implementation="static", disable_compile=config is None, compile_config=config)
+        config = {"eager": None, "reduce-overhead": CompileConfig(), "gemma4_fx auto": CompileConfig(backend=backend)}
+        return model.generate(ids, cache_implementation="static", disable_compile=variant == "eager",
+                              compile_config=config[variant], **kwargs)
 
-        def run():
-            return model.generate(ids, **kwargs)
-    run()  # compiles, captures
+    short, long = GENERATE_SHORT, args.new_tokens
+    for new_tokens in (short, long):  # compile, capture: each length sizes its own static cache
+        run(new_tokens)
     with turn():
-        seconds = median_block_ms(run, 1, 3, model.device) / 1e3
-    return {"value": batch * args.new_tokens / seconds, "prompt": prompt}
+        t_short, t_long = (median_block_ms(lambda: run(n), 1, args.repeats, model.device) for n in (short, long))
+        if args.profile:  # the whole call, prefill included: how much of the wall time the GPU is busy
+            _, result_profile = kernel_profile(lambda: run(long))
+    per_token = (t_long - t_short) / (long - short)
+    result = {"value": per_token, "prompt": prompt}
+    if args.profile:
+        result["profile"] = result_profile
+    if backend is not None:
+        result["graphs"] = described(backend)
+    return result
 
 
 def job(spec, turn) -> dict:
@@ -147,7 +171,8 @@ def job(spec, turn) -> dict:
         return turn()
 
     result = (step_job if kind == "step" else generate_job)(variant, batch, model, args, noted_turn)
-    print(f"{label}: {result}", flush=True)
+    details = [result.pop(key) for key in ("graphs", "profile") if key in result]
+    print("\n".join([f"{label}: {result}", *details]), flush=True)
     return result
 
 
@@ -186,17 +211,20 @@ def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
             continue
         row = (steps if kind == "step" else generate)[(label, batch)]
         row[variant] = result["value"]
+        if "gpu busy" in result:
+            row[f"{variant}, GPU busy"] = result["gpu busy"]
         if kind == "generate":
             row["prompt"] = result["prompt"]
-    for (label, batch), row in steps.items():
-        best = min((row[v] for v in row if str(v).startswith("gemma4_fx")), default=None)
-        for name in ("inductor", "reduce-overhead"):
-            if name in row and best:
-                row[f"{name} / gemma4_fx"] = row[name] / best
-        if bandwidth:
-            row["floor"] = weight_bytes(models[label], batch) / bandwidth * 1e3
-            if best:
-                row["gemma4_fx / floor"] = best / row["floor"]
+    for rows in (steps, generate):
+        for (label, batch), row in rows.items():
+            best = min((row[v] for v in row if str(v).startswith("gemma4_fx") and "busy" not in str(v)), default=None)
+            for name in ("inductor", "reduce-overhead"):
+                if name in row and best:
+                    row[f"{name} / gemma4_fx"] = row[name] / best
+            if bandwidth:
+                row["floor"] = weight_bytes(models[label], batch) / bandwidth * 1e3
+                if best:
+                    row["gemma4_fx / floor"] = best / row["floor"]
     return list(steps.values()), list(generate.values())
 
 
@@ -205,7 +233,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", nargs="+", default=["e2b", "26b-a4b:8"],
                         help="preset[:layers] (default: e2b at its 35 layers, 26b-a4b at 8)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32], help="batch sizes of the decode step")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
@@ -213,9 +241,16 @@ def main():
     parser.add_argument("--generate", type=int, nargs="*", default=[],
                         help="batch sizes for HF generate and gemma4_fx.generate")
     parser.add_argument("--generate-variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48, help=f"new tokens of the longer generate run (> {GENERATE_SHORT})")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens of the generate runs")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the GPU's busy time against the wall time, and the kernel families, per job")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     args = parser.parse_args()
+    if args.profile and args.device != "cuda":
+        parser.error("--profile: needs --device cuda")
+    if args.generate and args.new_tokens <= GENERATE_SHORT:
+        parser.error(f"--new-tokens: expected more than {GENERATE_SHORT} (the shorter run's), got {args.new_tokens}")
     start = time.perf_counter()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -238,8 +273,8 @@ def main():
     print(f"{len(jobs)} jobs, {time.perf_counter() - start:.0f} s in all")
     step_rows, generate_rows = tables(models, jobs, results, args, bandwidth)
     if generate_rows:
-        print(f"\n### generate, decode tokens/s ({args.new_tokens} new tokens; HF generate, and gemma4_fx.generate; "
-              "higher is better)\n\n"
+        print(f"\n### generate, ms per decoded token ((t({args.new_tokens}) - t({GENERATE_SHORT})) / "
+              f"{args.new_tokens - GENERATE_SHORT}; HF generate, and gemma4_fx.generate; lower is better)\n\n"
               + markdown(generate_rows))
     print(f"\n### Decode step, ms (context {args.context}, lower is better)\n\n" + markdown(step_rows))
 

@@ -28,6 +28,7 @@ def assert_close(logits, expected):
     assert error <= TOLERANCE[expected.dtype] * expected.double().abs().max().item(), error
 
 
+@pytest.mark.compat  # the forms each transformers version writes
 @pytest.mark.parametrize("implementation,dtype", [("grouped_mm", torch.float32), ("grouped_mm", torch.bfloat16),
                                                   ("batched_mm", torch.bfloat16)])
 def test_experts_rewritten_in_every_layer(implementation, dtype):
@@ -63,3 +64,72 @@ def test_eager_loop_compiles_untouched():
     report, logits, expected, _ = compile_moe(torch.float32, "eager", layers=1)
     assert report.counts["moe_experts"] == 0 and not report.fallbacks
     assert_close(logits, expected)
+
+
+class SentinelGuardedExperts(torch.nn.Module):
+    """The experts as transformers 5.17 writes them, guarding expert-parallel sentinels (ids >= E): "grouped_mm"
+    zeroes their rows around each grouped GEMM, "batched_mm" clamps the ids. The routing is a top-k over
+    `scores` inside the module (ids provably < E), or `ids` given."""
+
+    def __init__(self, experts, implementation):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = experts.gate_up_proj, experts.down_proj
+        self.num_experts, self.implementation = experts.num_experts, implementation
+
+    def forward(self, x, weights, scores=None, ids=None):
+        if ids is None:
+            ids = torch.topk(scores, weights.shape[-1], dim=-1).indices
+        return getattr(self, self.implementation)(x, ids, weights)
+
+    def grouped_mm(self, x, ids, weights):
+        num_experts, top_k = self.num_experts, ids.shape[-1]
+        sorted_ids, perm = torch.sort(ids.reshape(-1))
+        sentinel = (sorted_ids >= num_experts).unsqueeze(-1)
+        offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=num_experts, min=0, max=num_experts - 1), dim=0,
+                               dtype=torch.int32)
+        rows = x[perm // top_k].masked_fill(sentinel, 0.0)
+        gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets).masked_fill(
+            sentinel, 0.0).chunk(2, dim=-1)
+        y = torch._grouped_mm(torch.nn.functional.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(1, 2),
+                              offs=offsets).masked_fill(sentinel, 0.0)
+        weighted = y * weights.reshape(-1)[perm].unsqueeze(-1)
+        unsorted = weighted[torch.empty_like(perm).index_put_((perm,), torch.arange(perm.numel()))]
+        return unsorted.view(*ids.shape, -1).sum(dim=1).to(x.dtype)
+
+    def batched_mm(self, x, ids, weights):
+        flat_ids = ids.reshape(-1).clamp(0, self.num_experts - 1)
+        rows = x.repeat_interleave(ids.shape[-1], dim=0)
+        gate, up = torch.bmm(self.gate_up_proj[flat_ids], rows.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        act = torch.nn.functional.gelu(gate, approximate="tanh") * up
+        y = torch.bmm(self.down_proj[flat_ids], act.unsqueeze(-1)).squeeze(-1)
+        return (y * weights.reshape(-1).unsqueeze(-1)).view(*ids.shape, -1).sum(dim=1).to(x.dtype)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("routing", ["top-k inside", "ids given"])
+def test_sentinel_guards(implementation, routing):
+    """Zeroing sentinel rows is a no-op, and is dropped, only where the ids are a top-k over the E experts' scores
+    (else: left alone, with the reason); a clamp of the ids is kept, so a sentinel given as an id (weight 0) gives
+    eager's output too."""
+    model = gemma4_fx.build_model(MOE, dtype=torch.bfloat16, num_hidden_layers=1)
+    module = SentinelGuardedExperts(model.model.layers[0].experts, implementation)
+    generator = torch.Generator().manual_seed(0)
+    tokens, experts, top_k = 6, module.num_experts, model.config.top_k_experts
+    x = torch.randn(tokens, model.config.hidden_size, generator=generator).bfloat16()
+    weights = torch.rand(tokens, top_k, generator=generator)
+    scores = torch.randn(tokens, experts, generator=generator)
+    ids = torch.topk(scores, top_k, dim=-1).indices
+    if implementation == "batched_mm" and routing == "ids given":
+        ids[0, -1], weights[0, -1] = experts, 0.0  # a sentinel, its weight zero as expert parallelism sends it
+    inputs = dict(scores=scores) if routing == "top-k inside" else dict(ids=ids)
+    backend = gemma4_fx.Gemma4Backend()
+    with torch.no_grad():
+        expected = module(x, weights, **inputs)
+        out = torch.compile(module, backend=backend)(x, weights, **inputs)
+    rewritten = not (implementation == "grouped_mm" and routing == "ids given")
+    assert backend.report.counts["moe_experts"] == rewritten
+    if not rewritten:
+        assert [skip.reason for skip in backend.report.skipped if skip.pattern == "moe_experts"] == [
+            "expert ids may be expert-parallel sentinels (>= E), which the kernels do not take: they do not come "
+            "from a top-k over the E experts' scores"]
+    assert_close(out, expected)

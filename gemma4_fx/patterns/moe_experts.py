@@ -16,6 +16,11 @@ launches with no host sync, each expert's weights read once per tile (replacemen
 roundings as the grouped_mm path. The chain is checked link by link from the second grouped GEMM outwards; the
 activation between the two GEMMs is checked by value (whatever ops compute it, it must give gelu_tanh bit for bit
 on probe values). A chain that breaks anywhere is left to Inductor with the reason.
+
+transformers 5.17 guards expert-parallel sentinels (ids >= E) in both forms: "batched_mm" clamps the ids, and the
+rewrite clamps the ids it takes the same way; "grouped_mm" zeroes the sentinels' rows around each GEMM, which the
+rewrite drops where no id can be a sentinel (the ids are a top-k over the E experts' scores) and leaves the block
+alone otherwise.
 """
 
 from __future__ import annotations
@@ -146,17 +151,65 @@ def _weight_column(node, what: str) -> torch.fx.Node:
     return _expect(_expect(node, (aten.unsqueeze.default,), what).args[0], (aten.index.Tensor,) + _RESHAPES, what)
 
 
+def _unmasked(node, masks: list) -> torch.fx.Node:
+    """`where(mask, 0, x)` -> x, with the mask added to `masks`; any other node as it is. (transformers 5.17 zeroes the
+    rows of expert-parallel sentinels, ids >= E, around each grouped GEMM.)"""
+    if isinstance(node, torch.fx.Node) and node.target is aten.where.self:
+        mask, zero, inner = node.args
+        if isinstance(zero, torch.fx.Node) and zero.target is aten.full.default and zero.args[1] == 0:
+            masks.append(mask)
+            return inner
+    return node
+
+
+def _masked_user(node: torch.fx.Node, masks: list) -> torch.fx.Node:
+    """`node`'s sole user if that is `where(mask, 0, node)` (its mask added to `masks`), else `node`."""
+    user = next(iter(node.users)) if len(node.users) == 1 else None
+    return user if user is not None and user.args[2:] == (node,) and _unmasked(user, masks) is node else node
+
+
+def _ids_below(ids, experts: int) -> bool:
+    """Whether `ids` provably hold values in [0, experts): the indices of a top-k over at most `experts` scores,
+    eager's or the router rewrite's, through reshapes."""
+    while isinstance(ids, torch.fx.Node) and ids.target in _RESHAPES + (aten.clone.default,):
+        ids = ids.args[0]
+    if not (isinstance(ids, torch.fx.Node) and ids.target is operator.getitem and ids.args[1] == 1):
+        return False
+    top_k = ids.args[0]
+    if top_k.target is aten.topk.default:
+        dim = top_k.args[2] if len(top_k.args) > 2 else top_k.kwargs.get("dim", -1)
+        return value(top_k.args[0]).shape[dim] <= experts
+    return top_k.target is torch.ops.gemma4_fx.router_select.default and value(top_k.args[0]).shape[-1] <= experts
+
+
+def _check_sentinel_masks(masks: list, sort: torch.fx.Node, top_k_index: torch.fx.Node, experts: int) -> None:
+    """The rows zeroed are those of sorted ids >= E, and no id can be one (so the zeroing is a no-op): the kernels
+    take no sentinels."""
+    for mask in masks:
+        ge = _expect(_expect(mask, (aten.unsqueeze.default,), "sentinel mask").args[0], (aten.ge.Scalar,),
+                     "sentinel mask")
+        ids = ge.args[0]
+        if not (ids.target is operator.getitem and ids.args == (sort, 0) and ge.args[1] == experts):
+            raise _Mismatch("rows zeroed by a mask other than sorted expert ids >= E")
+    if masks and not _ids_below(top_k_index, experts):
+        raise _Mismatch("expert ids may be expert-parallel sentinels (>= E), which the kernels do not take: they do "
+                        "not come from a top-k over the E experts' scores")
+
+
 def _match_grouped(down_mm: torch.fx.Node):
-    """transformers' "grouped_mm" experts: pairs sorted by expert, two grouped GEMMs over the groups, unsorted."""
+    """transformers' "grouped_mm" experts: pairs sorted by expert, two grouped GEMMs over the groups, unsorted;
+    with or without transformers 5.17's zeroing of sentinel rows around the GEMMs."""
+    masks = []
     act, down_t, offs = down_mm.args[:3]
     down_proj = _transposed_weight(down_t, "down projection")
-    gate_up_mm, _ = _gated_activation(act, lambda node: _expect(node, _grouped_mms(), "gate_up grouped GEMM"))
+    gate_up_mm, _ = _gated_activation(act, lambda node: _expect(_unmasked(node, masks), _grouped_mms(),
+                                                                "gate_up grouped GEMM"))
     x_sorted, gate_up_t, gate_up_offs = gate_up_mm.args[:3]
     if gate_up_offs is not offs:
         raise _Mismatch("the two grouped GEMMs do not share their group offsets")
     gate_up_proj = _transposed_weight(gate_up_t, "gate_up projection")
 
-    hidden, [source_rows] = _expect(x_sorted, (aten.index.Tensor,), "token gather").args
+    hidden, [source_rows] = _expect(_unmasked(x_sorted, masks), (aten.index.Tensor,), "token gather").args
     floor_div = _expect(source_rows, (aten.div.Tensor_mode,), "pair -> token")
     perm, top_k = floor_div.args[:2]
     if floor_div.kwargs.get("rounding_mode") != "floor":
@@ -167,7 +220,8 @@ def _match_grouped(down_mm: torch.fx.Node):
     if perm.args[1] != 1 or value(top_k_index).shape[-1] != top_k:
         raise _Mismatch("expert sort: not the ids' permutation, or K differs from the ids' width")
 
-    weighted = _only_user(down_mm, (aten.mul.Tensor,), "routing weight product")
+    weighted = _only_user(_masked_user(down_mm, masks), (aten.mul.Tensor,), "routing weight product")
+    _check_sentinel_masks(masks, sort, top_k_index, value(gate_up_proj).shape[0])
     gathered = _weight_column(weighted.args[1], "routing weight column")
     if gathered.target is not aten.index.Tensor or gathered.args[1][0] is not perm:
         raise _Mismatch("routing weights are not gathered in the sorted order")
@@ -176,7 +230,7 @@ def _match_grouped(down_mm: torch.fx.Node):
     inverse = _expect(unsort.args[1][0], (aten.index_put.default,), "inverse permutation")
     if inverse.args[1][0] is not perm:
         raise _Mismatch("unsort: not the inverse of the sort's permutation")
-    return _sum_over_k(unsort, hidden), hidden, top_k_index, top_k_weights, gate_up_proj, down_proj
+    return _sum_over_k(unsort, hidden), hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, None
 
 
 def _batched_gemm(squeeze, what: str) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
@@ -188,6 +242,27 @@ def _batched_gemm(squeeze, what: str) -> tuple[torch.fx.Node, torch.fx.Node, tor
     return rows, weight, flat_ids
 
 
+_CLAMP_BOUNDS = {aten.clamp.default: ("min", "max"), aten.clamp_min.default: ("min",),
+                 aten.clamp_max.default: ("max",)}
+
+
+def _clamped(ids: torch.fx.Node) -> tuple[torch.fx.Node, tuple[int | None, int | None] | None]:
+    """`ids` with any chain of constant clamps on it peeled off: (the unclamped node, (low, high) of the chain or
+    None). transformers clamps the flat ids into [0, E - 1] (for expert-parallel sentinels); where Inductor cannot
+    prove that a no-op (on CUDA) it stays in the graph, and the rewrite applies the same clamp to the ids it takes."""
+    low = high = None
+    bounded = False
+    while isinstance(ids, torch.fx.Node) and ids.target in _CLAMP_BOUNDS:
+        bounds = {**dict(zip(_CLAMP_BOUNDS[ids.target], ids.args[1:])), **ids.kwargs}
+        lo, hi = bounds.get("min"), bounds.get("max")
+        if not all(bound is None or isinstance(bound, int) for bound in (lo, hi)):
+            raise _Mismatch(f"expert ids: {ids.target} with bounds that are not constant ints")
+        low = lo if low is None else low if lo is None else max(low, lo)
+        high = hi if high is None else high if hi is None else min(high, hi)
+        bounded, ids = True, ids.args[0]
+    return ids, ((low, high) if bounded else None)
+
+
 def _match_batched(down_squeeze: torch.fx.Node):
     """transformers' "batched_mm" experts: each pair's expert weights gathered, two batched matrix-vector GEMMs."""
     act, down_proj, flat_ids = _batched_gemm(down_squeeze, "down GEMM")
@@ -195,6 +270,7 @@ def _match_batched(down_squeeze: torch.fx.Node):
                                                                                                 "gate_up GEMM"))
     if gate_up_ids is not flat_ids:
         raise _Mismatch("the two GEMMs gather their weights by different ids")
+    flat_ids, id_bounds = _clamped(flat_ids)
     top_k_index = _expect(flat_ids, _RESHAPES, "flattened expert ids").args[0]
     # x.repeat_interleave(K, 0) as Inductor writes it: x.unsqueeze(1).expand(T, K, H) made contiguous, flattened
     expanded = _expect(_expect(x_rows, _RESHAPES, "repeated tokens").args[0], (aten.clone.default, aten.expand.default),
@@ -209,15 +285,16 @@ def _match_batched(down_squeeze: torch.fx.Node):
     flat_weights = _weight_column(weighted.args[1], "routing weight column")
     if flat_weights.target not in _RESHAPES:
         raise _Mismatch("routing weights are gathered, not taken in pair order")
-    return _sum_over_k(weighted, hidden), hidden, top_k_index, flat_weights.args[0], gate_up_proj, down_proj
+    return (_sum_over_k(weighted, hidden), hidden, top_k_index, flat_weights.args[0], gate_up_proj, down_proj,
+            id_bounds)
 
 
 def _candidates(graph: torch.fx.Graph):
     """(matcher, node) for each GEMM that may be an experts block's down projection: grouped GEMMs and squeezed
-    batched GEMMs whose output is not split in two halves (that would be the gate_up one)."""
+    batched GEMMs whose output (masked or not) is not split in two halves (that would be the gate_up one)."""
     for target in _grouped_mms():
         for node in graph.find_nodes(op="call_function", target=target):
-            if not any(user.target in _SPLITS for user in node.users):
+            if not any(user.target in _SPLITS for user in _masked_user(node, []).users):
                 yield _match_grouped, node
     for bmm in graph.find_nodes(op="call_function", target=aten.bmm.default):
         gathered = bmm.args[0]
@@ -252,13 +329,20 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
         if down.graph is not graph:  # erased with an earlier match
             continue
         try:
-            out, *operands = match(down)
+            out, *operands, id_bounds = match(down)
         except _Mismatch as mismatch:
             ctx.skipped(NAME, down, str(mismatch))
             continue
         if not ctx.decide(NAME, down, _unsupported(*operands)):
             continue
         with graph.inserting_before(out):
+            if id_bounds is not None:  # the clamp the ids had (clamp_min / clamp_max: Inductor lowers those)
+                hidden, top_k_index, *weights = operands
+                for op, bound in zip((aten.clamp_min.default, aten.clamp_max.default), id_bounds):
+                    if bound is not None:
+                        top_k_index = graph.call_function(op, (top_k_index, bound))
+                        top_k_index.meta["val"] = value(operands[1])
+                operands = [hidden, top_k_index, *weights]
             fused = graph.call_function(torch.ops.gemma4_fx.moe_experts.default, tuple(operands))
         fused.meta.update(out.meta)
         out.replace_all_uses_with(fused)
