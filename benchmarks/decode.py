@@ -12,8 +12,9 @@ count and CUDA-graph stats.
 `gemma4_fx auto, no epilogues` leaves out the post-attention norm and PLE tail rewrites, so the difference to
 `gemma4_fx auto` is their share of the step. The floor is the bytes of weights one step must read (all but the
 embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
-device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (ms per decoded token, prefill left out), and
-beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included) through the backend.
+device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (ms per decoded token, prefill
+left out), and beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included)
+through the backend. `--profile` prints, per job, the GPU's busy time against the wall time and the kernel families.
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
 by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
@@ -34,7 +35,8 @@ from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 from gemma4_fx.presets import cache_kwargs  # noqa: E402
-from benchmarks.common import copy_bandwidth, kernel_profile, markdown, rebuild, run_jobs, shareable, synchronize  # noqa: E402
+from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, rebuild, run_jobs,  # noqa: E402
+                               shareable, synchronize)
 
 EPILOGUES = ("post_attn_norm", "ple_tail")
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
@@ -241,7 +243,8 @@ def main():
     parser.add_argument("--generate", type=int, nargs="*", default=[],
                         help="batch sizes for HF generate and gemma4_fx.generate")
     parser.add_argument("--generate-variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_VARIANTS)
-    parser.add_argument("--new-tokens", type=int, default=48, help=f"new tokens of the longer generate run (> {GENERATE_SHORT})")
+    parser.add_argument("--new-tokens", type=int, default=48,
+                        help=f"new tokens of the longer generate run (> {GENERATE_SHORT})")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens of the generate runs")
     parser.add_argument("--profile", action="store_true",
                         help="print the GPU's busy time against the wall time, and the kernel families, per job")
