@@ -201,10 +201,13 @@ class EngineGemma4(torch.nn.Module):
         if ple:
             self.embed_per_layer = weights.matrix(config.vocab_size_per_layer_input, depth * ple)
             self.per_layer_projection, self.per_layer_norm = weights.matrix(depth * ple, hidden), weights.scale(ple)
+        # transformers' KV sharing: the last num_kv_shared_layers reuse the cache of the last earlier layer of their
+        # attention type
+        first_shared = depth - (config.num_kv_shared_layers or 0)
         stored, layers = {}, []
-        for i, (kind, mode) in enumerate(zip(config.layer_types, config.kv_sharing_modes)):
-            layers.append(Layer(config, i, self.forms, weights, stored[kind] if mode == "reuse" else None))
-            if mode == "store":
+        for i, kind in enumerate(config.layer_types):
+            layers.append(Layer(config, i, self.forms, weights, stored[kind] if i >= first_shared else None))
+            if i < first_shared:
                 stored[kind] = i
         self.layers = torch.nn.ModuleList(layers)
         self.eval()
