@@ -8,8 +8,8 @@ from .generation import generate
 from .inspection import inspect
 from .passes.pipeline import Gemma4Passes
 from .patterns import PATTERNS
-from .presets import PRESETS, build_model, randomize_, text_config
+from .presets import PRESETS, build_model, multimodal_config, randomize_, text_config
 from .report import Report
 
 __all__ = ["GRAPH_PASSES", "Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model",
-           "gemma4_backend", "generate", "inspect", "randomize_", "text_config"]
+           "gemma4_backend", "generate", "inspect", "multimodal_config", "randomize_", "text_config"]
