@@ -3,7 +3,7 @@
     torch.compile(model, backend=gemma4_fx.gemma4_backend)
 """
 
-from .backend import GRAPH_PASSES, Gemma4Backend, gemma4_backend
+from .backend import GRAPH_PASSES, Gemma4Backend, capture_data_dependent_ops, gemma4_backend
 from .generation import generate
 from .inspection import inspect
 from .passes.pipeline import Gemma4Passes
@@ -12,4 +12,5 @@ from .presets import PRESETS, build_model, multimodal_config, randomize_, text_c
 from .report import Report
 
 __all__ = ["GRAPH_PASSES", "Gemma4Backend", "Gemma4Passes", "PATTERNS", "PRESETS", "Report", "build_model",
-           "gemma4_backend", "generate", "inspect", "multimodal_config", "randomize_", "text_config"]
+           "capture_data_dependent_ops", "gemma4_backend", "generate", "inspect", "multimodal_config", "randomize_",
+           "text_config"]
