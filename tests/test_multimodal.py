@@ -167,8 +167,8 @@ def test_without_capture_the_break_costs_yoco():
         expected = model(input_ids, **inputs, logits_to_keep=keep, use_cache=False).logits
     assert_close(logits.logits, expected)
     assert len(backend.graphs) > 1 and backend.report.counts["yoco"] == 0
-    assert [s.reason for s in backend.report.skipped] == \
-        ["kept rows are selected from a graph input (a graph break above the selection?)"]
+    assert len(backend.report.skipped) == 1
+    assert backend.report.skipped[0].reason.startswith("kept rows are selected from a graph input")
 
 
 @pytest.mark.compat
