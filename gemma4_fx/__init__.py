@@ -3,9 +3,10 @@
     torch.compile(model, backend=gemma4_fx.gemma4_backend)
 """
 
-from .backend import GRAPH_PASSES, Gemma4Backend, capture_data_dependent_ops, gemma4_backend
+from .backend import GRAPH_PASSES, Gemma4Backend, gemma4_backend
 from .generation import generate
 from .inspection import inspect
+from .multimodal import capture_data_dependent_ops
 from .passes.pipeline import Gemma4Passes
 from .patterns import PATTERNS
 from .presets import PRESETS, build_model, multimodal_config, randomize_, text_config

@@ -207,18 +207,6 @@ class Gemma4Backend:
             return compile_fx(gm, example_inputs, config_patches=config)
 
 
-def capture_data_dependent_ops():
-    """A context in which Dynamo traces ops whose output size or value depends on tensor data (boolean masks,
-    `nonzero`, `.tolist()`, `.item()`) into the graph, with unbacked sizes, instead of breaking the graph there.
-
-    Multimodal Gemma-4 needs it around the calls of its compiled model (the first call traces): its encoders' soft
-    tokens are selected by masks and split by `.tolist()`, and a break anywhere under `Gemma4Model.forward` leaves
-    the language model's last hidden states as a graph output and the selection of the kept rows (`logits_to_keep`)
-    in a graph of its own, where YOCO cannot move it. (torch.compile drops a backend's own context,
-    `backend_ctx_ctor`, so the caller enters this one.)"""
-    return torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
-
-
 def _split_patterns(patterns) -> tuple[list[str] | None, tuple[str, ...]]:
     """(names for `Gemma4Passes`, names of `GRAPH_PASSES`) of the backend's `patterns` argument; unknown names are
     left for `Gemma4Passes` to reject."""

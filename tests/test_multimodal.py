@@ -4,9 +4,8 @@ The whole model compiles into one Dynamo graph under `capture_data_dependent_ops
 rewrites fire as in the text-only model, layer for layer, and YOCO still runs the KV-shared layers on the kept
 rows. Each test compares logits (fp32) or greedy tokens against eager on the same model.
 
-transformers' image processor needs torchvision or PIL, which the tests do without: `image_inputs` patchifies
-images in its layout (patches in row-major order, each `patch x patch x channels`, padded to a fixed count with
-position (-1, -1)). Audio goes through transformers' own `Gemma4AudioFeatureExtractor` (numpy only).
+transformers' image processor needs torchvision or PIL, which the tests do without: `multimodal.image_inputs` lays
+images out as it does. Audio goes through transformers' own `Gemma4AudioFeatureExtractor` (numpy only).
 """
 
 import numpy as np
@@ -16,29 +15,10 @@ from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeat
 
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, build_model
+from gemma4_fx.multimodal import image_inputs, prompt
 from helpers import YocoOnly, attention_query_rows
 
-MAX_SOFT_TOKENS = 70  # the image processor's smallest budget: 70 * 3 * 3 patches per image
 TOLERANCE = 2e-5  # of max |logits|, fp32
-
-
-def image_inputs(model, sizes, seed=0):
-    """(pixel_values, image_position_ids, soft tokens per image) for random images of `sizes` (height, width), as
-    the image processor lays them out."""
-    vision = model.config.vision_config
-    patch, pool = vision.patch_size, vision.pooling_kernel_size
-    max_patches = MAX_SOFT_TOKENS * pool ** 2
-    generator = torch.Generator().manual_seed(seed)
-    pixels, positions, soft_tokens = [], [], []
-    for height, width in sizes:
-        rows, cols = height // patch, width // patch
-        image = torch.rand(3, height, width, generator=generator)
-        patches = image.reshape(3, rows, patch, cols, patch).permute(1, 3, 2, 4, 0).reshape(rows * cols, -1)
-        xy = torch.stack(torch.meshgrid(torch.arange(cols), torch.arange(rows), indexing="xy"), -1).reshape(-1, 2)
-        pixels.append(torch.cat([patches, patches.new_zeros(max_patches - len(patches), patches.shape[1])]))
-        positions.append(torch.cat([xy, xy.new_full((max_patches - len(xy), 2), -1)]))
-        soft_tokens.append(rows * cols // pool ** 2)
-    return torch.stack(pixels), torch.stack(positions), soft_tokens
 
 
 def audio_inputs(model, seconds, seed=0):
@@ -50,23 +30,6 @@ def audio_inputs(model, seconds, seed=0):
     with torch.no_grad():
         mask = model.model.audio_tower(features["input_features"], features["input_features_mask"]).attention_mask
     return features["input_features"], features["input_features_mask"], mask.sum(-1).tolist()
-
-
-def prompt(model, image_tokens=(), audio_tokens=(), text=6, seed=0):
-    """Token ids: text, then each image's and clip's placeholders between their begin and end tokens, each after a
-    few text tokens, then text; ordinary tokens drawn below the special ids at the top of the tiny vocabulary."""
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-
-    def words(n):
-        return torch.randint(3, config.boi_token_id, (n,), generator=generator).tolist()
-
-    ids = words(text)
-    for count in image_tokens:
-        ids += [config.boi_token_id] + [config.image_token_id] * count + [config.eoi_token_id] + words(2)
-    for count in audio_tokens:
-        ids += [config.boa_token_id] + [config.audio_token_id] * count + [config.eoa_token_index] + words(2)
-    return torch.tensor([ids + words(text)])
 
 
 def assert_close(out, expected):
@@ -89,13 +52,14 @@ def language_model_matches(report):
 def model_inputs(model, images=(), audio=(), seed=0):
     """(input_ids, the encoders' inputs) of a prompt with `images` (sizes) and `audio` clips (seconds)."""
     inputs, image_tokens, audio_tokens = {}, [], []
+    generator = torch.Generator().manual_seed(seed)
     if images:
-        pixel_values, positions, image_tokens = image_inputs(model, images, seed)
+        pixel_values, positions, image_tokens = image_inputs(model.config.vision_config, images, generator=generator)
         inputs.update(pixel_values=pixel_values, image_position_ids=positions)
     if audio:
         features, mask, audio_tokens = audio_inputs(model, audio, seed)
         inputs.update(input_features=features, input_features_mask=mask)
-    return prompt(model, image_tokens, audio_tokens, seed=seed), inputs
+    return prompt(model.config, 6, image_tokens, audio_tokens, generator=generator), inputs
 
 
 def run(model, backend, input_ids, inputs, compiled=None):
@@ -210,3 +174,5 @@ def test_multimodal_presets(preset):
     assert model.model.language_model.config.num_kv_shared_layers == build_model(preset).config.num_kv_shared_layers
     with pytest.raises(ValueError, match="preset"):
         build_model("tiny-nope", multimodal=True)
+    with pytest.raises(ValueError, match="sizes"):
+        image_inputs(model.config.vision_config, [(36, 13)])
