@@ -151,8 +151,8 @@ def job(spec, turn) -> dict:
     forward = model if compiler is None else torch.compile(model, backend=compiler, mode=mode, dynamic=len(shapes) > 1)
     runs, encoders, result = {}, {}, {"shapes": {}}
     for shape in shapes:
-        generator = torch.Generator().manual_seed(sum(shape))
         if args.images:
+            generator = torch.Generator().manual_seed(sum(shape))
             pixel_values, positions, soft_tokens = image_inputs(
                 model.config.vision_config, [args.image_size] * args.images, max_soft_tokens=280,
                 generator=generator, device=device, dtype=model.dtype)
@@ -162,7 +162,8 @@ def job(spec, turn) -> dict:
                 torch.compile(model.model.get_image_features, backend=compiler, mode=mode)
         else:
             images, encode = {}, None
-            input_ids = torch.randint(0, model.config.vocab_size, shape, generator=generator).to(device)
+            input_ids = torch.randint(0, model.config.vocab_size, shape, device=device,
+                                      generator=torch.Generator(device=device).manual_seed(sum(shape)))
 
         def prefill(input_ids=input_ids, images=images):
             with torch.no_grad(), capture_data_dependent_ops():
@@ -281,7 +282,7 @@ def main():
     parser.add_argument("--json", default=None, help="write every row there")
     parser.add_argument("--images", type=int, default=0, help="images in a multimodal prompt (batch 1)")
     parser.add_argument("--image-size", type=parse_image_size, default=(768, 768), metavar="HxW",
-                        help="pixels, multiples of 48 (default 768x768)")
+                        help="pixels, multiples of patch x pooling size (48 at the published widths; default 768x768)")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.cuda_graph and not args.no_cache:
