@@ -131,11 +131,13 @@ def shareable(model: torch.nn.Module) -> dict:
 
 
 def rebuild(shared: dict) -> torch.nn.Module:
-    """The `Gemma4ForCausalLM` that `shareable` described, its weights (tied ones tied) the very tensors it sent."""
-    from transformers import Gemma4ForCausalLM
+    """The `Gemma4ForCausalLM` (or, for a multimodal config, `Gemma4ForConditionalGeneration`) that `shareable`
+    described, its weights (tied ones tied) the very tensors it sent."""
+    from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
+    model_class = Gemma4ForConditionalGeneration if isinstance(shared["config"], Gemma4Config) else Gemma4ForCausalLM
     with torch.device("meta"):
-        model = Gemma4ForCausalLM(shared["config"])
+        model = model_class(shared["config"])
     parameters = {}
     for name, tensor in shared["tensors"].items():
         owner, _, leaf = name.rpartition(".")

@@ -2,8 +2,9 @@
 
     python benchmarks/prefill.py [--preset e2b e4b] [--shapes 1x512 1x2048 1x8192 8x1024] [--variants ...]
                                  [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--layers N]
-                                 [--deadline 540] [--json rows.json]
+                                 [--deadline 540] [--json rows.json] [--images N --image-size HxW]
     python benchmarks/prefill.py --preset tiny-e2b --device cpu --dtype float32 --shapes 1x64 2x32   # a dry run
+    python benchmarks/prefill.py --preset e4b --images 2 --image-size 768x768 --shapes 1x512   # a multimodal prompt
 
 A prefill as HF `generate` runs it: `model(input_ids, logits_to_keep=1, use_cache=True)` with the DynamicCache the
 model makes. Random weights at the published widths and full depth (`--layers` cuts it, keeping the preset's share
@@ -22,6 +23,11 @@ Our variants run without our CUDA graphs unless `--cudagraphs auto` (the backend
 tensor in prefill, which a whole-call graph cannot hold; our runtime runs that copy between its graphs).
 `--profile` prints, per variant and shape, the GPU's busy time against the wall time and the top kernels and host
 ops: up to ~2k tokens a prefill without graphs is bound by the host, and its wall time varies between processes.
+
+`--images N` prefills `Gemma4ForConditionalGeneration` (the preset with its vision encoder) on N random images of
+`--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens,
+compiled and run under `gemma4_fx.capture_data_dependent_ops()`; the vision encoder alone (`get_image_features`,
+compiled by the same variant) is timed too, for its share of the prefill. The floor counts the language model only.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
+from gemma4_fx.multimodal import capture_data_dependent_ops, image_inputs, prompt  # noqa: E402
 from benchmarks.common import cuda_graph, kernel_profile, rebuild, run_jobs, shareable, synchronize  # noqa: E402
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
@@ -59,6 +66,13 @@ def parse_shape(text: str) -> tuple[int, int]:
     if not (batch.isdigit() and tokens.isdigit()) or int(batch) < 1 or int(tokens) < 1:
         raise argparse.ArgumentTypeError(f"shape: expected BATCHxTOKENS such as 1x2048, got {text!r}")
     return int(batch), int(tokens)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    if not (height.isdigit() and width.isdigit()) or int(height) < 1 or int(width) < 1:
+        raise argparse.ArgumentTypeError(f"image-size: expected HEIGHTxWIDTH such as 768x768, got {text!r}")
+    return int(height), int(width)
 
 
 def backend(variant: str, emulate_precision_casts: bool = True, cudagraphs: str | None = None):
@@ -100,16 +114,18 @@ def matmul_tflops(device, dtype) -> float:
 
 
 def matmul_weights(model) -> tuple[int, int, int]:
-    """(weights every token goes through, of those the ones in the KV-shared layers, the LM head's): linear layers
-    only; embedding lookups touch one row per token."""
-    first_shared = model.config.num_hidden_layers - model.config.num_kv_shared_layers
+    """(weights every token goes through, of those the ones in the KV-shared layers, the LM head's): the language
+    model's linear layers only; embedding lookups touch one row per token."""
+    text = model.config.get_text_config()
+    first_shared = text.num_hidden_layers - text.num_kv_shared_layers
+    language_model = "model.language_model." if hasattr(model.model, "language_model") else "model."
     every = shared = 0
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+        if not isinstance(module, torch.nn.Linear) or not name.startswith(language_model):
             continue
         every += module.weight.numel()
-        parts = name.split(".")
-        if parts[:2] == ["model", "layers"] and int(parts[2]) >= first_shared:
+        parts = name[len(language_model):].split(".")
+        if parts[0] == "layers" and int(parts[1]) >= first_shared:
             shared += module.weight.numel()
     return every, shared, model.lm_head.weight.numel()
 
@@ -133,14 +149,33 @@ def job(spec, turn) -> dict:
     compiler = None if variant == "eager" else backend(variant, args.emulate_precision_casts, args.cudagraphs)
     mode = "reduce-overhead" if variant == "reduce-overhead" else None
     forward = model if compiler is None else torch.compile(model, backend=compiler, mode=mode, dynamic=len(shapes) > 1)
-    runs, result = {}, {"shapes": {}}
+    runs, encoders, result = {}, {}, {"shapes": {}}
     for shape in shapes:
-        input_ids = torch.randint(0, model.config.vocab_size, shape, device=device,
-                                  generator=torch.Generator(device=device).manual_seed(sum(shape)))
+        if args.images:
+            generator = torch.Generator().manual_seed(sum(shape))
+            pixel_values, positions, soft_tokens = image_inputs(
+                model.config.vision_config, [args.image_size] * args.images, max_soft_tokens=280,
+                generator=generator, device=device, dtype=model.dtype)
+            images = dict(pixel_values=pixel_values, image_position_ids=positions)
+            input_ids = prompt(model.config, shape[1] // 2, soft_tokens, generator=generator).to(device)
+            encode = model.model.get_image_features if compiler is None else \
+                torch.compile(model.model.get_image_features, backend=compiler, mode=mode)
+        else:
+            images, encode = {}, None
+            input_ids = torch.randint(0, model.config.vocab_size, shape, device=device,
+                                      generator=torch.Generator(device=device).manual_seed(sum(shape)))
 
-        def prefill(input_ids=input_ids):
-            with torch.no_grad():
-                return forward(input_ids, logits_to_keep=1, use_cache=not args.no_cache).logits
+        def prefill(input_ids=input_ids, images=images):
+            with torch.no_grad(), capture_data_dependent_ops():
+                return forward(input_ids, **images, logits_to_keep=1, use_cache=not args.no_cache).logits
+
+        if encode is not None:
+            def encoder(encode=encode, images=images):
+                with torch.no_grad(), capture_data_dependent_ops():
+                    return encode(images["pixel_values"], images["image_position_ids"])
+
+            encoder()
+            encoders[shape] = encoder
 
         begin = time.perf_counter()
         logits = prefill()
@@ -157,6 +192,8 @@ def job(spec, turn) -> dict:
         for shape, run in runs.items():
             out = result["shapes"][shape]
             out["ms"], out["timed_alone"] = median_ms(run, device, args.warmup, args.repeats), alone
+            if shape in encoders:
+                out["encoder_ms"] = median_ms(encoders[shape], device, args.warmup, args.repeats)
             if args.profile and device.type == "cuda":
                 out["gpu_busy_ms"], out["profile"] = kernel_profile(run)
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
@@ -164,8 +201,10 @@ def job(spec, turn) -> dict:
         result["fallbacks"] = compiler.report.fallbacks + compiler.cudagraph_stats.failures
         if args.cudagraphs:
             print(f"{variant}: {compiler.cudagraph_stats}".splitlines()[0], flush=True)
-    print(f"{model.config.num_hidden_layers} layers, {variant}: "
-          + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s)"
+    print(f"{model.config.get_text_config().num_hidden_layers} layers, {variant}: "
+          + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s"
+                      + (f"; vision encoder {r['encoder_ms']:.2f} ms, {r['encoder_ms'] / r['ms']:.0%})"
+                         if "encoder_ms" in r else ")")
                       for (b, t), r in result["shapes"].items()), flush=True)
     return result
 
@@ -185,8 +224,9 @@ def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: f
         for shape, out in result["shapes"].items():
             if "profile" in out:
                 print(f"{preset} {variant} {shape[0]}x{shape[1]}: {out['profile']}")
-            row = dict(preset=preset, layers=model.config.num_hidden_layers, variant=variant, batch=shape[0],
-                       tokens=shape[1], ms=out["ms"], timed_alone=out["timed_alone"], gpu_busy_ms=out.get("gpu_busy_ms"),
+            row = dict(preset=preset, layers=model.config.get_text_config().num_hidden_layers, variant=variant,
+                       batch=shape[0], tokens=shape[1], ms=out["ms"], encoder_ms=out.get("encoder_ms"),
+                       timed_alone=out["timed_alone"], gpu_busy_ms=out.get("gpu_busy_ms"),
                        first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
                        floor_ms=floor_ms(weights, *shape, tflops, yoco=False),
                        floor_yoco_ms=floor_ms(weights, *shape, tflops, yoco=True))
@@ -240,10 +280,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write every row there")
+    parser.add_argument("--images", type=int, default=0, help="images in a multimodal prompt (batch 1)")
+    parser.add_argument("--image-size", type=parse_image_size, default=(768, 768), metavar="HxW",
+                        help="pixels, multiples of patch x pooling size (48 at the published widths; default 768x768)")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.cuda_graph and not args.no_cache:
         parser.error("cuda-graph: needs --no-cache (HF's DynamicCache copies a CPU tensor during prefill)")
+    if args.images and any(batch != 1 for batch, _ in args.shapes):
+        parser.error(f"shapes: --images takes batch 1 only, got {[f'{b}x{t}' for b, t in args.shapes]}")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("device: CUDA is not available here (try --device cpu with a tiny preset)")
@@ -253,9 +298,10 @@ def main():
     tflops = matmul_tflops(device, dtype)
     print(f"matmul rate: {tflops:.3g} TFLOP/s ({args.dtype})", flush=True)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    models = {preset: gemma4_fx.build_model(preset, dtype=dtype, device=device, **overrides) for preset in args.preset}
+    models = {preset: gemma4_fx.build_model(preset, dtype=dtype, device=device, multimodal=args.images > 0,
+                                            **overrides) for preset in args.preset}
     for preset, model in models.items():
-        config = model.config
+        config = model.config.get_text_config()
         print(f"{preset}: {config.num_hidden_layers} layers ({config.num_kv_shared_layers} KV-shared), hidden "
               f"{config.hidden_size}")
     # A job per batch size: Dynamo specialises batch 1 apart from the others, so that takes a compile of its own.

@@ -1,7 +1,8 @@
-"""Gemma-4 text configurations: the published widths, and tiny models of the same structure.
+"""Gemma-4 configurations: the published widths, and tiny models of the same structure.
 
-The real presets carry the published text configs (random weights: no checkpoint is downloaded). The tiny ones keep
-each family's structure (PLE, KV sharing, MoE, k=v attention, double-wide MLP, mixed head dims) at odd widths that
+The real presets carry the published text configs (random weights: no checkpoint is downloaded), and for the
+multimodal class the published vision and audio encoders. The tiny ones keep each family's structure (PLE, KV
+sharing, MoE, k=v attention, double-wide MLP, mixed head dims; encoders with the same options) at odd widths that
 build and run in seconds on two CPU cores, so kernels meet masked edges.
 """
 
@@ -85,6 +86,40 @@ PRESETS.update({
 })
 
 
+# The encoders of the published multimodal checkpoints (`vision_config`, `audio_config` of the config.json of
+# huggingface.co/google/gemma-4-{E2B,E4B,26B-A4B,31B}-it). E2B and E4B see images and hear audio: their encoders are
+# transformers' `Gemma4VisionConfig` and `Gemma4AudioConfig` defaults, with clipped linears (whose bounds come with
+# a checkpoint: infinite here). 26B-A4B and 31B see images through a wider encoder (31B's vision_config; 26B-A4B's
+# is the same ~550M-parameter encoder) whose soft tokens are standardized. Each tiny preset gets its family's
+# encoders at tiny widths. The audio encoder's first conv keeps 128 channels: transformers sizes the projection
+# after it from that count as if it were the 128 mel bins.
+_SMALL_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                     num_key_value_heads=12, head_dim=64, use_clipped_linears=True)
+_LARGE_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     num_key_value_heads=16, head_dim=72, standardize=True)
+_AUDIO = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=8, output_proj_dims=1536,
+              use_clipped_linears=True)
+_TINY_VISION = dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+_TINY_AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, output_proj_dims=24,
+                   subsampling_conv_channels=[128, 4], use_clipped_linears=True)
+ENCODERS: dict[str, dict] = {
+    "e2b": dict(vision=_SMALL_VISION, audio=_AUDIO),
+    "e4b": dict(vision=_SMALL_VISION, audio=_AUDIO),
+    "26b-a4b": dict(vision=_LARGE_VISION),
+    "31b": dict(vision=_LARGE_VISION),
+    "tiny-e2b": dict(vision=dict(_TINY_VISION, use_clipped_linears=True), audio=_TINY_AUDIO),
+    "tiny-e4b": dict(vision=dict(_TINY_VISION, use_clipped_linears=True), audio=_TINY_AUDIO),
+    "tiny-26b-a4b": dict(vision=dict(_TINY_VISION, standardize=True)),
+    "tiny-31b": dict(vision=dict(_TINY_VISION, standardize=True)),
+}
+# Token ids of the multimodal prompt: the published ones (transformers' `Gemma4Config` defaults), and for the tiny
+# vocabulary ids in the same order at its top. `image_token_id` and `audio_token_id` mark each soft token's slot.
+_TOKEN_IDS = dict(boi_token_id=255999, boa_token_id=256000, image_token_id=258880, audio_token_id=258881,
+                  eoi_token_id=258882, eoa_token_index=258883, video_token_id=258884)
+_TINY_TOKEN_IDS = dict(zip(_TOKEN_IDS, range(490, 497)))
+
+
 def text_config(preset: str, **overrides):
     """A `Gemma4TextConfig` for `preset` (see `PRESETS`), with `overrides` applied (e.g. `num_hidden_layers=8`).
 
@@ -113,21 +148,41 @@ def _kv_shared_layers(layer_types: list[str], share: float) -> int:
     return min(valid, key=lambda k: abs(k - share * n), default=0)
 
 
+def multimodal_config(preset: str, **overrides):
+    """A `Gemma4Config` for `preset`: the text config of `text_config(preset, **overrides)` and the family's vision
+    (and, for E2B/E4B, audio) encoders (`ENCODERS`)."""
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
+
+    text = text_config(preset, **overrides)
+    encoders = ENCODERS[preset]
+    return Gemma4Config(
+        text_config=text, vision_config=Gemma4VisionConfig(**encoders["vision"]),
+        audio_config=Gemma4AudioConfig(**encoders["audio"]) if "audio" in encoders else None,
+        **(_TINY_TOKEN_IDS if preset.startswith("tiny-") else _TOKEN_IDS))
+
+
 def build_model(preset: str, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                attn_implementation: str = "sdpa", **overrides):
-    """`Gemma4ForCausalLM` with random weights for `preset`, in eval mode, built directly on `device` in `dtype`.
+                attn_implementation: str = "sdpa", multimodal: bool = False, **overrides):
+    """`Gemma4ForCausalLM` (`multimodal=True`: `Gemma4ForConditionalGeneration`, with the family's encoders) with
+    random weights for `preset`, in eval mode, built directly on `device` in `dtype`; `overrides` go to the text
+    config. Weights are drawn by `randomize_`; the same seed gives the same model.
 
-    Weights are drawn by `randomize_`; the same seed gives the same model.
+    The language model and the vision encoder use `attn_implementation`; the audio encoder has only its own.
     """
-    from transformers import Gemma4ForCausalLM
+    from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
-    config = text_config(preset, **overrides)
-    config._attn_implementation = attn_implementation
+    if multimodal:
+        config, model_class = multimodal_config(preset, **overrides), Gemma4ForConditionalGeneration
+        for sub_config in (config.text_config, config.vision_config):
+            sub_config._attn_implementation = attn_implementation
+    else:
+        config, model_class = text_config(preset, **overrides), Gemma4ForCausalLM
+        config._attn_implementation = attn_implementation
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Gemma4ForCausalLM(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous_dtype)
     randomize_(model, seed)

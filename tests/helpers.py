@@ -1,10 +1,14 @@
-"""What several test modules share: kernel-test parameters, seeded inputs, ulp distances, a lone router module."""
+"""What several test modules share: kernel-test parameters, seeded inputs, ulp distances, a lone router module, a
+backend that runs only YOCO."""
 
 import zlib
 
 import pytest
 import torch
 import triton
+
+from gemma4_fx.passes import yoco
+from gemma4_fx.report import Report
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INTERPRET = triton.knobs.runtime.interpret
@@ -41,3 +45,20 @@ class TopK(torch.nn.Module):
     def forward(self, hidden_states):
         _, weights, ids = self.router(hidden_states)
         return weights, ids
+
+
+class YocoOnly:
+    """A backend that applies the pass to Dynamo's graph and runs the result eagerly; keeps what it compiled."""
+
+    def __init__(self):
+        self.report, self.graphs = Report((yoco.NAME,)), []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(yoco.apply(gm, example_inputs, report=self.report, graph_name=f"graph_{len(self.graphs)}"))
+        return self.graphs[-1]
+
+
+def attention_query_rows(gm):
+    """Query rows of each attention op of a graph (from Dynamo's example values)."""
+    return [node.meta["example_value"].shape[-2] for node in gm.graph.nodes
+            if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]

@@ -17,7 +17,7 @@ from transformers.models.gemma4 import modeling_gemma4
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, build_model
 from gemma4_fx.passes import yoco
-from gemma4_fx.report import Report
+from helpers import YocoOnly, attention_query_rows
 
 # transformers >= 5.2x drops rows before the KV-shared layers itself for integer `logits_to_keep` (and crashes
 # there without PLE); a tensor `logits_to_keep` keeps it from doing so.
@@ -36,23 +36,6 @@ KV_SHARED = {
     # MoE beside the MLP: the sorted expert dispatch mixes tokens, so only the last layer's tail is cut
     "moe": ("tiny-26b-a4b", dict(num_hidden_layers=6, num_kv_shared_layers=2)),
 }
-
-
-class YocoOnly:
-    """A backend that applies the pass to Dynamo's graph and runs the result eagerly; keeps what it compiled."""
-
-    def __init__(self):
-        self.report, self.graphs = Report((yoco.NAME,)), []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(yoco.apply(gm, example_inputs, report=self.report, graph_name=f"graph_{len(self.graphs)}"))
-        return self.graphs[-1]
-
-
-def attention_query_rows(gm):
-    """Query rows of each attention op of a graph (from Dynamo's example values)."""
-    return [node.meta["example_value"].shape[-2] for node in gm.graph.nodes
-            if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]
 
 
 def random_ids(model, shape, seed):

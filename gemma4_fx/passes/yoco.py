@@ -108,7 +108,8 @@ def _stop_reason(node: torch.fx.Node, users, asked: bool) -> str | None:
     """Why the rows of `node` must all be computed, where that is worth telling the user: `users` want them all, or
     (`asked`) its op's rule said no."""
     if node.op == "placeholder":
-        return "kept rows are selected from a graph input (a graph break above the selection?)"
+        return "kept rows are selected from a graph input (a graph break above the selection? At a data-dependent " \
+               "op, `gemma4_fx.capture_data_dependent_ops()` removes it)"
     for user in users:
         if user.op == "output":
             return "full-sequence intermediate is a graph output"

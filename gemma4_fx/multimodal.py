@@ -1,0 +1,63 @@
+"""Multimodal Gemma-4 (`Gemma4ForConditionalGeneration`): the Dynamo setting its compile needs, and random prompts.
+
+`image_inputs` lays out images as transformers' image processor does (which needs torchvision or PIL), so tests and
+benchmarks make them without either.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_SOFT_TOKENS = 70  # the image processor's smallest budget of soft tokens per image
+
+
+def capture_data_dependent_ops():
+    """A context in which Dynamo traces ops whose output size or value depends on tensor data (boolean masks,
+    `nonzero`, `.tolist()`, `.item()`) into the graph, with unbacked sizes, instead of breaking the graph there.
+
+    Multimodal Gemma-4 needs it around the calls of its compiled model (the first call traces): its encoders' soft
+    tokens are selected by masks and split by `.tolist()`, and a break anywhere under `Gemma4Model.forward` leaves
+    the language model's last hidden states as a graph output and the selection of the kept rows (`logits_to_keep`)
+    in a graph of its own, where YOCO cannot move it. (torch.compile drops a backend's own context,
+    `backend_ctx_ctor`, so the caller enters this one.)"""
+    return torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
+
+
+def image_inputs(vision_config, sizes, *, max_soft_tokens: int = MAX_SOFT_TOKENS, generator=None, device="cpu",
+                 dtype=torch.float32):
+    """(pixel_values, image_position_ids, soft tokens per image) of random images of `sizes` ((height, width), each
+    a multiple of patch_size x pooling_kernel_size), laid out as the image processor lays them out: each image's
+    patches in row-major order, each patch `patch x patch x channels`, padded to `max_soft_tokens x pooling^2` patches
+    at position (-1, -1)."""
+    patch, pool = vision_config.patch_size, vision_config.pooling_kernel_size
+    max_patches = max_soft_tokens * pool ** 2
+    pixels, positions, soft_tokens = [], [], []
+    for height, width in sizes:
+        rows, cols = height // patch, width // patch
+        if height % (patch * pool) or width % (patch * pool) or not 0 < rows * cols <= max_patches:
+            raise ValueError(f"sizes: expected multiples of {patch * pool} with at most {max_patches} patches, got "
+                             f"{height}x{width}")
+        image = torch.rand(3, height, width, generator=generator)
+        patches = image.reshape(3, rows, patch, cols, patch).permute(1, 3, 2, 4, 0).reshape(rows * cols, -1)
+        xy = torch.stack(torch.meshgrid(torch.arange(cols), torch.arange(rows), indexing="xy"), -1).reshape(-1, 2)
+        pixels.append(torch.cat([patches, patches.new_zeros(max_patches - len(patches), patches.shape[1])]))
+        positions.append(torch.cat([xy, xy.new_full((max_patches - len(xy), 2), -1)]))
+        soft_tokens.append(rows * cols // pool ** 2)
+    return torch.stack(pixels).to(device, dtype), torch.stack(positions).to(device), soft_tokens
+
+
+def prompt(config, text_tokens: int, image_tokens=(), audio_tokens=(), *, generator=None) -> torch.Tensor:
+    """A [1, length] prompt for a `Gemma4Config`: `text_tokens` random words, then each image's and audio clip's
+    placeholders (counts of soft tokens) between their begin and end tokens, each followed by two words, then
+    `text_tokens` words. Words are drawn below the lowest special id."""
+    lowest = min(config.boi_token_id, config.boa_token_id, config.image_token_id, config.audio_token_id)
+
+    def words(n):
+        return torch.randint(3, lowest, (n,), generator=generator).tolist()
+
+    ids = words(text_tokens)
+    for count in image_tokens:
+        ids += [config.boi_token_id] + [config.image_token_id] * count + [config.eoi_token_id] + words(2)
+    for count in audio_tokens:
+        ids += [config.boa_token_id] + [config.audio_token_id] * count + [config.eoa_token_index] + words(2)
+    return torch.tensor([ids + words(text_tokens)])

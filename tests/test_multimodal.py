@@ -1,0 +1,183 @@
+"""Multimodal Gemma-4 (`Gemma4ForConditionalGeneration`, images and audio) through the backend.
+
+The whole model compiles into one Dynamo graph under `capture_data_dependent_ops`, so the language model's
+rewrites fire as in the text-only model, layer for layer, and YOCO still runs the KV-shared layers on the kept
+rows. Each test compares logits (fp32) or greedy tokens against eager on the same model.
+
+transformers' image processor needs torchvision or PIL, which the tests do without: `multimodal.image_inputs` lays
+images out as it does. Audio goes through transformers' own `Gemma4AudioFeatureExtractor` (numpy only).
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+import gemma4_fx
+from gemma4_fx import Gemma4Backend, build_model
+from gemma4_fx.multimodal import image_inputs, prompt
+from helpers import YocoOnly, attention_query_rows
+
+TOLERANCE = 2e-5  # of max |logits|, fp32
+
+
+def audio_inputs(model, seconds, seed=0):
+    """(input_features, input_features_mask, soft tokens per clip) of random clips `seconds` long, through the
+    feature extractor; the soft tokens are counted by the audio encoder's own mask."""
+    generator = np.random.default_rng(seed)
+    clips = [(0.1 * generator.standard_normal(int(16000 * s))).astype(np.float32) for s in seconds]
+    features = Gemma4AudioFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        mask = model.model.audio_tower(features["input_features"], features["input_features_mask"]).attention_mask
+    return features["input_features"], features["input_features_mask"], mask.sum(-1).tolist()
+
+
+def assert_close(out, expected):
+    error = (out.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert error <= TOLERANCE * scale, f"max |out - expected| = {error:.3g}, max |expected| = {scale:.3g}"
+
+
+def language_model_matches(report):
+    """{(pattern, layer): count} of the language model's layers; locations as in `Gemma4ForCausalLM`."""
+    counts = {}
+    for match in report.matches:
+        location = match.location.replace("model.language_model.", "model.")
+        if location.startswith("model.layers."):
+            key = (match.pattern, ".".join(location.split(".")[:3]))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def model_inputs(model, images=(), audio=(), seed=0):
+    """(input_ids, the encoders' inputs) of a prompt with `images` (sizes) and `audio` clips (seconds)."""
+    inputs, image_tokens, audio_tokens = {}, [], []
+    generator = torch.Generator().manual_seed(seed)
+    if images:
+        pixel_values, positions, image_tokens = image_inputs(model.config.vision_config, images, generator=generator)
+        inputs.update(pixel_values=pixel_values, image_position_ids=positions)
+    if audio:
+        features, mask, audio_tokens = audio_inputs(model, audio, seed)
+        inputs.update(input_features=features, input_features_mask=mask)
+    return prompt(model.config, 6, image_tokens, audio_tokens, generator=generator), inputs
+
+
+def as_text(model, input_ids):
+    """A text-only prompt as long as `input_ids`: the special ids (at the top of the tiny vocabulary) made words."""
+    return input_ids.clamp(max=model.config.boi_token_id - 1)
+
+
+def run(model, backend, input_ids, inputs, compiled=None):
+    """(compiled logits, eager logits) of a prefill that keeps the last row, as generate's does."""
+    compiled = torch.compile(model, backend=backend) if compiled is None else compiled
+    with torch.no_grad(), gemma4_fx.capture_data_dependent_ops():
+        logits = compiled(input_ids, **inputs, logits_to_keep=1, use_cache=False).logits
+        expected = model(input_ids, **inputs, logits_to_keep=1, use_cache=False).logits
+    return logits, expected
+
+
+def test_whole_model_is_one_graph_with_the_text_models_rewrites():
+    """Two images of different sizes and a clip through Inductor with every rewrite: one graph, the language model's
+    matches layer for layer those of the text-only model on a prompt as long, YOCO included."""
+    model, backend = build_model("tiny-e2b", multimodal=True), Gemma4Backend()
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)], audio=[0.6])
+    assert_close(*run(model, backend, input_ids, inputs))
+    report = backend.report
+    assert report.graphs == ["graph_0"] and not report.fallbacks, report
+    text_model, text_backend = build_model("tiny-e2b"), Gemma4Backend()
+    run(text_model, text_backend, as_text(model, input_ids), {})
+    assert language_model_matches(report) == language_model_matches(text_backend.report), report
+    assert report.counts["yoco"] >= 1, report
+    # The encoders' layers are Gemma norm chains too: rewritten, within the logits' tolerance above.
+    encoders = {(m.pattern, m.location.split(".layers.")[0]) for m in report.matches
+                if ".language_model." not in m.location}
+    assert encoders == {("post_attn_norm", "model.vision_tower.encoder"), ("post_attn_norm", "model.audio_tower")}
+
+
+CASES = {
+    "one-image": ("tiny-e4b", dict(images=[(36, 60)])),
+    "two-images": ("tiny-e2b", dict(images=[(48, 72), (36, 24)])),
+    "audio": ("tiny-e2b", dict(audio=[1.0, 0.4])),
+    "text-only": ("tiny-e4b", dict()),
+    "image-moe": ("tiny-26b-a4b", dict(images=[(24, 48)])),
+}
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("case", CASES)
+def test_kv_shared_layers_run_on_the_kept_rows(case):
+    """YOCO alone (its graph run eagerly): the multimodal prefill is cut where the text-only model's is, and the
+    KV-shared layers' attention sees only the kept row."""
+    preset, media = CASES[case]
+    model, backend = build_model(preset, multimodal=True), YocoOnly()
+    input_ids, inputs = model_inputs(model, **media)
+    assert_close(*run(model, backend, input_ids, inputs))
+    text_backend = YocoOnly()
+    run(build_model(preset), text_backend, as_text(model, input_ids), {})
+    assert len(backend.graphs) == 1
+    assert [m.location for m in backend.report.matches] == \
+        [m.location.replace("model.", "model.language_model.", 1) for m in text_backend.report.matches]
+    assert backend.report.counts["yoco"] >= 1, backend.report
+    shared = model.config.text_config.num_kv_shared_layers
+    rows = attention_query_rows(backend.graphs[0])
+    lm_rows = rows[-model.config.text_config.num_hidden_layers:]  # the encoders' attention comes first
+    assert lm_rows[len(lm_rows) - shared:] == [1] * shared, rows
+
+
+@pytest.mark.compat
+def test_without_capture_the_break_costs_yoco():
+    """What `capture_data_dependent_ops` is for: Dynamo breaks the graph at the encoders' data-dependent ops, the
+    language model's hidden states leave its graph whole, and the kept rows are selected in the next graph."""
+    model, backend = build_model("tiny-31b", multimodal=True), YocoOnly()
+    input_ids, inputs = model_inputs(model, images=[(36, 24)])
+    keep = torch.tensor([input_ids.shape[1] - 1])  # transformers >= 5.2x slices itself for an integer
+    with torch.no_grad():
+        logits = torch.compile(model, backend=backend)(input_ids, **inputs, logits_to_keep=keep, use_cache=False)
+        expected = model(input_ids, **inputs, logits_to_keep=keep, use_cache=False).logits
+    assert_close(logits.logits, expected)
+    assert len(backend.graphs) > 1 and backend.report.counts["yoco"] == 0
+    assert len(backend.report.skipped) == 1
+    assert backend.report.skipped[0].reason.startswith("kept rows are selected from a graph input")
+
+
+@pytest.mark.compat
+def test_greedy_generate_matches_eager():
+    """Prefill (two images of different sizes) and decode steps compiled; the prefill is cut."""
+    model, backend = build_model("tiny-e2b", multimodal=True), YocoOnly()
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)], seed=1)
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    expected = model.generate(input_ids, **inputs, **kwargs)
+    model.forward = torch.compile(model.forward, backend=backend)  # prefill too: generate compiles decode only
+    with gemma4_fx.capture_data_dependent_ops():
+        tokens = model.generate(input_ids, **inputs, **kwargs)
+    assert torch.equal(tokens, expected)
+    assert backend.report.counts["yoco"] >= 1 and {m.graph for m in backend.report.matches} == {"graph_0"}
+
+
+def test_image_sizes_and_counts_eager_accepts_run():
+    """One compiled model: sizes and counts of images change between calls (sizes are data, the count a shape);
+    every call matches eager, and a prompt whose placeholders do not match the images fails as eager fails."""
+    model, backend = build_model("tiny-31b", multimodal=True), YocoOnly()
+    compiled = torch.compile(model, backend=backend)
+    for seed, images in enumerate([[(36, 24)], [(48, 72), (24, 36)], [(12, 204), (36, 36), (24, 12)]]):
+        input_ids, inputs = model_inputs(model, images=images, seed=seed)
+        assert_close(*run(model, backend, input_ids, inputs, compiled))
+    input_ids, inputs = model_inputs(model, images=[(36, 24)])
+    input_ids = input_ids[:, input_ids[0] != model.config.image_token_id]  # no placeholders
+    with torch.no_grad(), pytest.raises(Exception):
+        model(input_ids, **inputs, use_cache=False)
+    with torch.no_grad(), gemma4_fx.capture_data_dependent_ops(), pytest.raises(Exception):
+        compiled(input_ids, **inputs, use_cache=False)
+
+
+@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b"])
+def test_multimodal_presets(preset):
+    model = build_model(preset, multimodal=True)
+    assert type(model).__name__ == "Gemma4ForConditionalGeneration"
+    assert (model.config.audio_config is not None) == preset.endswith("e2b")
+    assert model.config.image_token_id < model.config.text_config.vocab_size
+    assert model.model.language_model.config.num_kv_shared_layers == build_model(preset).config.num_kv_shared_layers
+    with pytest.raises(ValueError, match="preset"):
+        build_model("tiny-nope", multimodal=True)
+    with pytest.raises(ValueError, match="sizes"):
+        image_inputs(model.config.vision_config, [(36, 13)])
