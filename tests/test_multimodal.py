@@ -15,8 +15,10 @@ from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeat
 
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, build_model
+import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx.multimodal import image_inputs, prompt
-from helpers import YocoOnly, attention_query_rows
+from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime
+from helpers import YocoOnly, attention_query_rows, fake_capture, runner_backend
 
 TOLERANCE = 2e-5  # of max |logits|, fp32
 
@@ -181,3 +183,40 @@ def test_multimodal_presets(preset):
         build_model("tiny-nope", multimodal=True)
     with pytest.raises(ValueError, match="sizes"):
         image_inputs(model.config.vision_config, [(36, 13)])
+
+
+def test_piecewise_pieces_take_data_dependent_sizes(monkeypatch):
+    """The backend's CUDA-graph split of a multimodal prefill: the encoders' data-dependent ops run between the
+    pieces, and the sizes they make reach later pieces unbacked. Every piece compiles with the passes (no fallback),
+    and the runner (capture simulated on CPU) replays its pieces across image counts and sizes with eager's logits."""
+    model = build_model("tiny-31b", multimodal=True)
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)])
+    backend = Gemma4Backend(cudagraphs="piecewise")
+    assert_close(*run(model, backend, input_ids, inputs))
+    assert not backend.report.fallbacks and backend.report.counts["yoco"] >= 1, backend.report
+
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+    runtime = CUDAGraphRuntime(max_shapes=8)
+    compiled = torch.compile(model, backend=runner_backend(runtime))
+    for seed, images in enumerate([[(36, 24)], [(36, 24)], [(36, 24)], [(48, 72), (24, 36)], [(48, 72), (24, 36)],
+                                   [(48, 72), (24, 36)], [(24, 36)]]):
+        input_ids, inputs = model_inputs(model, images=images, seed=seed)
+        assert_close(*run(model, None, input_ids, inputs, compiled))
+    assert runtime.stats.replays > 0 and not runtime.stats.failures, runtime.stats
+
+
+def test_compiles_stop_after_warm_up():
+    """Requests of 0 to 4 images of mixed sizes: Dynamo specialises on a few image counts, then makes the count
+    dynamic (sizes are data); after that, no request compiles again."""
+    model, backend = build_model("tiny-31b", multimodal=True), YocoOnly()
+    compiled = torch.compile(model, backend=backend)
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(36, 24), (48, 72), (24, 36), (12, 204), (36, 36), (24, 12)]
+    graphs = []
+    for seed in range(24):
+        count = int(torch.randint(0, 5, (), generator=generator))
+        images = [sizes[int(i)] for i in torch.randint(0, len(sizes), (count,), generator=generator)]
+        input_ids, inputs = model_inputs(model, images=images, seed=seed)
+        assert_close(*run(model, backend, input_ids, inputs, compiled))
+        graphs.append(len(backend.graphs))
+    assert graphs[-12:] == [graphs[-1]] * 12 and graphs[-1] <= 8, graphs

@@ -16,8 +16,9 @@ import gemma4_fx
 import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.presets import cache_kwargs
-from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphRunner, mutated_inputs, shape_inputs
+from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, mutated_inputs
 from gemma4_fx.runtime.split import bake_float_inputs, is_decode_shaped, split_graph
+from helpers import fake_capture, runner_backend
 
 PRESET = "tiny-e2b"  # 7 layers
 FP32 = dict(rtol=1e-4, atol=1e-4)  # compiled against eager: Inductor may reorder fp32 sums
@@ -115,38 +116,6 @@ def test_mutated_cache_inputs_are_found(models):
     for found in mutated[:writing]:  # the piece before each attention writes that layer's cache
         assert any(name.endswith("_keys") for name in found) and any(name.endswith("_values") for name in found)
     assert not any(mutated[writing:])  # layers that share another layer's cache write none
-
-
-def fake_capture(fn, args, runtime):
-    """A CUDA graph on CPU: replays recompute into the memory of the capture's outputs, from the captured inputs'
-    memory. Like a graph and its pool, it keeps that memory alive but none of the tensors."""
-    inputs = [arg.clone() if isinstance(arg, torch.Tensor) else None for arg in args]
-    outputs = fn(*args)
-    for arg, before in zip(args, inputs):  # capturing runs nothing: undo what the run wrote (the caches)
-        if before is not None and torch._debug_has_internal_overlap(arg) != 1:
-            arg.copy_(before)
-    memory = [t.untyped_storage() for t in [*args, *outputs] if isinstance(t, torch.Tensor)]
-    static_args, static_outputs = ([cudagraphs._unowned(t) if isinstance(t, torch.Tensor) else t for t in tensors]
-                                   for tensors in (args, outputs))
-
-    def replay():
-        assert memory
-        for static, new in zip(static_outputs, fn(*static_args)):
-            if isinstance(static, torch.Tensor):
-                cudagraphs._written(static).copy_(cudagraphs._written(new))
-
-    return replay, outputs
-
-
-def runner_backend(runtime, *, split_attention=True, extra_ops=(), report=None):
-    """A backend that runs the split graph's pieces uncompiled under the runtime, capturing even on CPU."""
-
-    def backend(gm, example_inputs):
-        split = split_graph(gm, split_attention=split_attention, extra_ops=extra_ops)
-        return GraphRunner(split, [piece.module for piece in split.captured], shape_inputs(gm), runtime,
-                           capture=True, report=report)
-
-    return backend
 
 
 def test_warm_up_capture_replay_and_held_outputs(monkeypatch, models):

@@ -281,13 +281,17 @@ def _mark_escaping(split: torch.fx.GraphModule, pieces: list[Piece]) -> None:
 class _PieceCompiler(torch.fx.Interpreter):
     """Runs the split graph on fake inputs so each captured piece is compiled with the inputs it will see."""
 
-    def __init__(self, split: SplitGraph, compile_piece):
+    def __init__(self, split: SplitGraph, compile_piece, shape_env=None):
         super().__init__(split.module)
         self.captured = {piece.name: piece for piece in split.captured}
-        self.compile_piece, self.compiled = compile_piece, {}
+        self.compile_piece, self.compiled, self.shape_env = compile_piece, {}, shape_env
 
     def call_module(self, target, args, kwargs):
-        outputs = super().call_module(target, args, kwargs)  # before compiling: Inductor may change the module
+        # A piece left out of the graphs may make sizes from data (`nonzero`, `.tolist()`): run on fake inputs, it
+        # makes fresh unbacked symbols that nothing binds, and the next piece's trace would fail on them.
+        fresh_symbols_unbound = self.shape_env is not None and target not in self.captured
+        with self.shape_env.ignore_fresh_unbacked_symbols() if fresh_symbols_unbound else contextlib.nullcontext():
+            outputs = super().call_module(target, args, kwargs)  # before compiling: Inductor may change the module
         if target in self.captured:
             piece = self.captured[target]
             piece.contiguous = frozenset(index for index, arg in enumerate(args) if _known_contiguous(arg))
@@ -334,7 +338,7 @@ def compile_pieces(split: SplitGraph, gm: torch.fx.GraphModule, example_inputs, 
                     # 0-d tensors Dynamo made of Python numbers carry the symbol `.item()` returns
                     if getattr(value, "item_memo", None) is not None:
                         inputs[index].item_memo = value.item_memo
-    compiler = _PieceCompiler(split, compile_piece)
+    compiler = _PieceCompiler(split, compile_piece, getattr(fake_mode, "shape_env", None))
     with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
         compiler.run(*inputs)  # the python dispatcher runs composite ops (linear, matmul) on symbolic shapes
     return [compiler.compiled[piece.name] for piece in split.captured]
