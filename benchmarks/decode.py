@@ -71,7 +71,8 @@ def described(backend: gemma4_fx.Gemma4Backend) -> str:
     """Each compiled graph's match counts, why candidates were left alone, failed captures and the CUDA-graph stats:
     what a user should check before reading the times."""
     report = backend.report
-    counts = "; ".join(f"{name}: " + ", ".join(f"{p} {n}" for p, n in r.counts.items() if n)
+    counts = "; ".join(f"{name}: " + ", ".join([f"{p} {n}" for p, n in r.counts.items() if n]
+                                               + [f"{len(r.cached)} from the FX graph cache"] * bool(r.cached))
                        for name, r in backend.graph_reports.items())
     reasons = sorted({f"{skip.pattern}: {skip.reason}" for skip in report.skipped})
     return (f"{len(backend.graph_reports)} compiled graph(s) [{counts}]; {backend.cudagraph_stats}"

@@ -48,8 +48,8 @@ class Gemma4Backend:
             other experts when Inductor computes the router). On by default: compiled results should be eager's.
             It costs speed where it splits Inductor's fusions (E2B prefill in BENCHMARKS.md); pass False for
             Inductor's numerics and speed.
-        fx_graph_cache: Inductor's FX graph cache skips the passes on a hit, so the report would miss those graphs;
-            it is off unless you ask for it.
+        fx_graph_cache: Inductor's FX graph cache skips the passes on a hit (the cached code has the rewrites), so
+            the report lists those graphs under `cached` without their matches; it is off unless you ask for it.
         cudagraphs: how compiled graphs run from CUDA graphs (`gemma4_fx.runtime.cudagraphs`): "piecewise" cuts
             the graph at attention and at what a graph cannot hold, and captures the pieces between per input
             shape; "full" cuts only at what a graph cannot hold; "auto" is "full" for decode steps (one query
@@ -196,7 +196,11 @@ class Gemma4Backend:
         try:
             with self.passes.recording(graph_name, report), \
                     torch._functorch.config.patch(enable_autograd_cache=config["fx_graph_cache"]):
-                return compile_fx(gm, example_inputs, config_patches={**config, "post_grad_custom_post_pass": self.passes})
+                compiled = compile_fx(gm, example_inputs,
+                                      config_patches={**config, "post_grad_custom_post_pass": self.passes})
+            if graph_name not in report.graphs:  # the passes never ran: Inductor took the code from its cache
+                report.cached.append(graph_name)
+            return compiled
         except _DYNAMO_CONTROL_FLOW:
             raise
         except Exception as error:  # our rewrites must never cost the user their compile

@@ -59,6 +59,7 @@ class Report:
     skipped: list[Skip] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # graphs compiled without our passes, and why
     uncaptured: list[str] = field(default_factory=list)  # pieces whose CUDA graph capture failed, and why
+    cached: list[str] = field(default_factory=list)  # graphs from Inductor's FX graph cache: no pass ran on them
     verify: list[VerifyResult] = field(default_factory=list)
 
     @property
@@ -114,6 +115,9 @@ class Report:
             lines += ["", "compiled without gemma4_fx passes:"] + [f"  {f}" for f in self.fallbacks]
         if self.uncaptured:
             lines += ["", "running without CUDA graphs:"] + [f"  {u}" for u in self.uncaptured]
+        if self.cached:
+            lines += ["", "from Inductor's FX graph cache (compiled earlier with these passes; their matches are not "
+                          "listed):"] + [f"  {c}" for c in self.cached]
         if self.verify:
             lines += ["", f"verify against eager:  {'graph':<10}{'output':>7}{'max abs':>12}{'max rel':>12}"
                           f"{'mismatched':>12}"]

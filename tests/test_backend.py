@@ -207,3 +207,20 @@ def test_uuid_follows_the_options(tmp_path):
     assert Gemma4Passes(list(gemma4_fx.PATTERNS), dump_dir=tmp_path).uuid() == default
     assert Gemma4Passes(router_exact=True).uuid() != default
     assert Gemma4Passes([]).uuid() != default
+
+
+def test_fx_graph_cache_hits_are_reported():
+    """With `fx_graph_cache=True` a second compile of the same graph takes Inductor's cached code, rewrites
+    included, and no pass runs: the report says so rather than showing a graph with no matches."""
+    module = TopK(moe_router(torch.float32))
+    x = hidden_states(module.router, 5, 0)
+    reports = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        backend = Gemma4Backend(fx_graph_cache=True)
+        with torch.no_grad():
+            assert_same_routing(torch.compile(module, backend=backend)(x), module(x))
+        reports.append(backend.report)
+    assert reports[1].cached == ["graph_0"] and not reports[1].matches
+    assert "from Inductor's FX graph cache" in str(reports[1])
+    assert reports[0].counts["router"] == 1 or reports[0].cached == ["graph_0"]  # a cache from an earlier run
