@@ -139,7 +139,7 @@ def _attention_masks(model, cache: StaticCache, state: _State) -> dict[str, torc
     """The step's 4-D mask per attention type, as HF's mask functions make it, from device counters only: a full
     layer holds cache index j in slot j; a sliding one (`StaticSlidingWindowLayer`) holds `size` slots, and once
     full the last `size` indices, oldest first."""
-    config, index, masks = model.config, state.index, {}
+    config, index, masks = model.config.get_text_config(), state.index, {}
     for kind in dict.fromkeys(config.layer_types):
         size = cache.layers[config.layer_types.index(kind)].max_cache_len
         kv = torch.arange(size, device=index.device)
@@ -336,10 +336,11 @@ def _check_options(model, config: GenerationConfig, sync_every, seed, generator)
         raise ValueError(f"sync_every: expected a positive int, got {sync_every!r}")
     if seed is not None and generator is not None:
         raise ValueError("seed, generator: pass one or the other")
-    if model.config._attn_implementation not in _ATTENTION:
+    text_config = model.config.get_text_config()  # the language model's (the multimodal class nests it)
+    if text_config._attn_implementation not in _ATTENTION:
         raise ValueError(f"attn_implementation: generate builds masks for {_ATTENTION}, the model uses "
-                         f"{model.config._attn_implementation!r}")
-    kinds = set(getattr(model.config, "layer_types", None) or ())
+                         f"{text_config._attn_implementation!r}")
+    kinds = set(getattr(text_config, "layer_types", None) or ())
     if not kinds or not kinds <= {"full_attention", "sliding_attention"}:
         raise ValueError(f"layer_types: generate builds masks for full and sliding attention layers, the model has "
                          f"{sorted(kinds) or 'none named'}")

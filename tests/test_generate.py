@@ -63,6 +63,18 @@ def test_greedy_matches_hf_generate(preset, layers, backend):
         assert report.counts["router"] == layers * len(report.graphs) and not report.fallbacks, report
 
 
+def test_multimodal_class_takes_text_prompts_only():
+    """`Gemma4ForConditionalGeneration` with a text prompt: HF's greedy tokens (the masks come from the nested text
+    config); images or audio are not taken, and the error names them."""
+    model = build_model("tiny-e2b", multimodal=True)
+    ids = torch.randint(3, model.config.boi_token_id, (2, 9), generator=torch.Generator().manual_seed(0))  # words
+    mask = torch.ones_like(ids)
+    expected = hf_generate(model, ids, mask, max_new_tokens=5)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=5, backend="eager"), expected)
+    with pytest.raises(TypeError, match="pixel_values"):
+        generate(model, ids, mask, max_new_tokens=5, backend="eager", pixel_values=torch.zeros(1, 3))
+
+
 def test_sampling_is_seeded_and_its_limits_are_greedy():
     """Sampling inside the compiled step (eager attention: float masks): a seed, or a generator in one state,
     gives the same tokens again, another seed others; top_k=1, and a temperature near 0 (over HF's default
