@@ -96,6 +96,22 @@ def test_whole_model_is_one_graph_with_the_text_models_rewrites():
     assert encoders == {("post_attn_norm", "model.vision_tower.encoder"), ("post_attn_norm", "model.audio_tower")}
 
 
+def test_text_only_prompt_runs_no_encoder(monkeypatch):
+    """A text prompt to the multimodal class compiles the language model alone: the text model's rewrites, layer for
+    layer, and no encoder is traced or run."""
+    model, backend = build_model("tiny-e2b", multimodal=True), Gemma4Backend()
+    calls = []
+    for tower in (model.model.vision_tower, model.model.audio_tower):
+        monkeypatch.setattr(tower, "forward", lambda *args, **kwargs: calls.append(args))
+    input_ids, _ = model_inputs(model)
+    assert_close(*run(model, backend, input_ids, {}))
+    assert not calls
+    text_backend = Gemma4Backend()
+    run(build_model("tiny-e2b"), text_backend, input_ids, {})
+    assert language_model_matches(backend.report) == language_model_matches(text_backend.report)
+    assert all(".language_model." in m.location for m in backend.report.matches), backend.report
+
+
 CASES = {
     "one-image": ("tiny-e4b", dict(images=[(36, 60)])),
     "two-images": ("tiny-e2b", dict(images=[(48, 72), (36, 24)])),
