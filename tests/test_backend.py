@@ -224,3 +224,17 @@ def test_fx_graph_cache_hits_are_reported():
     assert reports[1].cached == ["graph_0"] and not reports[1].matches
     assert "from Inductor's FX graph cache" in str(reports[1])
     assert reports[0].counts["router"] == 1 or reports[0].cached == ["graph_0"]  # a cache from an earlier run
+
+
+def test_module_guards_can_be_dropped():
+    """torch.compile's `guard_filter_fn` (the README's remedy for HF generate's per-step guard cost) is Dynamo's:
+    the backend, handed what is left of the options, compiles and rewrites as usual."""
+    model = gemma4_fx.build_model("tiny-26b-a4b", num_hidden_layers=1)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    backend = Gemma4Backend()
+    compiled = torch.compile(model, backend=backend,
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-4)
+    assert backend.report.counts["router"] == 1 and not backend.report.fallbacks
