@@ -48,9 +48,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .gemm import dot, gelu_tanh_mul
 from .moe_experts_configs import CONFIGS
 from .rows import DTYPES, EAGER_ARITHMETIC
 
@@ -215,41 +215,6 @@ def _block(table_ptr, max_blocks, blocks_n, group_m):
 
 
 @triton.jit
-def _libdevice_tanh(x):
-    return libdevice.tanh(x)
-
-
-@triton.jit
-def _exp_tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(x, 20.0)) + 1.0)  # tanh(20) is 1 in fp32
-
-
-# CUDA eager's gelu calls tanhf, libdevice's __nv_tanhf. The interpreter has no libdevice: an exp form stands in.
-_tanh = _exp_tanh if triton.knobs.runtime.interpret else _libdevice_tanh
-
-
-@triton.jit
-def _mma_dot(a, b, acc, PRECISION: tl.constexpr):
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _fp32_dot(a, b, acc, PRECISION: tl.constexpr):
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-
-
-# The interpreter's dot multiplies bf16 operands' raw bits: it gets them in fp32, where their products are exact.
-_dot = _fp32_dot if triton.knobs.runtime.interpret else _mma_dot
-
-
-@triton.jit
-def _gelu_tanh(x):
-    """ATen's GeluCUDAKernelImpl (approximate="tanh") in fp32: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-    return 0.5 * x * (1.0 + _tanh(inner))
-
-
-@triton.jit
 def _gate_up_tile(x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first, end, n, HIDDEN: tl.constexpr,
                   INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -274,15 +239,13 @@ def _gate_up_tile(x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first,
             xs = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
             gate = tl.load(gate_ptrs, mask=k_in[:, None], other=0.0)
             up = tl.load(up_ptrs, mask=k_in[:, None], other=0.0)
-        acc_gate = _dot(xs, gate, acc_gate, PRECISION)
-        acc_up = _dot(xs, up, acc_up, PRECISION)
+        acc_gate = dot(xs, gate, acc_gate, PRECISION)
+        acc_up = dot(xs, up, acc_up, PRECISION)
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
-    dtype = act_ptr.dtype.element_ty
-    gate = acc_gate.to(dtype).to(tl.float32)
-    act = _gelu_tanh(gate).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
-    tl.store(act_ptr + rows[:, None].to(tl.int64) * INTER + cols[None, :], act.to(dtype),
+    act = gelu_tanh_mul(acc_gate, acc_up, act_ptr.dtype.element_ty)
+    tl.store(act_ptr + rows[:, None].to(tl.int64) * INTER + cols[None, :], act,
              mask=(rows < end)[:, None] & (cols < INTER)[None, :])
 
 
@@ -325,7 +288,7 @@ def _down_tile(act_ptr, w_ptr, order_ptr, y_ptr, expert, first, end, n, HIDDEN: 
             k_in = ks < INTER - k * BLOCK_K
             act = tl.load(act_ptrs, mask=k_in[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        acc = _dot(act, w, acc, PRECISION)
+        acc = dot(act, w, acc, PRECISION)
         act_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     pairs = tl.load(order_ptr + rows_in).to(tl.int64)
