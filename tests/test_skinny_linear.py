@@ -1,0 +1,131 @@
+"""The grouped skinny-GEMM op: the Triton kernel (interpreter on CPU, compiled on CUDA) against float64 and the eager
+reference, split along K and not, its determinism, the split rule, bad input, the custom op and its fake."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from gemma4_fx.replacements import skinny_linear as S
+from helpers import DEVICES, seeded
+
+# ‖out - float64‖ / ‖float64‖: one rounding per output (gated: the two GEMMs', the gelu's and the product's).
+REL_BOUND = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+SPLIT = S.Config(16, 32, 4, 4, 2)  # small blocks: several column blocks a weight, K in runs of several steps
+
+
+def _args(rows, hidden, widths, dtype, device):
+    """x with rows over two orders of magnitude; weights at unit-ish output scale."""
+    g = seeded("skinny", rows, hidden, widths, dtype)
+    x = torch.randn(rows, hidden, generator=g) * torch.logspace(-1, 1, rows)[:, None]
+    weights = [torch.randn(n, hidden, generator=g) * hidden**-0.5 for n in widths]
+    return x.to(dtype).to(device), [w.to(dtype).to(device) for w in weights]
+
+
+def _float64(x, weights, gated):
+    ys = [x.double() @ w.double().T for w in weights]
+    return [F.gelu(ys[0], approximate="tanh") * ys[1]] if gated else ys
+
+
+def _check(x, weights, gated, config):
+    outs = S.skinny_linear_triton(x, weights, gated, config=config)
+    assert [o.shape for o in outs] == [(x.shape[0], w.shape[0]) for w in (weights[:1] if gated else weights)]
+    for out, exact, eager in zip(outs, _float64(x, weights, gated), S.skinny_linear_reference(x, weights, gated)):
+        assert out.dtype == x.dtype and not out.isnan().any()
+        rel = ((out.double() - exact).norm() / exact.norm()).item()
+        # Against eager only the K order differs: an ulp of the row's largest output here and there (fp32: a few).
+        scale = eager.double().abs().amax(-1, keepdim=True)
+        diff = ((out.double() - eager.double()).abs() / scale / torch.finfo(x.dtype).eps).max().item()
+        bitwise = (out == eager).double().mean().item()
+        print(f"{x.dtype} gated={gated}: rel {rel:.3g}, max {diff:.2f} eps, {bitwise:.1%} bitwise equal to eager")
+        assert rel <= REL_BOUND[x.dtype]
+        assert diff <= (16 if x.dtype == torch.float32 else 1)
+        assert x.dtype == torch.float32 or bitwise >= 0.9
+    return outs
+
+
+# rows, hidden, widths, gated. Widths not multiples of the blocks; hidden a multiple of 8 (bf16 rows 16-byte
+# aligned) but not of BLOCK_K.
+CASES = [(1, 184, (40,), False), (3, 120, (72, 24, 24), False), (8, 104, (33, 17), False), (3, 120, (40, 40), True),
+         (1, 184, (24, 24), True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [None, SPLIT], ids=["default", "split"])
+@pytest.mark.parametrize("case", CASES, ids=[f"m{c[0]}-{len(c[2])}w" + ("-gated" if c[3] else "") for c in CASES])
+def test_kernel(device, dtype, config, case):
+    rows, hidden, widths, gated = case
+    x, weights = _args(rows, hidden, widths, dtype, device)
+    _check(x, weights, gated, config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_x_and_k_a_multiple_of_the_block(device):
+    """x with a row stride past K (a slice of a wider activation); K a whole number of BLOCK_K steps."""
+    x, weights = _args(5, 128, (24, 40), torch.bfloat16, device)
+    wide = torch.zeros(5, 136, dtype=x.dtype, device=device)
+    wide[:, :128] = x
+    _check(wide[:, :128], weights, False, SPLIT)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gated", [False, True])
+def test_deterministic(device, gated):
+    """Split along K, the partials are added in split order by a second launch: every run gives the same bits."""
+    x, weights = _args(3, 136, (40, 40), torch.bfloat16, device)
+    first = S.skinny_linear_triton(x, weights, gated, config=SPLIT)
+    second = S.skinny_linear_triton(x, weights, gated, config=SPLIT)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_split_rule():
+    """BLOCK_N shrinks until the column blocks fill the SMs; short of that, K is split while the fp32 partials stay
+    under a quarter of the weight bytes; the launcher takes a divisor of the K steps."""
+    e2b_qkv = S.default_config(1, 1536, [2048, 256, 256], torch.bfloat16, False, 132)
+    assert (e2b_qkv.block_n, e2b_qkv.split_k) == (16, 1)  # 160 blocks
+    e2b_mlp = S.default_config(8, 1536, [6144, 6144], torch.bfloat16, True, 132)
+    assert (e2b_mlp.block_n, e2b_mlp.split_k) == (32, 1)  # 192 blocks
+    kv = S.default_config(1, 1536, [256, 256], torch.bfloat16, False, 132)
+    assert (kv.block_n, kv.block_k, kv.split_k) == (16, 128, 5)  # 32 blocks, 12 steps
+    assert S.default_config(64, 1536, [256, 256], torch.bfloat16, False, 132).split_k == 1  # partials too big
+    assert S.default_config(2, 40, [8], torch.float32, False, 132).block_k == 64  # fp32: half the K block
+    assert [S.split_runs(12, k) for k in (1, 4, 5, 12, 20)] == [1, 4, 4, 12, 12]
+    assert [S.split_runs(7, 4), S.split_runs(6, 4), S.split_runs(4, 4)] == [1, 3, 4]  # the test cases' K steps
+
+
+def test_bad_input_names_the_argument():
+    x, (w0, w1, w2) = _args(3, 16, (8, 8, 4), torch.float32, "cpu")
+    cases = [
+        ((x[None], [w0]), "x must be 2-D"),
+        ((torch.zeros(65, 16), [w0]), "x must be 2-D .* at most 64 rows"),
+        ((x.to(torch.float64), [w0]), "x must"),
+        ((x, []), "weights must hold 1 to 3"),
+        ((x, [w0, w1, w2, w0]), "weights must hold 1 to 3"),
+        ((x, [w0, w1, w2], True), r"weights must hold 2 \(gate, up\)"),
+        ((x, [w0, torch.zeros(8, 15)]), r"weights\[1\] must be a contiguous \[out_features, 16\]"),
+        ((x, [w0.half()]), r"weights\[0\] must"),
+        ((x, [w0, w1.T.contiguous().T]), r"weights\[1\] must be a contiguous"),
+        ((x, [w0, w2], True), "gated weights must have one shape"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            S.skinny_linear_triton(*args)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.gemma4_fx.skinny_linear(*args)
+
+
+def test_custom_op_and_fake():
+    """On CPU the op is the reference; its fake gives one [rows, N_i] per weight (gated: one)."""
+    x, weights = _args(3, 24, (8, 16), torch.bfloat16, "cpu")
+    for gated in (False, True):
+        outs = torch.ops.gemma4_fx.skinny_linear(x, weights[:1] * 2 if gated else weights, gated)
+        refs = S.skinny_linear_reference(x, weights[:1] * 2 if gated else weights, gated)
+        assert all(torch.equal(o, r) for o, r in zip(outs, refs))
+    with FakeTensorMode() as mode:
+        fake_x = mode.from_tensor(x)
+        fakes = [mode.from_tensor(w) for w in weights]
+        assert [o.shape for o in torch.ops.gemma4_fx.skinny_linear(fake_x, fakes)] == [(3, 8), (3, 16)]
+        (gated_out,) = torch.ops.gemma4_fx.skinny_linear(fake_x, [fakes[1], fakes[1]], True)
+        assert gated_out.shape == (3, 16) and gated_out.dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.gemma4_fx.skinny_linear.default, (x, weights, False))
