@@ -63,7 +63,7 @@ KERNEL_FAMILIES = (
     ("gemm (cuBLAS/CUTLASS)", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "cublas")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemma4_fx kernels", ("_router", "_moe", "moe_", "_gate_up", "_down", "_combine", "_route", "post_attn",
-                           "ple_", "_norm_kernel", "_rows")),
+                           "ple_", "_norm_kernel", "_rows", "_skinny", "_reduce_kernel")),
     ("inductor triton", ("triton_",)),
     ("copies and fills", ("memcpy", "memset", "copy", "fill")),
 )

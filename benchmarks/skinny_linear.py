@@ -1,0 +1,177 @@
+"""Decode-step linears that share their input (q/k/v; the MLP's gate and up with gelu_tanh(gate) * up) at E2B/E4B
+widths: gemma4_fx's one-launch `skinny_linear` against separate cuBLAS linears and Inductor's.
+
+    python benchmarks/skinny_linear.py            # the table (a minute or two on an H200)
+    python benchmarks/skinny_linear.py --sweep    # our block configs per shape: what default_config should pick
+    python benchmarks/skinny_linear.py --smoke    # tiny widths on CPU under the Triton interpreter: does it run?
+
+Shapes: every distinct group in the E2B and E4B presets' layers (q/k/v of sliding and full layers, where a layer
+computes its own k/v; gate/up, double-wide in E2B's KV-shared layers). Rows M = 1, 8, 32, bf16. Each variant is one
+call captured in a CUDA graph, timed as the median replay of `triton.testing.do_bench` (which clears L2 before each,
+as the weights of the other layers do between one layer's turns). The floor is the bytes that must move (weights, x,
+outputs) over the copy bandwidth measured here. "bitwise %" compares ours with cuBLAS's outputs (they differ in the
+order of the sum along K).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+if "--smoke" in sys.argv:  # Triton picks the interpreter when the kernels are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from transformers import Gemma4ForCausalLM  # noqa: E402
+
+from benchmarks.common import copy_bandwidth, graph_replay_us, markdown  # noqa: E402
+from gemma4_fx import presets  # noqa: E402
+from gemma4_fx.replacements import skinny_linear as S  # noqa: E402
+
+ROWS = [1, 8, 32]
+DTYPE = torch.bfloat16
+
+
+def shapes(preset_names=("e2b", "e4b")) -> list[tuple[str, int, tuple[int, ...], bool, int]]:
+    """(name, hidden, widths, gated, layers) of each distinct group of linears that share an input in the presets'
+    decoder layers, read off the model built on the meta device (KV-shared layers have no k/v projections; E2B's
+    have a double-wide MLP)."""
+    groups: dict[tuple, int] = {}
+    for preset in preset_names:
+        with torch.device("meta"):
+            model = Gemma4ForCausalLM(presets.text_config(preset))
+        for layer in model.model.layers:
+            attention = [getattr(layer.self_attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+            for name, linears, gated in (("q/k/v", [p for p in attention if p is not None], False),
+                                         ("gate/up", [layer.mlp.gate_proj, layer.mlp.up_proj], True)):
+                if len(linears) > 1:
+                    key = (f"{preset} {name}", linears[0].in_features, tuple(p.out_features for p in linears), gated)
+                    groups[key] = groups.get(key, 0) + 1
+    return [(*key, layers) for key, layers in groups.items()]
+
+
+def inputs(rows: int, hidden: int, widths, device, dtype=DTYPE):
+    g = torch.Generator(device=device).manual_seed(rows * 7 + hidden)
+    x = torch.randn(rows, hidden, device=device, generator=g).to(dtype)
+    weights = [(torch.randn(n, hidden, device=device, generator=g) * hidden**-0.5).to(dtype) for n in widths]
+    return x, weights
+
+
+def separate(x, weights, gated):
+    """What eager runs: one linear per weight (gated: then gelu and the product, two more launches)."""
+    ys = [F.linear(x, w) for w in weights]
+    return [F.gelu(ys[0], approximate="tanh") * ys[1]] if gated else ys
+
+
+def floor_bytes(x, weights, gated) -> int:
+    outputs = x.shape[0] * (weights[0].shape[0] if gated else sum(w.shape[0] for w in weights))
+    return (sum(w.numel() for w in weights) + x.numel() + outputs) * x.element_size()
+
+
+def benchmark(rows_list: list[int]) -> None:
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s", flush=True)
+    torch._dynamo.config.recompile_limit = 64
+    compiled = torch.compile(separate, dynamic=False)
+    variants = {"ours": lambda x, ws, gated: torch.ops.gemma4_fx.skinny_linear(x, ws, gated),
+                "cuBLAS separate": separate, "compiled separate": compiled}
+    rows_out = []
+    for (name, hidden, widths, gated, layers), rows in itertools.product(shapes(), rows_list):
+        x, weights = inputs(rows, hidden, widths, "cuda")
+        floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
+        with torch.no_grad():
+            ours, theirs = S.skinny_linear_triton(x, weights, gated), separate(x, weights, gated)
+        config = S.default_config(rows, hidden, list(widths), DTYPE, gated, S._sms(x.device))
+        row = {"group": name, "layers": layers, "M": rows, "K": hidden, "N": "+".join(map(str, widths)),
+               "floor µs": floor,
+               "config (N, K, split, warps, stages)": tuple(config),
+               "bitwise %": 100 * sum((a == b).sum().item() for a, b in zip(ours, theirs)) / sum(
+                   a.numel() for a in ours),
+               "max rel err": max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                  for a, b in zip(ours, theirs))}
+        for variant, fn in variants.items():
+            us = graph_replay_us(fn, x, weights, gated)
+            row[variant] = f"{us:.1f} ({us / floor:.2f}x)"
+            if variant == "ours":
+                row["ours TB/s"] = floor_bytes(x, weights, gated) / us * 1e-6
+        rows_out.append(row)
+        print(row, flush=True)
+    print("\n### Linears sharing their input at decode rows, bf16: µs (times the floor)\n")
+    print(markdown(rows_out))
+
+
+FIELD_VALUES = {"block_n": (16, 32, 64, 128), "block_k": (64, 128, 256), "split_k": (1, 2, 3, 4, 6),
+                "num_warps": (2, 4, 8), "num_stages": (2, 3, 4, 6)}
+
+
+def fits(config: S.Config, rows: int, gated: bool) -> bool:
+    """Whether the config's stages fit 200 KB of shared memory."""
+    block_m = max(16, triton.next_power_of_2(rows))
+    return config.num_stages * (block_m + (2 if gated else 1) * config.block_n) * config.block_k * 2 <= 200 << 10
+
+
+def sweep(rows_list: list[int]) -> None:
+    """Coordinate descent from `default_config`, one field at a time (each shape compiles its own kernels: its
+    widths are compile-time constants, so a full grid would take hours)."""
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    for (name, hidden, widths, gated, _), rows in itertools.product(shapes(), rows_list):
+        x, weights = inputs(rows, hidden, widths, "cuda")
+
+        def run_us(config):
+            try:
+                return graph_replay_us(lambda: S.skinny_linear_triton(x, weights, gated, config=config))
+            except Exception:  # noqa: BLE001 (out of resources)
+                return float("inf")
+
+        default = S.default_config(rows, hidden, list(widths), DTYPE, gated, S._sms(x.device))
+        best = (run_us(default), default)
+        default_us = best[0]
+        for field, values in FIELD_VALUES.items():
+            configs = [best[1]._replace(**{field: v}) for v in values if v != getattr(best[1], field)]
+            best = min([best, *((run_us(c), c) for c in configs if fits(c, rows, gated))])
+        print(f"{name} M={rows}: default {tuple(default)} {default_us:.1f} µs, best {tuple(best[1])} "
+              f"{best[0]:.1f} µs", flush=True)
+
+
+def smoke() -> None:
+    """Tiny widths, fp32 (the interpreter truncates bf16 casts, where the GPU rounds); the default split rule and a
+    forced split; the GPU table's shapes listed."""
+    rows_out = []
+    split = S.Config(16, 32, 4, 4, 2)
+    for rows, widths, gated, config in [(1, (40, 24, 24), False, None), (3, (40, 24, 24), False, split),
+                                        (8, (48, 48), True, None), (8, (48, 48), True, split)]:
+        x, weights = inputs(rows, 128, widths, "cpu", torch.float32)
+        ours = S.skinny_linear_triton(x, weights, gated, config=config)
+        ref = S.skinny_linear_reference(x, weights, gated)
+        rows_out.append({"M": rows, "N": "+".join(map(str, widths)), "gated": gated, "config": config or "default",
+                         "max rel err": max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))})
+    print(markdown(rows_out))
+    print(markdown([{"group": name, "layers": layers, "K": hidden, "N": "+".join(map(str, widths)),
+                     "default config at M=1 (132 SMs)": tuple(S.default_config(1, hidden, list(widths), DTYPE, gated,
+                                                                               S.SMS))}
+                    for name, hidden, widths, gated, layers in shapes()]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="time block configs per shape, print the best")
+    parser.add_argument("--smoke", action="store_true", help="tiny widths on CPU under the Triton interpreter")
+    parser.add_argument("--rows", type=int, nargs="*", default=ROWS, help="rows M (default: %(default)s)")
+    args = parser.parse_args()
+    if args.smoke:
+        smoke()
+    elif args.sweep:
+        sweep(args.rows)
+    else:
+        benchmark(args.rows)
+
+
+if __name__ == "__main__":
+    main()
