@@ -88,7 +88,7 @@ def benchmark(rows_list: list[int]) -> None:
         floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
         with torch.no_grad():
             ours, theirs = S.skinny_linear_triton(x, weights, gated), separate(x, weights, gated)
-        config = S.default_config(rows, hidden, list(widths), DTYPE, gated, S._sms(x.device))
+        config = S.default_config(rows, hidden, list(widths), DTYPE, gated, S.sm_count(x.device))
         row = {"group": name, "layers": layers, "M": rows, "K": hidden, "N": "+".join(map(str, widths)),
                "floor µs": floor,
                "config (N, K, split, warps, stages)": tuple(config),
@@ -130,7 +130,7 @@ def sweep(rows_list: list[int]) -> None:
             except Exception:  # noqa: BLE001 (out of resources)
                 return float("inf")
 
-        default = S.default_config(rows, hidden, list(widths), DTYPE, gated, S._sms(x.device))
+        default = S.default_config(rows, hidden, list(widths), DTYPE, gated, S.sm_count(x.device))
         best = (run_us(default), default)
         default_us = best[0]
         for field, values in FIELD_VALUES.items():

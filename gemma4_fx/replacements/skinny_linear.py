@@ -18,10 +18,11 @@ The kernel, grid (column blocks, SPLIT_K):
   K, against all M rows of x. M is padded to BLOCK_M >= 16 for `tl.dot`; the padding costs tensor-core time, which
   a memory-bound GEMM has to spare.
 - axis 1 splits K, when the column blocks alone number fewer than the GPU's SMs (BLOCK_N shrinks from 64 to 16
-  first): SPLIT_K equal runs of BLOCK_K steps (a divisor of their count), fp32 partial sums into a [SPLIT_K, M, sum N_i] workspace, then a
-  second launch adds them in split order, rounds and applies the gated epilogue. No atomics, so every run gives the
-  same bits. The split stops where the partials (written and read back in fp32) would pass a quarter of the weight
-  bytes. On Hopper the second launch starts early (programmatic dependent launch) and waits for the partials.
+  first): SPLIT_K equal runs of BLOCK_K steps (a divisor of their count), fp32 partial sums into a
+  [SPLIT_K, M, sum N_i] workspace, then a second launch adds them in split order, rounds and applies the gated
+  epilogue. No atomics, so every run gives the same bits. The split stops where the partials (written and read
+  back in fp32) would pass a quarter of the weight bytes. On Hopper the second launch starts early (programmatic
+  dependent launch) and waits for the partials.
 
 Against cuBLAS only the order of the fp32 sum along K differs (so the rounded outputs, by an ulp here and there).
 
@@ -87,7 +88,7 @@ def default_config(rows: int, hidden: int, widths: list[int], dtype: torch.dtype
         if blocks >= sms:
             break
     steps = triton.cdiv(hidden, block_k)
-    # Partials: split * rows fp32 per column, written and read; weights: hidden * elem bytes per column.
+    # Per column, the partials' split * rows * 4 bytes (written, then read) against the weight's hidden * elem bytes.
     split = max(1, min(triton.cdiv(sms, blocks), steps, hidden * elem // (4 * 2 * 4 * max(rows, 1))))
     block_m = max(16, triton.next_power_of_2(rows))
     stage_bytes = (block_m + (2 if gated else 1) * block_n) * block_k * elem
@@ -101,7 +102,8 @@ def split_runs(steps: int, split_k: int) -> int:
 
 
 @functools.cache
-def _sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """`device`'s SMs: the programs `default_config` aims to fill."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS
 
 
@@ -235,7 +237,7 @@ def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, 
     outs = [x.new_empty((rows, n)) for n in (widths[:1] if gated else widths)]
     if rows == 0:
         return outs
-    config = config or default_config(rows, hidden, widths, x.dtype, gated, _sms(x.device))
+    config = config or default_config(rows, hidden, widths, x.dtype, gated, sm_count(x.device))
     block_m = max(16, triton.next_power_of_2(rows))
     steps = triton.cdiv(hidden, config.block_k)
     split_k = split_runs(steps, config.split_k)
@@ -247,8 +249,8 @@ def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, 
     shared = dict(WIDTHS=tuple(widths), NUM_WEIGHTS=len(weights), TOTAL=total, GATED=gated, SPLIT_K=split_k,
                   BLOCK_M=block_m, BLOCK_N=config.block_n, PDL=pdl)
     _skinny_kernel[(blocks, split_k)](
-        x, tuple(weights), tuple(outs), part, rows, x.stride(0), HIDDEN=hidden, STEPS=steps // split_k, BLOCK_K=config.block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
+        x, tuple(weights), tuple(outs), part, rows, x.stride(0), HIDDEN=hidden, STEPS=steps // split_k,
+        BLOCK_K=config.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
         num_stages=config.num_stages, **shared,
     )
     if split_k > 1:
