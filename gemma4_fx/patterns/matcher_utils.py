@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch._inductor.pattern_matcher import fwd_only
 
-from ..fx_utils import calls, find_op
+from ..fx_utils import calls, find_op, value
 from ..replacements.rows import rms_norm
 
 # pattern module NAME -> {argument name: stand-in value}
@@ -129,3 +130,38 @@ def norm_forms(graph: torch.fx.Graph, options: dict) -> list[NormForm]:
     if graph.find_nodes(op="call_function", target=aten.rsqrt.default):
         forms += [NORM_FORMS["rsqrt"], NORM_FORMS["rsqrt_cast"]]
     return forms + [op_norm_form(name) for name in options.get("rms_norm_ops", ()) if calls(graph, name)]
+
+
+def not_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node, where: str) -> str | None:
+    """Why the elementwise ops from `gate` to `act` are not gelu_tanh(gate) in gate's dtype, or None. Inductor
+    decomposes gelu and engines write it their own way, so the ops are run on probe values (magnitudes from 2**-10
+    to 2**5, both signs, zero) against a float64 gelu_tanh, to two ulps; a tanh among them (or gelu's own
+    `approximate="tanh"`) tells it from the erf form, which no bf16 probe could."""
+    aten = torch.ops.aten
+    nodes, stack = {}, [act]
+    while stack:
+        node = stack.pop()
+        if node is gate or node in nodes:
+            continue
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            return f"activation: {node.name} is not an aten op"
+        nodes[node] = None
+        stack += node.all_input_nodes
+    if not any(node.target is aten.tanh.default or node.target is aten.gelu.default
+               and node.kwargs.get("approximate") == "tanh" for node in nodes):
+        return f"activation {where} has no tanh: not gelu_tanh"
+    order = {node: i for i, node in enumerate(gate.graph.nodes)}
+    dtype = value(gate).dtype
+    magnitudes = torch.logspace(-10, 5, 2048, base=2.0, dtype=torch.float64)
+    probe = torch.cat([magnitudes, torch.zeros(1, dtype=torch.float64)])
+    probe = torch.cat([probe, -probe]).to(dtype)
+    env = {gate: probe}
+    for node in sorted(nodes, key=order.get):
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+        env[node] = node.target(*args, **kwargs)
+    got, exact = env[act], F.gelu(probe.double(), approximate="tanh")
+    eps = torch.finfo(dtype).eps
+    if got.dtype != dtype or got.shape != exact.shape or \
+            ((got.double() - exact).abs() > 2 * eps * (exact.abs() + 1)).any():
+        return f"activation {where} is not gelu_tanh in the activation dtype"
+    return None

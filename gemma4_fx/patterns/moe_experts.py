@@ -28,11 +28,11 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 
 from ..fx_utils import value
 from ..passes.context import PassContext
 from ..replacements import moe_experts as moe_ops
+from .matcher_utils import not_gelu_tanh
 
 NAME = "moe_experts"
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -78,40 +78,6 @@ def _transposed_weight(node, what: str) -> torch.fx.Node:
     return permute.args[0]
 
 
-def _is_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node) -> str | None:
-    """Why the elementwise ops from `gate` to `act` are not gelu_tanh(gate) in gate's dtype, or None. Inductor
-    decomposes gelu and engines write it their own way, so the ops are run on probe values (magnitudes from 2**-10
-    to 2**5, both signs, zero) against a float64 gelu_tanh, to two ulps; a tanh among them (or gelu's own
-    `approximate="tanh"`) tells it from the erf form, which no bf16 probe could."""
-    nodes, stack = {}, [act]
-    while stack:
-        node = stack.pop()
-        if node is gate or node in nodes:
-            continue
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            return f"activation: {node.name} is not an aten op"
-        nodes[node] = None
-        stack += node.all_input_nodes
-    if not any(node.target is aten.tanh.default or node.target is aten.gelu.default
-               and node.kwargs.get("approximate") == "tanh" for node in nodes):
-        return "activation between the grouped GEMMs has no tanh: not gelu_tanh"
-    order = {node: i for i, node in enumerate(gate.graph.nodes)}
-    dtype = value(gate).dtype
-    magnitudes = torch.logspace(-10, 5, 2048, base=2.0, dtype=torch.float64)
-    probe = torch.cat([magnitudes, torch.zeros(1, dtype=torch.float64)])
-    probe = torch.cat([probe, -probe]).to(dtype)
-    env = {gate: probe}
-    for node in sorted(nodes, key=order.get):
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-        env[node] = node.target(*args, **kwargs)
-    got, exact = env[act], F.gelu(probe.double(), approximate="tanh")
-    eps = torch.finfo(dtype).eps
-    if got.dtype != dtype or got.shape != exact.shape or \
-            ((got.double() - exact).abs() > 2 * eps * (exact.abs() + 1)).any():
-        return "activation between the grouped GEMMs is not gelu_tanh in the activation dtype"
-    return None
-
-
 _RESHAPES = (aten.reshape.default, aten.view.default)
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 
@@ -125,7 +91,7 @@ def _gated_activation(act, second_gemm_of) -> tuple[torch.fx.Node, torch.fx.Node
     split = _expect(up_half.args[0], _SPLITS, "gate/up split")
     if up_half.args[1] != 1 or split.args[-1] not in (-1, 1) or len(split.users) != 2:
         raise _Mismatch("gate/up split: not two halves along the last dim")
-    reason = _is_gelu_tanh(_getitem(split, 0, "gate half"), gated)
+    reason = not_gelu_tanh(_getitem(split, 0, "gate half"), gated, "between the grouped GEMMs")
     if reason:
         raise _Mismatch(reason)
     return second_gemm_of(split.args[0]), split
