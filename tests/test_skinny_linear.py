@@ -1,11 +1,15 @@
 """The grouped skinny-GEMM op: the Triton kernel (interpreter on CPU, compiled on CUDA) against float64 and the eager
-reference, split along K and not, its determinism, the split rule, bad input, the custom op and its fake."""
+reference, split along K and not, its determinism, the split rule, bad input, the custom op and its fake; the
+pattern (not in PATTERNS) as Inductor's post-grad pass on a layer's linears."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import gemma4_fx
+from gemma4_fx.passes.context import PassContext, active
+from gemma4_fx.patterns import skinny_linear as P
 from gemma4_fx.replacements import skinny_linear as S
 from helpers import DEVICES, seeded
 
@@ -135,3 +139,78 @@ def test_custom_op_and_fake():
         (gated_out,) = torch.ops.gemma4_fx.skinny_linear(fake_x, [fakes[1], fakes[1]], True)
         assert gated_out.shape == (3, 16) and gated_out.dtype == torch.bfloat16
     torch.library.opcheck(torch.ops.gemma4_fx.skinny_linear.default, (x, weights, False))
+
+
+class _Layer(torch.nn.Module):
+    """A decoder layer's linears: q/k/v on the normed input, gate/up on another (gelu_tanh(gate) * up, then down),
+    and a biased linear, which is not a bare mm."""
+
+    def __init__(self, hidden=40, q=48, kv=16, inter=56):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(hidden, n, bias=False) for n in (q, kv, kv))
+        self.gate, self.up = (torch.nn.Linear(hidden, inter, bias=False) for _ in range(2))
+        self.down = torch.nn.Linear(inter, hidden, bias=False)
+        self.biased = torch.nn.Linear(hidden, kv)
+
+    def forward(self, x):
+        attn = torch.cat([self.q(x), self.k(x), self.v(x)], -1)
+        h = x * 0.5
+        mlp = self.down(F.gelu(self.gate(h), approximate="tanh") * self.up(h))
+        return attn, mlp, self.biased(x)
+
+
+class _Pass(torch._inductor.custom_graph_pass.CustomGraphPass):
+    """The pattern alone as Inductor's post-grad custom pass, recording into `report`."""
+
+    def __init__(self):
+        from gemma4_fx.report import Report
+
+        self.report, self.ops = Report((P.NAME,)), []
+
+    def __call__(self, graph):
+        ctx = PassContext("graph_0", self.report)
+        with active(ctx):
+            P.apply(graph, ctx)
+            ctx.commit(graph)
+        self.ops += [(len(node.args[1]), node.args[2]) for node in
+                     graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.skinny_linear.default)]
+
+    def uuid(self):
+        return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(3, 1), (70,)], ids=["decode", "prefill"])
+def test_pattern(dtype, rows):
+    """Decode rows: q/k/v become one op, gate/up one gated op, within the eager rounding; 70 rows are left to
+    cuBLAS with the reason; the biased linear is not matched."""
+    layer = _Layer().to(dtype).eval()
+    x = torch.randn(*rows, 40, generator=seeded("pattern", rows, dtype)).to(dtype)
+    graph_pass = _Pass()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graph_pass, fx_graph_cache=False), torch.no_grad():
+        got = torch.compile(layer)(x)
+        eager = layer(x)
+    for out, ref in zip(got, eager):
+        torch.testing.assert_close(out, ref, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+    report = graph_pass.report
+    if rows == (70,):
+        assert report.counts[P.NAME] == 0
+        assert {skip.reason for skip in report.skipped} == {"70 rows: above 64 the GEMMs are cuBLAS's"}
+    else:
+        assert report.counts[P.NAME] == 2 and not report.skipped
+        assert sorted(graph_pass.ops) == [(2, True), (3, False)]  # gate/up gated; q/k/v
+
+
+def test_pattern_on_a_tiny_gemma4_decode_step():
+    """tiny-e2b at 4 layers, 2 sequences of one token: q/k/v in the layers that compute their own k/v, gate/up
+    (gated) in all; logits as eager's."""
+    model = gemma4_fx.build_model("tiny-e2b", seed=5, num_hidden_layers=4)
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (2, 1), generator=seeded("tiny decode"))
+    graph_pass = _Pass()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graph_pass, fx_graph_cache=False), torch.no_grad():
+        got = torch.compile(model)(ids, use_cache=False).logits
+        eager = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    own_kv = config.num_hidden_layers - config.num_kv_shared_layers
+    assert sorted(graph_pass.ops) == [(2, True)] * config.num_hidden_layers + [(3, False)] * own_kv
