@@ -26,10 +26,9 @@ The kernel, grid (column blocks, SPLIT_K):
 
 Against cuBLAS only the order of the fp32 sum along K differs (so the rounded outputs, by an ulp here and there).
 
-Untested on a GPU yet. `benchmarks/skinny_linear.py` must first show, at E2B/E4B widths: whether `tl.dot` at
-padded M reaches the copy bandwidth at M = 1 (else a broadcast-multiply-sum path for M < 16), the block sizes,
-stages and warps (`default_config`), the SM-count threshold and workspace bound of the split, and what the second
-launch costs against a split-free grid of more, narrower blocks.
+Timed at E2B/E4B widths in BENCHMARKS.md (grouped skinny linears, `benchmarks/skinny_linear.py`): one launch beats
+separate linears for every q/k/v group, and for gate/up up to E2B's widths (where the pattern draws its line).
+`--sweep` times other block configs against `default_config`.
 """
 
 from __future__ import annotations
