@@ -61,6 +61,8 @@ def test_greedy_matches_hf_generate(preset, layers, backend):
     if not isinstance(backend, str):
         report = backend.report
         assert report.counts["router"] == layers * len(report.graphs) and not report.fallbacks, report
+        # static rows (24 in the prefill, 3 in the decode step): each layer's q/k/v and gate/up in one launch each
+        assert report.counts["skinny_linear"] == 2 * layers * len(report.graphs), report
 
 
 def test_multimodal_class_takes_text_prompts_only():

@@ -209,6 +209,9 @@ def test_generate_matches_eager():
     assert torch.equal(tokens, expected)
     assert backend.graph_reports
     assert all(report.counts["router"] == len(routers(model)) for report in backend.graph_reports.values())
+    # decode steps of one static row: each layer's q/k/v and gate/up in one launch each
+    layers = model.config.num_hidden_layers
+    assert all(report.counts["skinny_linear"] == 2 * layers for report in backend.graph_reports.values())
     assert not backend.report.fallbacks
 
 

@@ -23,7 +23,7 @@ def test_stand_ins_are_distinct():
 
 
 def test_patterns_run_in_registry_order():
-    for names in (["post_attn_norm", "router"], ["ple_tail", "router", "post_attn_norm"]):
+    for names in (["post_attn_norm", "router"], ["ple_tail", "router", "skinny_linear", "post_attn_norm"]):
         assert gemma4_fx.Gemma4Passes(names).patterns == tuple(name for name in gemma4_fx.PATTERNS if name in names)
 
 

@@ -1,6 +1,7 @@
 """The grouped skinny-GEMM op: the Triton kernel (interpreter on CPU, compiled on CUDA) against float64 and the eager
 reference, split along K and not, its determinism, the split rule, bad input, the custom op and its fake; the
-pattern (not in PATTERNS) as Inductor's post-grad pass on a layer's linears."""
+pattern on a layer's linears as Gemma-4 and other families write them, its size rule for the gated group on CUDA,
+and on a tiny Gemma-4 decode step, whole and cut into the CUDA-graph runtime's pieces."""
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gemma4_fx
-from gemma4_fx.passes.context import PassContext, active
 from gemma4_fx.patterns import skinny_linear as P
 from gemma4_fx.replacements import skinny_linear as S
+from gemma4_fx.replacements.rows import rms_norm
 from helpers import DEVICES, seeded
 
 # ‖out - float64‖ / ‖float64‖: one rounding per output (gated: the two GEMMs', the gelu's and the product's).
@@ -142,41 +143,51 @@ def test_custom_op_and_fake():
 
 
 class _Layer(torch.nn.Module):
-    """A decoder layer's linears: q/k/v on the normed input, gate/up on another (gelu_tanh(gate) * up, then down),
-    and a biased linear, which is not a bare mm."""
+    """A decoder layer's linears as a family writes them: q/k/v on the normed input, those named in `normed` then
+    RMS-normed per head (Gemma-4: all three, v without a weight); gate/up on another norm's output, weighed by w
+    (Gemma-4) or by `1 + w` (Gemma-2/3), through `act` and down; and a biased linear, which is not a bare mm."""
 
-    def __init__(self, hidden=40, q=48, kv=16, inter=56):
+    def __init__(self, normed="qkv", act="gelu_tanh", one_plus_w=False, hidden=40, q=48, kv=16, inter=56, head=8):
         super().__init__()
+        self.normed, self.one_plus_w, self.head = normed, one_plus_w, head
+        self.act = (lambda t: F.gelu(t, approximate="tanh")) if act == "gelu_tanh" else F.silu
         self.q, self.k, self.v = (torch.nn.Linear(hidden, n, bias=False) for n in (q, kv, kv))
         self.gate, self.up = (torch.nn.Linear(hidden, inter, bias=False) for _ in range(2))
         self.down = torch.nn.Linear(inter, hidden, bias=False)
         self.biased = torch.nn.Linear(hidden, kv)
+        self.input_norm, self.ff_norm = (torch.nn.Parameter(torch.rand(hidden) + 0.5) for _ in range(2))
+        self.q_norm, self.k_norm = (torch.nn.Parameter(torch.rand(head) + 0.5) for _ in range(2))
 
     def forward(self, x):
-        attn = torch.cat([self.q(x), self.k(x), self.v(x)], -1)
-        h = x * 0.5
-        mlp = self.down(F.gelu(self.gate(h), approximate="tanh") * self.up(h))
+        h = rms_norm(x, self.input_norm, 1e-6)
+        heads = {name: proj(h).unflatten(-1, (-1, self.head)) for name, proj in zip("qkv", (self.q, self.k, self.v))}
+        for name, weight in zip("qkv", (self.q_norm, self.k_norm, None)):
+            if name in self.normed:
+                heads[name] = rms_norm(heads[name], weight, 1e-6)
+        attn = torch.cat([t.flatten(-2) for t in heads.values()], -1)
+        ff_in = rms_norm(x * 0.5, 1 + self.ff_norm if self.one_plus_w else self.ff_norm, 1e-6)
+        mlp = self.down(self.act(self.gate(ff_in)) * self.up(ff_in))
         return attn, mlp, self.biased(x)
 
 
-class _Pass(torch._inductor.custom_graph_pass.CustomGraphPass):
-    """The pattern alone as Inductor's post-grad custom pass, recording into `report`."""
+class _Pass(gemma4_fx.Gemma4Passes):
+    """The pattern alone as Inductor's post-grad custom pass; `ops` lists each op it installed as (weights, gated)."""
 
     def __init__(self):
-        from gemma4_fx.report import Report
-
-        self.report, self.ops = Report((P.NAME,)), []
+        super().__init__([P.NAME])
+        self.ops = []
 
     def __call__(self, graph):
-        ctx = PassContext("graph_0", self.report)
-        with active(ctx):
-            P.apply(graph, ctx)
-            ctx.commit(graph)
+        super().__call__(graph)
         self.ops += [(len(node.args[1]), node.args[2]) for node in
                      graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.skinny_linear.default)]
 
-    def uuid(self):
-        return None
+
+def _compile(module, *args, dynamic=None):
+    """(compiled outputs, eager outputs, the pass) of `module` through Inductor with the pattern alone."""
+    graph_pass = _Pass()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=graph_pass, fx_graph_cache=False), torch.no_grad():
+        return torch.compile(module, dynamic=dynamic)(*args), module(*args), graph_pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -186,10 +197,7 @@ def test_pattern(dtype, rows):
     cuBLAS with the reason; the biased linear is not matched."""
     layer = _Layer().to(dtype).eval()
     x = torch.randn(*rows, 40, generator=seeded("pattern", rows, dtype)).to(dtype)
-    graph_pass = _Pass()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=graph_pass, fx_graph_cache=False), torch.no_grad():
-        got = torch.compile(layer)(x)
-        eager = layer(x)
+    got, eager, graph_pass = _compile(layer, x)
     for out, ref in zip(got, eager):
         torch.testing.assert_close(out, ref, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
     report = graph_pass.report
@@ -201,16 +209,90 @@ def test_pattern(dtype, rows):
         assert sorted(graph_pass.ops) == [(2, True), (3, False)]  # gate/up gated; q/k/v
 
 
+def test_symbolic_rows_left_alone_with_the_reason():
+    """Under dynamic shapes (as Dynamo compiles a decode step at its second batch size) the row count is a symbol:
+    both groups are left to Inductor, with the reason."""
+    layer = _Layer().eval()
+    got, eager, graph_pass = _compile(layer, torch.randn(3, 1, 40, generator=seeded("symbolic rows")), dynamic=True)
+    for out, ref in zip(got, eager):
+        torch.testing.assert_close(out, ref)
+    assert graph_pass.report.counts[P.NAME] == 0 and graph_pass.ops == []
+    assert [skip.reason for skip in graph_pass.report.skipped] == \
+        ["symbolic rows or hidden size: the op needs a static x of at most 64 rows"] * 2
+
+
+FAMILIES = {  # name: _Layer arguments of a layer whose linears share inputs but are not Gemma-4's
+    "llama": dict(normed="", act="silu"),  # no q/k norms, SiLU-gated MLP
+    "qwen3": dict(normed="qk", act="silu"),  # q and k normed, v not
+    "gemma3": dict(normed="qk", one_plus_w=True),  # gelu-tanh MLP on a norm weighed by 1 + w
+    "gemma4-silu": dict(act="silu"),  # Gemma-4's q/k/v (rewritten), gate/up through SiLU (left alone)
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_other_families_left_alone(family):
+    """Linears sharing an input that are not Gemma-4's q/k/v or gelu-tanh gate/up are no candidates: nothing
+    rewritten or reported."""
+    layer = _Layer(**FAMILIES[family]).eval()
+    x = torch.randn(3, 1, 40, generator=seeded("families", family))
+    got, eager, graph_pass = _compile(layer, x)
+    for out, ref in zip(got, eager):
+        torch.testing.assert_close(out, ref)
+    assert graph_pass.ops == ([(3, False)] if family == "gemma4-silu" else [])
+    assert not graph_pass.report.skipped
+
+
+def _group(device, rows, hidden, widths, gated):
+    """`_unsupported`'s arguments for bf16 linears of `widths` on x [rows, hidden] (fake tensors on `device`)."""
+    graph = torch.fx.Graph()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = graph.placeholder("x")
+        x.meta["val"] = torch.empty(rows, hidden, dtype=torch.bfloat16, device=device)
+        weights = []
+        for i, n in enumerate(widths):
+            weights.append(graph.placeholder(f"w{i}"))
+            weights[-1].meta["val"] = torch.empty(n, hidden, dtype=torch.bfloat16, device=device)
+        product = graph.call_function(torch.mul, (x, x)) if gated else None
+        if gated:
+            product.meta["val"] = torch.empty(rows, widths[0], dtype=torch.bfloat16, device=device)
+    return x, weights, product
+
+
+@pytest.mark.parametrize("case, reason", [
+    (("cuda", 8, 1536, [12288, 12288], True), None),  # E2B double-wide gate/up: measured faster
+    (("cuda", 8, 2560, [10240, 10240], True), "gate and up weights of 100 MiB: above 72 MiB one launch is not faster "
+                                              "than separate linears"),  # E4B gate/up: ties or loses
+    (("cuda", 32, 2560, [4096, 1024, 1024], False), None),  # q/k/v: any size
+    (("cpu", 8, 2560, [10240, 10240], True), None),  # the CPU op is eager's: no speed to lose
+], ids=["e2b-double-wide", "e4b-gate-up", "e4b-qkv", "cpu"])
+def test_gated_size_rule(case, reason):
+    """On CUDA a gated group is rewritten only up to `GATED_MAX_WEIGHT_BYTES` of weights (BENCHMARKS.md)."""
+    assert P._unsupported(*_group(*case)) == reason
+
+
 def test_pattern_on_a_tiny_gemma4_decode_step():
     """tiny-e2b at 4 layers, 2 sequences of one token: q/k/v in the layers that compute their own k/v, gate/up
     (gated) in all; logits as eager's."""
     model = gemma4_fx.build_model("tiny-e2b", seed=5, num_hidden_layers=4)
     config = model.config
     ids = torch.randint(0, config.vocab_size, (2, 1), generator=seeded("tiny decode"))
-    graph_pass = _Pass()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=graph_pass, fx_graph_cache=False), torch.no_grad():
-        got = torch.compile(model)(ids, use_cache=False).logits
-        eager = model(ids, use_cache=False).logits
+    got, eager, graph_pass = _compile(lambda i: model(i, use_cache=False).logits, ids)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
     own_kv = config.num_hidden_layers - config.num_kv_shared_layers
     assert sorted(graph_pass.ops) == [(2, True)] * config.num_hidden_layers + [(3, False)] * own_kv
+
+
+def test_pattern_in_the_pieces_of_a_piecewise_decode_step():
+    """The CUDA-graph runtime cuts the graph at attention (on CPU: cut and compiled, nothing captured): each layer's
+    q/k/v are rewritten in the piece before its attention, gate/up in the piece after it."""
+    model = gemma4_fx.build_model("tiny-26b-a4b", num_hidden_layers=2)
+    backend = gemma4_fx.Gemma4Backend([P.NAME], cudagraphs="piecewise")
+    ids = torch.randint(3, model.config.vocab_size, (2, 1), generator=seeded("piecewise decode"))
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+        torch.testing.assert_close(got, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    layers = range(model.config.num_hidden_layers)
+    assert sorted((match.graph, match.location) for match in backend.report.matches) == sorted(
+        [(f"graph_0.submod_{2 * i}", f"model.layers.{i}.self_attn.q_proj") for i in layers]
+        + [(f"graph_0.submod_{2 * i + 2}", f"model.layers.{i}.mlp.gate_proj") for i in layers])
+    assert not backend.report.skipped and not backend.report.fallbacks

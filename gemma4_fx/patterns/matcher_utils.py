@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch._inductor.pattern_matcher import fwd_only
+from torch._inductor.pattern_matcher import Match, fwd_only, gen_pattern
 
 from ..fx_utils import calls, find_op, value
 from ..replacements.rows import rms_norm
@@ -28,6 +28,7 @@ STAND_INS: dict[str, dict[str, float]] = {
     "post_attn_norm": {"eps_post": 1.25e-5, "eps_pre": 1.5e-5, "eps_moe": 1.75e-5, "eps_router": 2.25e-5,
                        "root_size": 0.0517},
     "ple_tail": {"eps_ff": 2.5e-5, "eps_ple": 2.75e-5},
+    "skinny_linear": {"eps": 3.5e-5},  # `match_norm`'s
 }
 
 
@@ -130,6 +131,35 @@ def norm_forms(graph: torch.fx.Graph, options: dict) -> list[NormForm]:
     if graph.find_nodes(op="call_function", target=aten.rsqrt.default):
         forms += [NORM_FORMS["rsqrt"], NORM_FORMS["rsqrt_cast"]]
     return forms + [op_norm_form(name) for name in options.get("rms_norm_ops", ()) if calls(graph, name)]
+
+
+def _weighted_norm(x, weight, eps, norm):
+    return norm(x, weight, eps)
+
+
+def _plain_norm(x, eps, norm):
+    return norm(x, None, eps)
+
+
+@functools.cache
+def _norm_pattern(form: NormForm, dtype: torch.dtype, weighted: bool):
+    example = [torch.empty(6, 16, dtype=dtype), *([torch.empty(16, dtype=dtype)] if weighted else [])]
+    fn = bind(_weighted_norm if weighted else _plain_norm, norm=form.fn)
+    return gen_pattern(fn, [*example, STAND_INS["skinny_linear"]["eps"]], trace, stand_ins("skinny_linear"))
+
+
+def match_norm(node: torch.fx.Node, forms: list[NormForm], weighted: bool) -> Match | None:
+    """`node` as the output of an RMSNorm in one of `forms` (`norm_forms`), weighed by a graph input (`weighted`) or
+    by nothing, else None. A norm weighed by a computed `1 + w` (Gemma-2/3) is not matched."""
+    val = value(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    for form in forms:
+        match = _norm_pattern(form, val.dtype, weighted).match(node)
+        if match and isinstance(match.kwargs.get("eps"), float) \
+                and not (weighted and computed([match.kwargs["weight"]])):
+            return match
+    return None
 
 
 def not_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node, where: str) -> str | None:

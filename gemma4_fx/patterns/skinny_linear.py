@@ -4,12 +4,16 @@
 
 Matched as a bias-free linear reaches Inductor's post-grad graph, `mm(x, permute(w, [1, 0]))` with w a graph input
 and x on [tokens, hidden] often a reshape of [batch, seq, hidden] (one reshape per linear: linears share x when their
-reshapes share source and shape). Linears of one static x of at most MAX_ROWS rows become one op; where the outputs of
-two of one width meet as `gelu_tanh(a) * b` (the activation checked by value, as the experts rewrite checks its own),
-that product is the op's gated output.
-
-Not in `PATTERNS`: it waits for `benchmarks/skinny_linear.py` on a GPU to show that one launch beats cuBLAS's at
-these shapes (and for its configs). Run it with `apply(graph, ctx)`, as tests/test_skinny_linear.py does.
+reshapes share source and sizes). Every transformer has linears that share an input, so a group is taken only in the
+form Gemma-4 gives it:
+- q/k/v (q/k where v is k): the output of every linear in the group is RMS-normed (any `matcher_utils.NORM_FORMS`
+  form, with a weight or without), as q_norm, k_norm and v_norm do. No other family norms v: Llama norms none of
+  them, Qwen3 and Gemma-3 q and k only.
+- gate/up: two linears of one width whose outputs meet as `gelu_tanh(gate) * up` (the activation checked by value,
+  as the experts rewrite checks its own), on x written by a norm weighed by a graph input (Gemma-4's
+  pre_feedforward_layernorm; Gemma-2/3's same MLP reads a norm weighed by a computed `1 + w`). The product is the
+  op's gated output.
+Other groups are not candidates and go unreported. A candidate needs a static x of at most MAX_ROWS rows.
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ import torch
 from ..fx_utils import value
 from ..passes.context import PassContext
 from ..replacements import skinny_linear as ops
-from .matcher_utils import not_gelu_tanh
+from .matcher_utils import NormForm, match_norm, norm_forms, not_gelu_tanh
 
 NAME = "skinny_linear"
 aten = torch.ops.aten
 _RESHAPES = (aten.reshape.default, aten.view.default)
+
+# On CUDA a gated group is rewritten only up to this many bytes of gate and up weights: E2B's double-wide MLP
+# (2 x 12288 x 1536 bf16) is the largest measured faster than separate cuBLAS linears and Inductor's gelu-mul
+# (1.08-1.12x, E2B's 6144-wide 1.15-1.29x), E4B's (2 x 10240 x 2560) ties or loses by up to 5%: the launches one
+# op saves cost the same at any size, while cuBLAS reads large weights nearer the copy bandwidth than the kernel
+# does (BENCHMARKS.md, skinny linear). q/k/v groups win at every measured width.
+GATED_MAX_WEIGHT_BYTES = 2 * 12288 * 1536 * 2
 
 
 def _weight(mm: torch.fx.Node) -> torch.fx.Node | None:
@@ -38,16 +49,20 @@ def _weight(mm: torch.fx.Node) -> torch.fx.Node | None:
     return weight if weight.op in ("placeholder", "get_attr") else None
 
 
+def _source(x: torch.fx.Node) -> torch.fx.Node:
+    """What a linear's input reshapes (the [batch, seq, hidden] activation), or the input itself."""
+    return x.args[0] if x.target in _RESHAPES else x
+
+
 def _groups(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
-    """The linears' mm nodes grouped by their input (a reshape's source and static shape, else the node itself);
-    groups of one left out."""
+    """The linears' mm nodes grouped by their input (a reshape's source and sizes, else the node itself); groups of
+    one left out."""
     groups: dict[tuple, list[torch.fx.Node]] = {}
     for mm in graph.find_nodes(op="call_function", target=aten.mm.default):
         x = mm.args[0]
         if _weight(mm) is None or not isinstance(x, torch.fx.Node):
             continue
-        static = x.target in _RESHAPES and all(isinstance(size, int) for size in x.args[1])
-        key = (x.args[0], tuple(x.args[1])) if static else (x, None)
+        key = (x.args[0], tuple(x.args[1])) if x.target in _RESHAPES else (x, None)
         groups.setdefault(key, []).append(mm)
     return [mms for mms in groups.values() if len(mms) > 1]
 
@@ -58,10 +73,10 @@ def _output(mm: torch.fx.Node) -> torch.fx.Node:
     return users[0] if len(users) == 1 and users[0].target in _RESHAPES else mm
 
 
-def _gated(mms: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], torch.fx.Node] | None:
-    """([gate, up], the node computing gelu_tanh(gate's output) * up's output) where two linears meet so, else
-    None."""
-    if len(mms) != 2:
+def _gated(mms: list[torch.fx.Node], forms: list[NormForm]) -> tuple[list[torch.fx.Node], torch.fx.Node] | None:
+    """([gate, up], the node computing gelu_tanh(gate's output) * up's output) where two linears on a weighted
+    norm's output meet so, else None."""
+    if len(mms) != 2 or match_norm(_source(mms[0].args[0]), forms, weighted=True) is None:
         return None
     for gate, up in (mms, mms[::-1]):
         gate_out, up_out = _output(gate), _output(up)
@@ -73,21 +88,42 @@ def _gated(mms: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], torch.fx.Node
     return None
 
 
-def _unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], gated: bool) -> str | None:
-    """Why the op cannot take this group, or None."""
+def _normed(mm: torch.fx.Node, forms: list[NormForm]) -> bool:
+    """An RMSNorm takes the mm's output, or a reshape of it (to heads), as its input: the norm's output is at most
+    5 ops below that input (bf16: cast, normalise, weigh, cast back)."""
+    inputs, stack = set(), [mm]
+    while stack:
+        node = stack.pop()
+        inputs.add(node)
+        stack += [user for user in node.users if user.target in _RESHAPES]
+    candidates, frontier = set(), list(inputs)
+    for _ in range(5):
+        frontier = [user for node in frontier for user in node.users if user not in candidates]
+        candidates.update(frontier)
+    return any(match.kwargs["x"] in inputs for candidate in candidates for weighted in (True, False)
+               if (match := match_norm(candidate, forms, weighted)))
+
+
+def _unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], product: torch.fx.Node | None) -> str | None:
+    """Why the op cannot take this group, or (gated, on CUDA) why it would not be faster; None if neither."""
     xv = value(x)
     if xv.device.type not in ("cuda", "cpu"):
         return f"device {xv.device.type}"
     if any(not isinstance(size, int) for size in xv.shape):
-        return "symbolic rows or hidden size"
+        return f"symbolic rows or hidden size: the op needs a static x of at most {ops.MAX_ROWS} rows"
     if xv.shape[0] > ops.MAX_ROWS:
         return f"{xv.shape[0]} rows: above {ops.MAX_ROWS} the GEMMs are cuBLAS's"
     if len(weights) > ops.MAX_WEIGHTS:
         return f"{len(weights)} linears share the input; the op takes at most {ops.MAX_WEIGHTS}"
+    gated = product is not None
     try:
         ops.check_inputs(xv, [value(w) for w in weights], gated)
     except ValueError as error:
         return str(error)
+    size = sum(value(w).numel() * value(w).element_size() for w in weights)
+    if gated and xv.device.type == "cuda" and size > GATED_MAX_WEIGHT_BYTES:
+        return (f"gate and up weights of {size / 2**20:.0f} MiB: above {GATED_MAX_WEIGHT_BYTES / 2**20:.0f} MiB "
+                "one launch is not faster than separate linears")
     return None
 
 
@@ -118,11 +154,12 @@ def _rewrite(graph: torch.fx.Graph, mms: list[torch.fx.Node], product: torch.fx.
 
 
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
+    forms = norm_forms(graph, ctx.options)
     for mms in _groups(graph):
-        gated = _gated(mms)
-        if gated is not None and value(gated[1]).dtype != value(mms[0].args[0]).dtype:
-            gated = None  # the product is taken in another dtype: the GEMMs alone
+        gated = _gated(mms, forms)
+        if gated is None and not all(_normed(mm, forms) for mm in mms):
+            continue  # neither Gemma-4's gate/up nor its q/k/v
         mms, product = gated or (mms, None)
-        if ctx.decide(NAME, mms[0], _unsupported(mms[0].args[0], [_weight(mm) for mm in mms], product is not None)):
+        if ctx.decide(NAME, mms[0], _unsupported(mms[0].args[0], [_weight(mm) for mm in mms], product)):
             _rewrite(graph, mms, product)
     graph.eliminate_dead_code()
