@@ -4,8 +4,9 @@ HF `generate` runs Python per token (its loop, logits processors, stopping crite
 backend can take away. Here a decode step is one function of the state on the device (the last tokens, their
 positions and cache slot, the padding of the prompts, the static cache, the sampling seed and step) that runs the
 model, builds the attention masks, samples, writes the token into an output buffer and advances its counters, all
-in place. It is compiled with the backend (once per batch size, cache length and sampling structure, and once more
-when HF's sliding cache fills), so on CUDA the backend's graphs replay the whole step and the host only queues it.
+in place. It is compiled with the backend (per cache length and sampling structure, once more when HF's sliding
+cache fills, and once more with a symbolic batch when a second batch size comes: Dynamo's automatic dynamic), so on
+CUDA the backend's graphs replay the whole step and the host only queues it.
 The host reads one flag every `sync_every` steps: whether every sequence has finished.
 
 Sampling is an exponential race: argmax(p / E) over the candidates with E ~ Exp(1) each, which picks token i with
