@@ -113,8 +113,7 @@ FIELD_VALUES = {"block_n": (16, 32, 64, 128), "block_k": (64, 128, 256), "split_
 
 def fits(config: S.Config, rows: int, gated: bool) -> bool:
     """Whether the config's stages fit 200 KB of shared memory."""
-    block_m = max(16, triton.next_power_of_2(rows))
-    return config.num_stages * (block_m + (2 if gated else 1) * config.block_n) * config.block_k * 2 <= 200 << 10
+    return config.num_stages * (S.block_m(rows) + (2 if gated else 1) * config.block_n) * config.block_k * 2 <= 200 << 10
 
 
 def sweep(rows_list: list[int]) -> None:

@@ -28,7 +28,7 @@ STAND_INS: dict[str, dict[str, float]] = {
     "post_attn_norm": {"eps_post": 1.25e-5, "eps_pre": 1.5e-5, "eps_moe": 1.75e-5, "eps_router": 2.25e-5,
                        "root_size": 0.0517},
     "ple_tail": {"eps_ff": 2.5e-5, "eps_ple": 2.75e-5},
-    "skinny_linear": {"eps": 3.5e-5},  # `match_norm`'s
+    "skinny_linear": {"eps": 3.5e-5},  # `match_norm`'s, which post_attn_norm uses too
 }
 
 
@@ -148,9 +148,10 @@ def _norm_pattern(form: NormForm, dtype: torch.dtype, weighted: bool):
     return gen_pattern(fn, [*example, STAND_INS["skinny_linear"]["eps"]], trace, stand_ins("skinny_linear"))
 
 
-def match_norm(node: torch.fx.Node, forms: list[NormForm], weighted: bool) -> Match | None:
-    """`node` as the output of an RMSNorm in one of `forms` (`norm_forms`), weighed by a graph input (`weighted`) or
-    by nothing, else None. A norm weighed by a computed `1 + w` (Gemma-2/3) is not matched."""
+def match_norm(node: torch.fx.Node, forms: list[NormForm], weighted: bool) -> tuple[Match, NormForm] | None:
+    """(match, form) of `node` as the output of an RMSNorm in one of `forms` (`norm_forms`), weighed by a graph input
+    (`weighted`) or by nothing, else None. The match's kwargs are x, weight, eps. A norm weighed by a computed
+    `1 + w` (Gemma-2/3) is not matched."""
     val = value(node)
     if not isinstance(val, torch.Tensor):
         return None
@@ -158,7 +159,22 @@ def match_norm(node: torch.fx.Node, forms: list[NormForm], weighted: bool) -> Ma
         match = _norm_pattern(form, val.dtype, weighted).match(node)
         if match and isinstance(match.kwargs.get("eps"), float) \
                 and not (weighted and computed([match.kwargs["weight"]])):
-            return match
+            return match, form
+    return None
+
+
+def norm_below(inputs, forms: list[NormForm], weighted: bool) -> tuple[Match, NormForm] | None:
+    """(match, form) of an RMSNorm (`match_norm`) of one of the nodes `inputs`, its output at most 5 ops below them
+    (bf16: cast, normalise, weigh, cast back), else None."""
+    inputs = set(inputs)
+    candidates, frontier = {}, list(inputs)
+    for _ in range(5):
+        frontier = [user for node in frontier for user in node.users if user not in candidates]
+        candidates.update(dict.fromkeys(frontier))
+    for candidate in candidates:
+        found = match_norm(candidate, forms, weighted)
+        if found and found[0].kwargs["x"] in inputs:
+            return found
     return None
 
 

@@ -21,14 +21,15 @@ import operator
 
 import torch
 from torch._guards import detect_fake_mode
-from torch._inductor.pattern_matcher import Match, PatternMatcherPass, gen_pattern, register_replacement
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_replacement
 
 from ..fx_utils import value
 from ..passes.context import current
 from ..replacements import post_attn_norm as norm_ops
 from ..replacements import router as router_ops
 from ..replacements.rows import rms_norm
-from .matcher_utils import RESIDUAL_ADDS, NormForm, bind, computed, norm_forms, residual_first, stand_ins, trace
+from .matcher_utils import (RESIDUAL_ADDS, NormForm, bind, computed, norm_below, norm_forms, residual_first,
+                            stand_ins, trace)
 
 NAME = "post_attn_norm"
 aten = torch.ops.aten
@@ -134,17 +135,6 @@ def _patterns(variant: str, form: NormForm) -> PatternMatcherPass:
     return patterns
 
 
-@functools.cache
-def _norm_pattern(form: NormForm, dtype: torch.dtype):
-    """One norm of `h` with a weight, written in `form`, as a pattern to match from its output."""
-    example = [torch.empty(6, 16, dtype=dtype), torch.empty(16, dtype=dtype), _SCALARS["eps_moe"]]
-    return gen_pattern(bind(_weighted_norm, norm=form.fn), example, trace, stand_ins(NAME, ["eps_moe"]))
-
-
-def _weighted_norm(h, moe_weight, eps_moe, norm=rms_norm):
-    return norm(h, moe_weight, eps_moe)
-
-
 def _widen(graph: torch.fx.Graph, ctx, forms) -> None:
     """Fold the rest of a flat MoE layer into its `post_attn_norm` launch. On [tokens, hidden] (an engine's layout)
     the MoE's norm reads h itself, as the feed-forward norm does: the two are alike to the pattern matcher, which
@@ -156,23 +146,21 @@ def _widen(graph: torch.fx.Graph, ctx, forms) -> None:
         h = outputs.get(0)
         if len(node.args) != 5 or node.kwargs or h is None or value(h).dim() != 2:
             continue
-        moe = _find_norm(h, forms)
+        moe = norm_below([h], forms, weighted=True)  # not a computed weight: Gemma-2/3's `1 + w` is not matched
         if moe is None:
             continue
         match, form = moe
-        if computed([match.kwargs["moe_weight"]]):
-            continue
         router = [] if ctx.options.get("router_exact", False) else [
             user for user in h.users if user.target == torch.ops.gemma4_fx.router_input.default
             and user.args[0] is h and user.args[4] is False and isinstance(user.args[2], float)
             and isinstance(user.args[3], float)][:1]
-        weights = [match.kwargs["moe_weight"]] + [r.args[1] for r in router]
+        weights = [match.kwargs["weight"]] + [r.args[1] for r in router]
         reason = form.reason(value(h).dtype) or _weights_unsupported(weights, value(h))
         if reason:
             ctx.skipped(NAME, h, f"MoE norm of the flat layer left to Inductor: {reason}")
             continue
         attn, residual, post_weight, pre_weight, eps = node.args
-        args = [attn, residual, post_weight, pre_weight, [*eps, match.kwargs["eps_moe"]], weights[0]]
+        args = [attn, residual, post_weight, pre_weight, [*eps, match.kwargs["eps"]], weights[0]]
         if router:
             args[4].append(router[0].args[2])
             args += [router[0].args[1], router[0].args[3]]
@@ -189,22 +177,6 @@ def _widen(graph: torch.fx.Graph, ctx, forms) -> None:
         for old in sorted({*match.nodes, *router, *outputs.values(), node}, key=order.get, reverse=True):
             if not old.users:
                 graph.erase_node(old)
-
-
-def _find_norm(h: torch.fx.Node, forms):
-    """(match, form) of a weighted norm of `h` in one of `forms`, or None. Its output is at most 5 ops below h
-    (bf16: cast, normalise, weigh, cast back)."""
-    candidates, frontier = {}, [h]
-    for _ in range(5):
-        frontier = [user for node in frontier for user in node.users if user not in candidates]
-        candidates.update(dict.fromkeys(frontier))
-    for form in forms:
-        pattern = _norm_pattern(form, value(h).dtype)
-        for candidate in candidates:
-            match = pattern.match(candidate)
-            if match and match.kwargs.get("h") is h and isinstance(match.kwargs.get("eps_moe"), float):
-                return match, form
-    return None
 
 
 def _weights_unsupported(weights, h) -> str | None:

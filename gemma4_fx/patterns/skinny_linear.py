@@ -25,7 +25,7 @@ import torch
 from ..fx_utils import value
 from ..passes.context import PassContext
 from ..replacements import skinny_linear as ops
-from .matcher_utils import NormForm, match_norm, norm_forms, not_gelu_tanh
+from .matcher_utils import NormForm, match_norm, norm_below, norm_forms, not_gelu_tanh
 
 NAME = "skinny_linear"
 aten = torch.ops.aten
@@ -89,19 +89,13 @@ def _gated(mms: list[torch.fx.Node], forms: list[NormForm]) -> tuple[list[torch.
 
 
 def _normed(mm: torch.fx.Node, forms: list[NormForm]) -> bool:
-    """An RMSNorm takes the mm's output, or a reshape of it (to heads), as its input: the norm's output is at most
-    5 ops below that input (bf16: cast, normalise, weigh, cast back)."""
+    """An RMSNorm, weighted or not, takes the mm's output, or a reshape of it (to heads), as its input."""
     inputs, stack = set(), [mm]
     while stack:
         node = stack.pop()
         inputs.add(node)
         stack += [user for user in node.users if user.target in _RESHAPES]
-    candidates, frontier = set(), list(inputs)
-    for _ in range(5):
-        frontier = [user for node in frontier for user in node.users if user not in candidates]
-        candidates.update(frontier)
-    return any(match.kwargs["x"] in inputs for candidate in candidates for weighted in (True, False)
-               if (match := match_norm(candidate, forms, weighted)))
+    return any(norm_below(inputs, forms, weighted) for weighted in (True, False))
 
 
 def _unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], product: torch.fx.Node | None) -> str | None:

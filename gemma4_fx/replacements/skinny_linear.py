@@ -52,12 +52,6 @@ SHARED_MEMORY = 96 << 10  # the stages of a config fit any CUDA GPU's shared mem
 SMS = 132  # an H200's SMs: the split rule's target where the device has none (the interpreter)
 
 
-def supports(rows: int, hidden: int, widths: list[int], dtype: torch.dtype, gated: bool = False) -> bool:
-    """Whether the kernel takes x [rows, hidden] against weights with these output widths."""
-    return (dtype in DTYPES and 0 <= rows <= MAX_ROWS and hidden >= 1 and 1 <= len(widths) <= MAX_WEIGHTS
-            and all(n >= 1 for n in widths) and (not gated or (len(widths) == 2 and widths[0] == widths[1])))
-
-
 def skinny_linear_reference(x: Tensor, weights: list[Tensor], gated: bool = False) -> list[Tensor]:
     """The eager ops: a linear per weight (gated: `gelu_tanh(x @ gate.T) * (x @ up.T)`, one output)."""
     ys = [F.linear(x, w) for w in weights]
@@ -89,9 +83,13 @@ def default_config(rows: int, hidden: int, widths: list[int], dtype: torch.dtype
     steps = triton.cdiv(hidden, block_k)
     # Per column, the partials' split * rows * 4 bytes (written, then read) against the weight's hidden * elem bytes.
     split = max(1, min(triton.cdiv(sms, blocks), steps, hidden * elem // (4 * 2 * 4 * max(rows, 1))))
-    block_m = max(16, triton.next_power_of_2(rows))
-    stage_bytes = (block_m + (2 if gated else 1) * block_n) * block_k * elem
+    stage_bytes = (block_m(rows) + (2 if gated else 1) * block_n) * block_k * elem
     return Config(block_n, block_k, split, 4, max(2, min(4, SHARED_MEMORY // stage_bytes)))
+
+
+def block_m(rows: int) -> int:
+    """The rows a program's tile holds: x's rows padded to a power of two, at least 16 (`tl.dot`'s least)."""
+    return max(16, triton.next_power_of_2(rows))
 
 
 def split_runs(steps: int, split_k: int) -> int:
@@ -237,7 +235,6 @@ def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, 
     if rows == 0:
         return outs
     config = config or default_config(rows, hidden, widths, x.dtype, gated, sm_count(x.device))
-    block_m = max(16, triton.next_power_of_2(rows))
     steps = triton.cdiv(hidden, config.block_k)
     split_k = split_runs(steps, config.split_k)
     blocks = sum(triton.cdiv(o.shape[1], config.block_n) for o in outs)
@@ -246,7 +243,7 @@ def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, 
     # Split, the reduction may start as the partials' programs run, and waits for them: Hopper and later only.
     pdl = split_k > 1 and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     shared = dict(WIDTHS=tuple(widths), NUM_WEIGHTS=len(weights), TOTAL=total, GATED=gated, SPLIT_K=split_k,
-                  BLOCK_M=block_m, BLOCK_N=config.block_n, PDL=pdl)
+                  BLOCK_M=block_m(rows), BLOCK_N=config.block_n, PDL=pdl)
     _skinny_kernel[(blocks, split_k)](
         x, tuple(weights), tuple(outs), part, rows, x.stride(0), HIDDEN=hidden, STEPS=steps // split_k,
         BLOCK_K=config.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
