@@ -148,13 +148,18 @@ def _kv_shared_layers(layer_types: list[str], share: float) -> int:
     return min(valid, key=lambda k: abs(k - share * n), default=0)
 
 
-def multimodal_config(preset: str, **overrides):
+def multimodal_config(preset: str, *, encoder_overrides: dict[str, dict] | None = None, **overrides):
     """A `Gemma4Config` for `preset`: the text config of `text_config(preset, **overrides)` and the family's vision
-    (and, for E2B/E4B, audio) encoders (`ENCODERS`)."""
+    (and, for E2B/E4B, audio) encoders (`ENCODERS`), with `encoder_overrides` applied to them (by "vision" or
+    "audio", e.g. `{"vision": {"num_hidden_layers": 4}}`)."""
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
 
     text = text_config(preset, **overrides)
-    encoders = ENCODERS[preset]
+    encoders = {name: dict(config) for name, config in ENCODERS[preset].items()}
+    for name, changes in (encoder_overrides or {}).items():
+        if name not in encoders:
+            raise ValueError(f"encoder_overrides: {preset} has encoders {sorted(encoders)}, got {name!r}")
+        encoders[name].update(changes)
     return Gemma4Config(
         text_config=text, vision_config=Gemma4VisionConfig(**encoders["vision"]),
         audio_config=Gemma4AudioConfig(**encoders["audio"]) if "audio" in encoders else None,
@@ -162,20 +167,25 @@ def multimodal_config(preset: str, **overrides):
 
 
 def build_model(preset: str, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                attn_implementation: str = "sdpa", multimodal: bool = False, **overrides):
+                attn_implementation: str = "sdpa", multimodal: bool = False,
+                encoder_overrides: dict[str, dict] | None = None, **overrides):
     """`Gemma4ForCausalLM` (`multimodal=True`: `Gemma4ForConditionalGeneration`, with the family's encoders) with
     random weights for `preset`, in eval mode, built directly on `device` in `dtype`; `overrides` go to the text
-    config. Weights are drawn by `randomize_`; the same seed gives the same model.
+    config, `encoder_overrides` to the encoders' (see `multimodal_config`). Weights are drawn by `randomize_`; the
+    same seed gives the same model.
 
     The language model and the vision encoder use `attn_implementation`; the audio encoder has only its own.
     """
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
     if multimodal:
-        config, model_class = multimodal_config(preset, **overrides), Gemma4ForConditionalGeneration
+        config = multimodal_config(preset, encoder_overrides=encoder_overrides, **overrides)
+        model_class = Gemma4ForConditionalGeneration
         for sub_config in (config.text_config, config.vision_config):
             sub_config._attn_implementation = attn_implementation
     else:
+        if encoder_overrides:
+            raise ValueError("encoder_overrides: the text-only model has no encoders (pass multimodal=True)")
         config, model_class = text_config(preset, **overrides), Gemma4ForCausalLM
         config._attn_implementation = attn_implementation
     previous_dtype = torch.get_default_dtype()

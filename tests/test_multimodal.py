@@ -199,6 +199,11 @@ def test_multimodal_presets(preset):
         build_model("tiny-nope", multimodal=True)
     with pytest.raises(ValueError, match="sizes"):
         image_inputs(model.config.vision_config, [(36, 13)])
+    shallow = build_model(preset, multimodal=True, encoder_overrides={"vision": {"num_hidden_layers": 1}})
+    assert len(shallow.model.vision_tower.encoder.layers) == 1
+    assert len(model.model.vision_tower.encoder.layers) == 2  # the preset itself is left as it was
+    with pytest.raises(ValueError, match="encoder_overrides"):
+        build_model("tiny-31b", multimodal=True, encoder_overrides={"audio": {"num_hidden_layers": 1}})
 
 
 def test_piecewise_pieces_take_data_dependent_sizes(monkeypatch):
