@@ -2,9 +2,10 @@
 
     python benchmarks/prefill.py [--preset e2b e4b] [--shapes 1x512 1x2048 1x8192 8x1024] [--variants ...]
                                  [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--layers N]
-                                 [--deadline 540] [--json rows.json] [--images N --image-size HxW]
+                                 [--deadline 540] [--json rows.json] [--images N [N ...] --image-size HxW]
     python benchmarks/prefill.py --preset tiny-e2b --device cpu --dtype float32 --shapes 1x64 2x32   # a dry run
     python benchmarks/prefill.py --preset e4b --images 2 --image-size 768x768 --shapes 1x512   # a multimodal prompt
+    python benchmarks/prefill.py --preset e4b --images 1 4 --shapes 1x512 1x2048   # 1 image + 512, 4 images + 2048
 
 A prefill as HF `generate` runs it: `model(input_ids, logits_to_keep=1, use_cache=True)` with the DynamicCache the
 model makes. Random weights at the published widths and full depth (`--layers` cuts it, keeping the preset's share
@@ -28,6 +29,7 @@ ops: up to ~2k tokens a prefill without graphs is bound by the host, and its wal
 `--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens,
 compiled and run under `gemma4_fx.capture_data_dependent_ops()`; the vision encoder alone (`get_image_features`,
 compiled by the same variant) is timed too, for its share of the prefill. The floor counts the language model only.
+Several counts (`--images 1 4`) pair with the shapes, one each; every (variant, count) is a job of its own.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ def job(spec, turn) -> dict:
     compiles (once: with dynamic shapes where there are several lengths) and runs every shape once (and captures it
     with --cuda-graph), then, on its turn, times them. Returns per shape the median ms, the first call's seconds and
     the last-token logits."""
-    variant, shapes, shared, args = spec
+    variant, shapes, images_per_prompt, shared, args = spec
     model = rebuild(shared)
     device = model.device
     compiler = None if variant == "eager" else backend(variant, args.emulate_precision_casts, args.cudagraphs)
@@ -151,10 +153,10 @@ def job(spec, turn) -> dict:
     forward = model if compiler is None else torch.compile(model, backend=compiler, mode=mode, dynamic=len(shapes) > 1)
     runs, encoders, result = {}, {}, {"shapes": {}}
     for shape in shapes:
-        if args.images:
+        if images_per_prompt:
             generator = torch.Generator().manual_seed(sum(shape))
             pixel_values, positions, soft_tokens = image_inputs(
-                model.config.vision_config, [args.image_size] * args.images, max_soft_tokens=280,
+                model.config.vision_config, [args.image_size] * images_per_prompt, max_soft_tokens=280,
                 generator=generator, device=device, dtype=model.dtype)
             images = dict(pixel_values=pixel_values, image_position_ids=positions)
             input_ids = prompt(model.config, shape[1] // 2, soft_tokens, generator=generator).to(device)
@@ -196,12 +198,14 @@ def job(spec, turn) -> dict:
                 out["encoder_ms"] = median_ms(encoders[shape], device, args.warmup, args.repeats)
             if args.profile and device.type == "cuda":
                 out["gpu_busy_ms"], out["profile"] = kernel_profile(run)
+    result["images"] = images_per_prompt
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
         result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
         result["fallbacks"] = compiler.report.fallbacks + compiler.cudagraph_stats.failures
         if args.cudagraphs:
-            print(f"{variant}: {compiler.cudagraph_stats}".splitlines()[0], flush=True)
-    print(f"{model.config.get_text_config().num_hidden_layers} layers, {variant}: "
+            print(f"{variant}, {images_per_prompt} images: {len(compiler.graph_reports)} graphs compiled; "
+                  f"{compiler.cudagraph_stats}".splitlines()[0], flush=True)
+    print(f"{model.config.get_text_config().num_hidden_layers} layers, {variant}, {images_per_prompt} images: "
           + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s"
                       + (f"; vision encoder {r['encoder_ms']:.2f} ms, {r['encoder_ms'] / r['ms']:.0%})"
                          if "encoder_ms" in r else ")")
@@ -213,8 +217,8 @@ def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: f
     """A row per (variant, shape) of the (variant, result) of the preset's jobs; a variant's logits are checked
     against its partner's without YOCO where that ran, else eager's."""
     weights, rows = matmul_weights(model), []
-    logits = {(variant, shape): out["logits"] for variant, result in results if isinstance(result, dict)
-              for shape, out in result["shapes"].items()}
+    logits = {(variant, shape, result["images"]): out["logits"] for variant, result in results
+              if isinstance(result, dict) for shape, out in result["shapes"].items()}
     for variant, result in results:
         if isinstance(result, str):
             print(f"{preset} {variant}: {result}")
@@ -224,15 +228,16 @@ def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: f
         for shape, out in result["shapes"].items():
             if "profile" in out:
                 print(f"{preset} {variant} {shape[0]}x{shape[1]}: {out['profile']}")
+            images = result["images"]
             row = dict(preset=preset, layers=model.config.get_text_config().num_hidden_layers, variant=variant,
-                       batch=shape[0], tokens=shape[1], ms=out["ms"], encoder_ms=out.get("encoder_ms"),
+                       batch=shape[0], tokens=shape[1], images=images, ms=out["ms"], encoder_ms=out.get("encoder_ms"),
                        timed_alone=out["timed_alone"], gpu_busy_ms=out.get("gpu_busy_ms"),
                        first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
                        floor_ms=floor_ms(weights, *shape, tflops, yoco=False),
                        floor_yoco_ms=floor_ms(weights, *shape, tflops, yoco=True))
-            reference = REFERENCE.get(variant) if (REFERENCE.get(variant), shape) in logits else "eager"
-            if variant != "eager" and (reference, shape) in logits:
-                expected = torch.from_numpy(logits[(reference, shape)]).double()
+            reference = REFERENCE.get(variant) if (REFERENCE.get(variant), shape, images) in logits else "eager"
+            if variant != "eager" and (reference, shape, images) in logits:
+                expected = torch.from_numpy(logits[(reference, shape, images)]).double()
                 actual = torch.from_numpy(out["logits"]).double()
                 row.update(vs=reference, max_rel_err=((actual - expected).abs().max() / expected.abs().max()).item(),
                            same_token=bool(torch.equal(actual.argmax(-1), expected.argmax(-1))))
@@ -250,13 +255,26 @@ def table(rows) -> str:
     header = " | ".join(f"{v} ms" for v in variants) + "".join(f" | {b} vs {a}" for a, b in pairs)
     lines = [f"| model | shape | {header} | floor ms (no yoco / yoco) |",
              "|---" * (3 + len(variants) + len(pairs)) + "|"]
-    for key in dict.fromkeys((r["preset"], r["layers"], r["batch"], r["tokens"]) for r in rows):
-        by = {r["variant"]: r for r in rows if (r["preset"], r["layers"], r["batch"], r["tokens"]) == key}
+    encoders = any(r.get("encoder_ms") is not None for r in rows)
+    for key in dict.fromkeys((r["preset"], r["layers"], r["batch"], r["tokens"], r["images"]) for r in rows):
+        by = {r["variant"]: r for r in rows if (r["preset"], r["layers"], r["batch"], r["tokens"], r["images"]) == key}
         cells = [f"{by[v]['ms']:.2f}{'' if by[v]['timed_alone'] else '*'}" if v in by else "-" for v in variants]
         cells += [f"{by[a]['ms'] / by[b]['ms']:.2f}x" if a in by and b in by else "-" for a, b in pairs]
         any_row = next(iter(by.values()))
-        lines.append(f"| {key[0]} ({key[1]} layers) | {key[2]}x{key[3]} | " + " | ".join(cells)
+        images = f" + {key[4]} images" if key[4] else ""
+        lines.append(f"| {key[0]} ({key[1]} layers) | {key[2]}x{key[3]}{images} | " + " | ".join(cells)
                      + f" | {any_row['floor_ms']:.2f} / {any_row['floor_yoco_ms']:.2f} |")
+    if encoders:  # the vision encoder alone, compiled by each variant, and its share of that variant's prefill
+        lines += ["", "vision encoder alone, ms (share of the prefill):", "",
+                  "| model | shape | " + " | ".join(f"{v}" for v in variants) + " |", "|---" * (2 + len(variants)) + "|"]
+        for key in dict.fromkeys((r["preset"], r["layers"], r["batch"], r["tokens"], r["images"]) for r in rows
+                                 if r.get("encoder_ms") is not None):
+            by = {r["variant"]: r for r in rows
+                  if (r["preset"], r["layers"], r["batch"], r["tokens"], r["images"]) == key}
+            cells = [f"{by[v]['encoder_ms']:.2f} ({by[v]['encoder_ms'] / by[v]['ms']:.0%})"
+                     if v in by and by[v].get("encoder_ms") is not None else "-" for v in variants]
+            lines.append(f"| {key[0]} ({key[1]} layers) | {key[2]}x{key[3]} + {key[4]} images | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -280,14 +298,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write every row there")
-    parser.add_argument("--images", type=int, default=0, help="images in a multimodal prompt (batch 1)")
+    parser.add_argument("--images", type=int, nargs="+", default=[0],
+                        help="images in a multimodal prompt (batch 1): one count for every shape, or one per shape")
     parser.add_argument("--image-size", type=parse_image_size, default=(768, 768), metavar="HxW",
                         help="pixels, multiples of patch x pooling size (48 at the published widths; default 768x768)")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.cuda_graph and not args.no_cache:
         parser.error("cuda-graph: needs --no-cache (HF's DynamicCache copies a CPU tensor during prefill)")
-    if args.images and any(batch != 1 for batch, _ in args.shapes):
+    if len(args.images) not in (1, len(args.shapes)):
+        parser.error(f"images: expected one count or one per shape ({len(args.shapes)}), got {args.images}")
+    images_of = dict(zip(args.shapes, args.images * len(args.shapes) if len(args.images) == 1 else args.images))
+    if any(images_of.values()) and any(batch != 1 for batch, _ in args.shapes):
         parser.error(f"shapes: --images takes batch 1 only, got {[f'{b}x{t}' for b, t in args.shapes]}")
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -298,17 +320,21 @@ def main():
     tflops = matmul_tflops(device, dtype)
     print(f"matmul rate: {tflops:.3g} TFLOP/s ({args.dtype})", flush=True)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    models = {preset: gemma4_fx.build_model(preset, dtype=dtype, device=device, multimodal=args.images > 0,
+    models = {preset: gemma4_fx.build_model(preset, dtype=dtype, device=device, multimodal=any(images_of.values()),
                                             **overrides) for preset in args.preset}
     for preset, model in models.items():
         config = model.config.get_text_config()
         print(f"{preset}: {config.num_hidden_layers} layers ({config.num_kv_shared_layers} KV-shared), hidden "
               f"{config.hidden_size}")
-    # A job per batch size: Dynamo specialises batch 1 apart from the others, so that takes a compile of its own.
-    by_batch = {batch: [shape for shape in args.shapes if shape[0] == batch] for batch, _ in args.shapes}
-    jobs = [(preset, variant, shapes) for preset in models for variant in args.variants for shapes in by_batch.values()]
+    # A job per batch size: Dynamo specialises batch 1 apart from the others, so that takes a compile of its own;
+    # and per count of images (a count of one is specialised too).
+    groups = {}
+    for shape in args.shapes:
+        groups.setdefault((shape[0], images_of[shape]), []).append(shape)
+    jobs = [(preset, variant, group) for preset in models for variant in args.variants for group in groups.items()]
     shared = {preset: shareable(model) for preset, model in models.items()}
-    results = run_jobs(job, [(variant, shapes, shared[preset], args) for preset, variant, shapes in jobs],
+    results = run_jobs(job, [(variant, shapes, images, shared[preset], args)
+                             for preset, variant, ((_, images), shapes) in jobs],
                        deadline_s=args.deadline - (time.perf_counter() - start))
     print(f"{len(jobs)} jobs, {time.perf_counter() - start:.0f} s in all\n")
     rows = []
