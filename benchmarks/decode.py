@@ -3,6 +3,7 @@
     python benchmarks/decode.py --generate 1          # E2B (35 layers) and 26B-A4B (8 layers), bf16, bs 1 8 32
     python benchmarks/decode.py --device cpu --preset tiny-e2b --batch 1 2 --context 16 --steps 3 \
         --variants eager "gemma4_fx piecewise"      # smoke run
+    python benchmarks/decode.py --preset e4b --batch 1 --variants "gemma4_fx auto" --multimodal   # both classes
 
 One forward of one new token per sequence over a static cache filled to `--context` (sized for the timed steps
 too: every forward appends), timed as the host wall clock of `--steps` back-to-back steps after a synchronize (what
@@ -15,6 +16,8 @@ embedding tables, which are gathered; the LM head; for MoE the experts the batch
 device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (ms per decoded token, prefill
 left out), and beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included)
 through the backend. `--profile` prints, per job, the GPU's busy time against the wall time and the kernel families.
+`--multimodal` times each preset twice over the same weights: as `Gemma4ForConditionalGeneration` (with its encoders,
+on text tokens) and as `Gemma4ForCausalLM` made of its language model and LM head.
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
 by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
@@ -85,13 +88,24 @@ def described(backend: gemma4_fx.Gemma4Backend) -> str:
             + "".join(f"\n    {line}" for line in report.fallbacks + report.uncaptured))
 
 
+def text_config(model):
+    """The language model's config (the multimodal class nests it)."""
+    return model.config.get_text_config()
+
+
+def words(model, shape) -> torch.Tensor:
+    """Random token ids below the lowest special one of a multimodal config (image, audio placeholders)."""
+    top = min(text_config(model).vocab_size, getattr(model.config, "boi_token_id", None) or 1 << 62)
+    return torch.randint(3, top, shape, device=model.device)
+
+
 def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
     """A static cache holding `context` tokens per sequence and room for `steps` more (every forward appends, whatever
     `cache_position` says), filled by eager prefills of at most a sliding window each (transformers 5.17's sliding
     cache indexes out of bounds on longer prefills)."""
     cache = StaticCache(config=model.config, max_cache_len=context + steps)
-    ids = torch.randint(3, model.config.vocab_size, (batch, context), device=model.device)
-    chunk = model.config.sliding_window
+    ids = words(model, (batch, context))
+    chunk = text_config(model).sliding_window
     with torch.no_grad():
         for start in range(0, context, chunk):
             model(ids[:, start:start + chunk], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
@@ -115,7 +129,7 @@ def median_block_ms(fn, steps: int, repeats: int, device) -> float:
 def step_job(variant: str, batch: int, model, args, turn) -> dict:
     fn, backend = compiled_variant(model, variant)
     cache = filled_cache(model, batch, args.context, WARMUP + args.steps * args.repeats + 2 * PROFILED_STEPS)
-    ids = torch.randint(3, model.config.vocab_size, (batch, 1), device=model.device)
+    ids = words(model, (batch, 1))
     position = torch.tensor([args.context], device=model.device)
 
     def step():
@@ -151,8 +165,8 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     (`gemma4_fx.generate`, through the backend). Per generated token: (t(N) - t(16)) / (N - 16) for N =
     `--new-tokens`, which leaves the prefill and the first steps out, as a user sees the decode rate. The prompt is
     at most a sliding window long (transformers 5.17's static sliding cache fails on longer prefills)."""
-    prompt = min(args.prompt, model.config.sliding_window)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
+    prompt = min(args.prompt, text_config(model).sliding_window)
+    ids = words(model, (batch, prompt))
     backend = ours("auto") if variant.removesuffix(GUARDS_OFF) in ("gemma4_fx auto", "gemma4_fx.generate") else None
     config = None if variant == "gemma4_fx.generate" else compile_config(variant, backend)
     if config is not None and model.device.type == "cpu":
@@ -185,7 +199,8 @@ def job(spec, turn) -> dict:
     torch._dynamo.config.recompile_limit = 64
     model = rebuild(shared)
     begin = time.perf_counter()
-    label = f"{model.config.num_hidden_layers} layers, {kind} {variant}, batch {batch}"
+    label = f"{text_config(model).num_hidden_layers} layers{', multimodal class' * (model.config is not text_config(model))}" \
+            f", {kind} {variant}, batch {batch}"
 
     def noted_turn():
         print(f"{label}: compiled and warmed up in {time.perf_counter() - begin:.0f} s", flush=True)
@@ -199,27 +214,36 @@ def job(spec, turn) -> dict:
 
 def weight_bytes(model, batch: int) -> float:
     """Bytes of parameters one decode step reads (see the module docstring)."""
-    config = model.config
+    config = text_config(model)
     total = 0.0
     for name, param in model.named_parameters():
         size = param.numel() * param.element_size()
-        if "embed_tokens" in name:
+        if "embed_tokens" in name or "vision" in name or "audio" in name:  # gathered; encoders: not run in decode
             continue
         if "experts" in name:
             experts, k = config.num_experts, config.top_k_experts
             size *= 1 - (1 - k / experts) ** batch  # expected share of experts hit by `batch` tokens
         total += size
     head = model.lm_head.weight
-    if head is model.model.embed_tokens.weight:  # tied: skipped above, but the head reads all of it
+    if head is model.get_input_embeddings().weight:  # tied: skipped above, but the head reads all of it
         total += head.numel() * head.element_size()
     return total
 
 
-def build(spec: str, device, dtype):
+def build(spec: str, device, dtype, multimodal: bool = False):
     """The model of `preset[:layers]` (at another depth the preset keeps its share of KV-shared layers)."""
     preset, _, layers = spec.partition(":")
     overrides = {"num_hidden_layers": int(layers)} if layers else {}
-    return gemma4_fx.build_model(preset, dtype=dtype, device=device, **overrides)
+    return gemma4_fx.build_model(preset, dtype=dtype, device=device, multimodal=multimodal, **overrides)
+
+
+def text_only(shared: dict) -> dict:
+    """`shareable`'s description of a multimodal model's language model and LM head as a `Gemma4ForCausalLM`: the
+    same tensors, so both classes run the same weights."""
+    prefix = "model.language_model."
+    tensors = {"model." + name[len(prefix):]: t for name, t in shared["tensors"].items() if name.startswith(prefix)}
+    tensors["lm_head.weight"] = shared["tensors"]["lm_head.weight"]
+    return {"config": shared["config"].get_text_config(), "tensors": tensors}
 
 
 def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
@@ -268,6 +292,8 @@ def main():
     parser.add_argument("--profile", action="store_true",
                         help="print the GPU's busy time against the wall time, and the kernel families, per job")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
+    parser.add_argument("--multimodal", action="store_true",
+                        help="each preset as Gemma4ForConditionalGeneration and as Gemma4ForCausalLM, same weights")
     args = parser.parse_args()
     if args.profile and args.device != "cuda":
         parser.error("--profile: needs --device cuda")
@@ -282,14 +308,19 @@ def main():
     if bandwidth:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    models = {}
+    models, shared = {}, {}
     for spec in args.preset:
-        model = build(spec, device, dtype)
-        models[f"{spec.partition(':')[0]} ({model.config.num_hidden_layers} layers)"] = model
+        model = build(spec, device, dtype, args.multimodal)
+        label = f"{spec.partition(':')[0]} ({text_config(model).num_hidden_layers} layers)"
+        if args.multimodal:
+            models[f"{label}, multimodal class"], shared[f"{label}, multimodal class"] = model, shareable(model)
+            shared[label] = text_only(shared[f"{label}, multimodal class"])
+            models[label] = rebuild(shared[label])
+        else:
+            models[label], shared[label] = model, shareable(model)
     jobs = [(label, "step", variant, batch) for label in models for variant in args.variants for batch in args.batch]
     jobs += [(label, "generate", variant, batch) for label in models for variant in args.generate_variants
              for batch in args.generate]
-    shared = {label: shareable(model) for label, model in models.items()}
     results = run_jobs(job, [(kind, variant, batch, shared[label], args) for label, kind, variant, batch in jobs],
                        deadline_s=args.deadline - (time.perf_counter() - start))
     print(f"{len(jobs)} jobs, {time.perf_counter() - start:.0f} s in all")
