@@ -226,6 +226,10 @@ def main():
           f"uncaptured: {len(report.uncaptured)}")
     for line in report.fallbacks + report.uncaptured + stats.failures:
         print(f"  {line}")
+    for reason in sorted({skip.reason for skip in report.skipped if skip.pattern == "yoco"}):
+        print(f"  YOCO left a graph alone: {reason}")
+    for reason, count in torch._dynamo.utils.counters["graph_break"].items():  # a break can cost YOCO its cut
+        print(f"  graph break ({count}x): {reason[:300]}")
     print("\n" + tally.table())
     print(f"\nlast-token logits against eager ({len(errors)} requests, {args.dtype}): greedy token the same in "
           f"{same}/{len(errors)}, max |diff| / max |eager| median {statistics.median(errors):.2e}, "

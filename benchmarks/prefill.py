@@ -205,6 +205,11 @@ def job(spec, turn) -> dict:
         if args.cudagraphs:
             print(f"{variant}, {images_per_prompt} images: {len(compiler.graph_reports)} graphs compiled; "
                   f"{compiler.cudagraph_stats}".splitlines()[0], flush=True)
+        for reason in sorted({f"{skip.pattern}: {skip.reason}" for skip in compiler.report.skipped
+                              if skip.pattern == "yoco"}):
+            print(f"{variant}, {images_per_prompt} images: YOCO left a graph alone: {reason}", flush=True)
+    for reason, count in torch._dynamo.utils.counters["graph_break"].items():  # a break can cost YOCO its cut
+        print(f"{variant}, {images_per_prompt} images: graph break ({count}x): {reason[:300]}", flush=True)
     print(f"{model.config.get_text_config().num_hidden_layers} layers, {variant}, {images_per_prompt} images: "
           + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s"
                       + (f"; vision encoder {r['encoder_ms']:.2f} ms, {r['encoder_ms'] / r['ms']:.0%})"
