@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import queue
+import statistics
 import tempfile
 import threading
 import time
@@ -52,10 +53,29 @@ def graph_replay_us(fn, *args) -> float:
         return triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def plain_call_us(fn, *args) -> float:
-    """Median µs of calling `fn(*args)` outside any CUDA graph (host launch costs included); L2 cleared before each."""
+def plain_call_us(fns: dict, *args, calls: int = 50, repeats: int = 9) -> dict:
+    """{name: µs per call} of `calls` back-to-back calls of each fn(*args) outside any CUDA graph, host wall clock
+    from a synchronize to a synchronize, median of `repeats` rounds that take the fns in turn (so that the host's
+    drift falls on all of them): what a run of calls costs a user, the host's launch work included (whichever of
+    the host and the GPU is slower sets the pace). A fn that fails is left out, with its error printed."""
+    times = {name: [] for name in fns}
     with torch.no_grad():
-        return triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median") * 1e3
+        for name, fn in fns.items():
+            try:
+                for _ in range(5):
+                    fn(*args)
+            except Exception as error:  # noqa: BLE001 (reported, the others still timed)
+                print(f"{name}: plain calls failed: {error!r}")
+                del times[name]
+        for _ in range(repeats):
+            for name in times:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fns[name](*args)
+                torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # Kernel families for `kernel_profile`, first match wins (names as the profiler prints them).

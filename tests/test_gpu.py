@@ -119,3 +119,40 @@ def test_ple_tail_left_to_inductor_below_its_token_threshold():
     assert report.counts["ple_tail"] == 0 and report.counts["post_attn_norm"] == model.config.num_hidden_layers
     reasons = {skip.reason for skip in report.skipped if skip.pattern == "ple_tail"}
     assert reasons == {"16 tokens: below 512 Inductor's own fusion of the PLE tail is as fast"}
+
+
+def _every_op(attn, residual, weight, logits, expert_scale):
+    ops = torch.ops.gemma4_fx
+    h, ff, moe, router = ops.post_attn_norm(attn, residual, weight, weight, [1e-6] * 4, weight, weight, 2816**-0.5)
+    router_in = ops.router_input(ff, weight, 1e-6, 2816**-0.5, False)
+    weights, ids = ops.router_select(logits, expert_scale, 8)
+    normed = ops.ple_norm_add(h, router_in, weight, weight[:1], 1e-6)
+    return h, ff, moe, router, router_in, weights, ids, normed, ops.ple_gate(normed, moe)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_inductor_launches_the_ops_kernels_bit_for_bit(dynamic):
+    """Compiled through the backend, each op's kernels are launched from Inductor's code (no extern call) and give
+    the bits of the op's own launches, at 1, 64 and 4096 rows."""
+    from torch._inductor.utils import run_and_get_code
+
+    backend = gemma4_fx.Gemma4Backend(cudagraphs=None)
+    compiled = torch.compile(_every_op, backend=backend, dynamic=dynamic)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    codes = []
+    for rows in (1, 64, 4096):
+        args = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16)
+                for shape in ((rows, 2816), (rows, 2816), (2816,), (rows, 128), (128,))]
+        with torch.no_grad():
+            expected = _every_op(*args)
+            got, code = run_and_get_code(compiled, *args)
+        codes += code
+        for name, a, b in zip(("h", "ff", "moe", "router", "router_in", "weights", "ids", "normed", "gated"),
+                              got, expected):
+            assert torch.equal(a, b), (rows, name)
+    code = "\n".join(codes)
+    assert "torch.ops.gemma4_fx" not in code
+    for kernel in ("_post_attn_norm_kernel", "_router_input_kernel", "_router_select_kernel", "_norm_add_kernel",
+                   "_gate_kernel"):
+        assert f"def {kernel}(" in code, kernel
+    assert not [s for s in backend.report.skipped if s.pattern == "inductor_launch"]

@@ -2,6 +2,7 @@
 
 Use it in `post_grad_custom_post_pass` (or `..._pre_pass`); `Gemma4Backend` installs it for you. A failing pattern
 never fails the compile: the error is logged and recorded, and the graph goes on without that pattern's rewrites.
+After the patterns, `inductor_launch` replaces the ops on CUDA by their Triton launches, for Inductor to launch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from ..fx_utils import op_names
 from ..patterns import PATTERNS
 from ..report import Report, describe_error, record_fallback
+from . import inductor_launch
 from .context import PassContext, active
 
 
@@ -98,6 +100,12 @@ class Gemma4Passes(CustomGraphPass):
                     record_fallback(report.fallbacks, message)
                 finally:
                     ctx.commit(graph)
+            # Last, once every op is in place: Inductor launches the ops' kernels from its own code.
+            try:
+                inductor_launch.apply(graph, ctx)
+            except Exception as error:
+                record_fallback(report.fallbacks, f"{graph_name}: launching the kernels from Inductor's code failed "
+                                                  f"({describe_error(error)}); the ops left are extern calls")
         graph.lint()
         self._dump(graph, graph_name, "after")
 

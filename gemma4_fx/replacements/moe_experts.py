@@ -52,7 +52,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .gemm import dot, gelu_tanh_mul
 from .moe_experts_configs import CONFIGS
-from .rows import DTYPES, EAGER_ARITHMETIC
+from .eager_math import mul_rn
+from .rows import DTYPES
 
 MAX_EXPERTS = 1024  # the route kernel holds per-expert counts in registers
 MAX_TOP_K = 32  # the combine kernel unrolls over k
@@ -333,7 +334,7 @@ def _combine_kernel(y_ptr, w_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H:
     acc3 = tl.zeros([BLOCK_H], tl.float32)
     for k in tl.static_range(TOP_K):
         y = tl.load(y_ptr + (token * TOP_K + k) * hidden + cols, mask=mask, other=0.0)
-        p = y.to(tl.float32) * tl.load(w_ptr + token * TOP_K + k).to(tl.float32)
+        p = mul_rn(y.to(tl.float32), tl.load(w_ptr + token * TOP_K + k).to(tl.float32))  # not fused into the sum
         if ROUND_PRODUCT:
             p = p.to(y.dtype).to(tl.float32)
         if k % 4 == 0:
@@ -411,7 +412,6 @@ def _combine(y: Tensor, top_k_weights: Tensor, out: Tensor, pdl: bool = False) -
     _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
         y, top_k_weights, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
         ROUND_PRODUCT=top_k_weights.dtype == out.dtype != torch.float32, PDL=pdl, num_warps=4, launch_pdl=pdl,
-        **EAGER_ARITHMETIC,
     )
     return out
 

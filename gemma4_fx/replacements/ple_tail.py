@@ -9,22 +9,21 @@ After the MLP, `Gemma4TextDecoderLayer.forward` computes, for m (the MLP output)
 The GEMMs stay eager's cuBLAS calls. The three elementwise/row steps around them are one launch each; each keeps its
 intermediates in fp32 but rounds to the activation dtype at every point where eager writes a tensor, so bf16/fp16
 results differ from eager only through the order of the sum of squares (as in router_input). gelu is ATen's CUDA
-formula, `0.5x * (1 + tanh(kBeta * fma(kKappa, x³, x)))` with libdevice's tanhf, which nvcc compiles eager's to.
+formula as nvcc compiles it (`eager_math.gelu_tanh`).
 
 Each op has its eager reference (used on CPU, and as the test oracle) next to its Triton kernel (used on CUDA).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
-from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, rms_norm, row_output
+from .eager_math import gelu_tanh, mean_square
+from .launch import cuda_kernel, launcher
+from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm, row_output
 
 
 def supports(hidden_size: int, ple_size: int, dtype: torch.dtype) -> bool:
@@ -43,16 +42,16 @@ def norm_add_reference(x: Tensor, residual: Tensor, weight: Tensor, scale: Tenso
 
 
 @triton.jit
-def _norm_add_kernel(x_ptr, res_ptr, w_ptr, scale_ptr, out_ptr, x_row_stride, res_row_stride, hidden, mean_factor,
-                     eps, HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_add_kernel(x_ptr, res_ptr, w_ptr, scale_ptr, out_ptr, x_row_stride, res_row_stride, rows, hidden, eps,
+                     HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     res = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # Products rounded to fp32 before the sum, rsqrt non-flushing: see rows.EAGER_ARITHMETIC.
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) * mean_factor + eps)
+    # eps comes as fp64 from Inductor's launches: cast, as the arithmetic is fp32's.
+    rstd = tl.math.rsqrt(mean_square(x, rows, hidden) + tl.cast(eps, tl.float32))
     normed = (x * rstd * w).to(res.dtype)
     out = (res.to(tl.float32) + normed.to(tl.float32)).to(res.dtype)
     if HAS_SCALE:
@@ -67,8 +66,8 @@ def norm_add_triton(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor |
     out = row_output("ple_norm_add", x, out)
     rows, hidden = x.shape
     launch_rows("ple_norm_add", _norm_add_kernel, rows, hidden,
-                x, residual, weight, weight if scale is None else scale, out, x.stride(0), residual.stride(0), hidden,
-                mean_factor(rows, hidden), eps, HAS_SCALE=scale is not None)
+                x, residual, weight, weight if scale is None else scale, out, x.stride(0), residual.stride(0), rows,
+                hidden, eps, HAS_SCALE=scale is not None)
     return out
 
 
@@ -94,9 +93,10 @@ def _check_norm_add(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor |
 def ple_norm_add(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor | None, eps: float) -> Tensor:
     """`(residual + rmsnorm(x) * weight) * scale` rounded as eager rounds it; on CUDA one Triton launch."""
     _check_norm_add(x, residual, weight, scale)
-    if x.is_cuda:
-        return norm_add_triton(x, residual, weight, scale, eps)
     return norm_add_reference(x, residual, weight, scale, eps)
+
+
+cuda_kernel(ple_norm_add)(norm_add_triton)
 
 
 @ple_norm_add.register_fake
@@ -115,36 +115,14 @@ def gate_reference(gate: Tensor, per_layer_input: Tensor) -> Tensor:
 
 
 @triton.jit
-def _libdevice_tanh(x):
-    return libdevice.tanh(x)
-
-
-@triton.jit
-def _exp_tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-# CUDA eager calls tanhf, i.e. libdevice's __nv_tanhf. The interpreter has no libdevice: an exp form stands in.
-_tanh = _exp_tanh if triton.knobs.runtime.interpret else _libdevice_tanh
-
-_GELU_BETA = float(torch.tensor(math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5, dtype=torch.float32))
-_GELU_KAPPA = float(torch.tensor(0.044715, dtype=torch.float32))
-
-
-@triton.jit
-def _gate_kernel(gate_ptr, pli_ptr, out_ptr, rows, cols_n, gate_row_stride, pli_row_stride, beta, kappa,
+def _gate_kernel(gate_ptr, pli_ptr, out_ptr, rows, cols_n, gate_row_stride, pli_row_stride,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows_ = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     mask = (rows_ < rows) & (cols < cols_n)
     gate = tl.load(gate_ptr + rows_ * gate_row_stride + cols, mask=mask, other=0.0)
     pli = tl.load(pli_ptr + rows_ * pli_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    x = gate.to(tl.float32)
-    # ATen's GeluCUDAKernelImpl (tanh): nvcc contracts `x + kKappa * x_cube` into one fma, nothing else.
-    inner = beta * tl.fma(kappa, x * x * x, x)
-    gelu = ((0.5 * x) * (1.0 + _tanh(inner))).to(gate.dtype)
+    gelu = gelu_tanh(gate.to(tl.float32)).to(gate.dtype)
     tl.store(out_ptr + rows_ * cols_n + cols, (gelu.to(tl.float32) * pli).to(gate.dtype), mask=mask)
 
 
@@ -153,13 +131,11 @@ def gate_triton(gate: Tensor, per_layer_input: Tensor, *, out: Tensor | None = N
     _check_gate(gate, per_layer_input)
     out = row_output("ple_gate", gate, out)
     rows, cols = gate.shape
-    if rows == 0:
-        return out
-    block_c = min(triton.next_power_of_2(cols), 1024)
+    block_c = min(triton.next_power_of_2(int(cols)), 1024)  # a launch setting: specialised where symbolic
     block_r = max(1, 2048 // block_c)
-    _gate_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
-        gate, per_layer_input, out, rows, cols, gate.stride(0), per_layer_input.stride(0), _GELU_BETA, _GELU_KAPPA,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4, **EAGER_ARITHMETIC,
+    launcher(_gate_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+        gate, per_layer_input, out, rows, cols, gate.stride(0), per_layer_input.stride(0),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
 
@@ -181,9 +157,10 @@ def _check_gate(gate: Tensor, per_layer_input: Tensor) -> None:
 def ple_gate(gate: Tensor, per_layer_input: Tensor) -> Tensor:
     """`gelu_tanh(gate) * per_layer_input` rounded as eager rounds it; on CUDA one Triton launch."""
     _check_gate(gate, per_layer_input)
-    if gate.is_cuda:
-        return gate_triton(gate, per_layer_input)
     return gate_reference(gate, per_layer_input)
+
+
+cuda_kernel(ple_gate)(gate_triton)
 
 
 @ple_gate.register_fake

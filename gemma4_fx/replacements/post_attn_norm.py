@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .rows import DTYPES, MAX_HIDDEN, launch_rows, mean_factor, rms_norm
+from .eager_math import mean_square
+from .launch import cuda_kernel
+from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm
 
 def supports(hidden_size: int, dtype: torch.dtype) -> bool:
     """Whether the Triton kernel handles rows of this width and dtype (one row per program)."""
@@ -48,9 +50,15 @@ def post_attn_norm_reference(attn: Tensor, residual: Tensor, post_weight: Tensor
 
 @triton.jit
 def _post_attn_norm_kernel(attn_ptr, res_ptr, post_w_ptr, pre_w_ptr, moe_w_ptr, scale_ptr,
-                           h_ptr, ff_ptr, moe_ptr, router_ptr, attn_row_stride, res_row_stride, hidden, mean_factor,
+                           h_ptr, ff_ptr, moe_ptr, router_ptr, attn_row_stride, res_row_stride, rows, hidden,
                            eps_post, eps_pre, eps_moe, eps_router, root_size,
                            MOE: tl.constexpr, ROUTER: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Inductor's launches pass float arguments as fp64; the arithmetic is fp32's.
+    eps_post = tl.cast(eps_post, tl.float32)
+    eps_pre = tl.cast(eps_pre, tl.float32)
+    eps_moe = tl.cast(eps_moe, tl.float32)
+    eps_router = tl.cast(eps_router, tl.float32)
+    root_size = tl.cast(root_size, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
@@ -59,14 +67,14 @@ def _post_attn_norm_kernel(attn_ptr, res_ptr, post_w_ptr, pre_w_ptr, moe_w_ptr, 
     a = attn.to(tl.float32)
     res = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(post_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # Products rounded to fp32 before the sums, pow(t, -0.5) as CUDA's rsqrtf: see rows.EAGER_ARITHMETIC.
-    normed = (a * tl.math.rsqrt(tl.sum(a * a, axis=0) * mean_factor + eps_post) * w).to(dtype)
+    # pow(t, -0.5) is CUDA's rsqrtf.
+    normed = (a * tl.math.rsqrt(mean_square(a, rows, hidden) + eps_post) * w).to(dtype)
     h = (res + normed.to(tl.float32)).to(dtype)
     out = row * hidden + cols
     tl.store(h_ptr + out, h, mask=mask)
 
     hf = h.to(tl.float32)
-    mean_sq = tl.sum(hf * hf, axis=0) * mean_factor
+    mean_sq = mean_square(hf, rows, hidden)
     w = tl.load(pre_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(ff_ptr + out, (hf * tl.math.rsqrt(mean_sq + eps_pre) * w).to(dtype), mask=mask)
     if MOE:
@@ -95,14 +103,16 @@ def post_attn_norm_triton(attn: Tensor, residual: Tensor, post_weight: Tensor, p
     a, r = attn.reshape(-1, hidden), residual.reshape(-1, hidden)  # views for row-strided inputs, copies otherwise
     a, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, r))
     h, ff, *rest = out
-    moe = rest.pop(0) if moe_weight is not None else h
-    router = rest.pop(0) if router_scale is not None else h
+    # An absent output's pointer is never written: it points at an input, so no output is passed twice (which
+    # Inductor's launch would take for two writes into one buffer).
+    moe = rest.pop(0) if moe_weight is not None else a
+    router = rest.pop(0) if router_scale is not None else a
     rows = a.shape[0]
     launch_rows("post_attn_norm", _post_attn_norm_kernel, rows, hidden,
                 a, r, post_weight, pre_weight, post_weight if moe_weight is None else moe_weight,
                 post_weight if router_scale is None else router_scale, h, ff, moe, router, a.stride(0), r.stride(0),
-                hidden, mean_factor(rows, hidden), eps[0], eps[1], eps[2] if moe_weight is not None else 0.0, eps[-1],
-                root_size, MOE=moe_weight is not None, ROUTER=router_scale is not None)
+                rows, hidden, eps[0], eps[1], eps[2] if moe_weight is not None else 0.0, eps[-1], root_size,
+                MOE=moe_weight is not None, ROUTER=router_scale is not None)
     return out
 
 
@@ -137,9 +147,10 @@ def post_attn_norm(attn: Tensor, residual: Tensor, post_weight: Tensor, pre_weig
                    root_size: float = 1.0) -> list[Tensor]:
     """[h, ff_in, (moe_in), (router_in)] of a decoder layer after attention; on CUDA one Triton launch."""
     _check(attn, residual, post_weight, pre_weight, eps, moe_weight, router_scale)
-    if attn.is_cuda:
-        return post_attn_norm_triton(attn, residual, post_weight, pre_weight, eps, moe_weight, router_scale, root_size)
     return post_attn_norm_reference(attn, residual, post_weight, pre_weight, eps, moe_weight, router_scale, root_size)
+
+
+cuda_kernel(post_attn_norm)(post_attn_norm_triton)
 
 
 @post_attn_norm.register_fake

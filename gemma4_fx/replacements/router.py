@@ -12,8 +12,9 @@ kernels below instead round where eager rounds and repeat the arithmetic order o
 the mean is `sum * float(N / numel)` (ATen's MeanOps), `pow(t, -0.5)` is rsqrt (PowKernel.cu), the softmax sums in
 the order of ATen's `softmax_warp_forward`, the top-k ties come out in the order of `torch.topk` on CUDA (a radix
 select, then a 32-wide bitonic network), and the renormalising sum follows ATen's reduce tree. router_select is
-bitwise eager's; only router_input's sum of squares is added in another order, so a few of its elements differ from
-eager's (on an H100, 0.0004% of bf16 elements, by at most 3 ulps: one at the first rounding, grown by the next two).
+bitwise eager's (but for probabilities below 2**-126, which may differ: `eager_math.exp`); only router_input's sum
+of squares is added in another order, so a few of its elements differ from eager's (on an H100, 0.0004% of bf16
+elements, by at most 3 ulps: one at the first rounding, grown by the next two).
 
 Each op has its eager reference (used on CPU, and as the test oracle) next to its Triton kernel (used on CUDA).
 """
@@ -24,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
-from .rows import DTYPES, EAGER_ARITHMETIC, MAX_HIDDEN, launch_rows, mean_factor, rms_norm, row_output
+from .eager_math import exp, mean_square
+from .launch import cuda_kernel, launcher
+from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm, row_output
 
 MAX_EXPERTS = 1024  # CUDA softmax takes its warp-per-row path, whose order we copy, up to 1024 fp32 columns
 MAX_TOP_K = 32  # torch.topk sorts k <= 32 with the 32-wide bitonic network we copy
@@ -48,19 +50,18 @@ def router_input_reference(x: Tensor, scale: Tensor, eps: float, root_size: floa
 
 
 @triton.jit
-def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, hidden, mean_factor, eps, root_size,
+def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, rows, hidden, eps, root_size,
                          BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     xf = x.to(tl.float32)
-    # x*x rounded to fp32 before the sum, rsqrt non-flushing: see rows.EAGER_ARITHMETIC.
-    mean_sq = tl.sum(xf * xf, axis=0) * mean_factor + eps
-    h = (xf * tl.math.rsqrt(mean_sq)).to(x.dtype)
+    # Float arguments come as fp64 from Inductor's launches: cast, as the arithmetic is fp32's.
+    h = (xf * tl.math.rsqrt(mean_square(xf, rows, hidden) + tl.cast(eps, tl.float32))).to(x.dtype)
     scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
     h = (h.to(tl.float32) * scale.to(tl.float32)).to(x.dtype)
-    h = (h.to(tl.float32) * root_size).to(x.dtype)
+    h = (h.to(tl.float32) * tl.cast(root_size, tl.float32)).to(x.dtype)
     tl.store(out_ptr + row * hidden + cols, h, mask=mask)
 
 
@@ -70,7 +71,7 @@ def router_input_triton(x: Tensor, scale: Tensor, eps: float, root_size: float, 
     out = row_output("router_input", x, out)
     rows, hidden = x.shape
     launch_rows("router_input", _router_input_kernel, rows, hidden,
-                x, scale, out, x.stride(0), hidden, mean_factor(rows, hidden), eps, root_size)
+                x, scale, out, x.stride(0), rows, hidden, eps, root_size)
     return out
 
 
@@ -89,9 +90,14 @@ def _check_router_input(x: Tensor, scale: Tensor) -> None:
 def router_input(x: Tensor, scale: Tensor, eps: float, root_size: float, exact: bool) -> Tensor:
     """The router's norm-and-scale prologue. On CUDA one Triton launch, or with `exact` the eager ops themselves."""
     _check_router_input(x, scale)
-    if x.is_cuda and not exact:
-        return router_input_triton(x, scale, eps, root_size)
     return router_input_reference(x, scale, eps, root_size)
+
+
+@cuda_kernel(router_input)
+def _router_input_cuda(x, scale, eps, root_size, exact):
+    if exact:
+        return router_input_reference(x, scale, eps, root_size)
+    return router_input_triton(x, scale, eps, root_size)
 
 
 @router_input.register_fake
@@ -121,19 +127,6 @@ def router_select_reference(logits: Tensor, per_expert_scale: Tensor, k: int) ->
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * per_expert_scale[ids], ids
 
-
-@triton.jit
-def _libdevice_exp(x):
-    return libdevice.exp(x)
-
-
-@triton.jit
-def _numpy_exp(x):
-    return tl.exp(x)
-
-
-# CUDA eager's softmax calls expf, i.e. libdevice's __nv_expf. The interpreter has no libdevice: numpy's exp stands in.
-_exp = _numpy_exp if triton.knobs.runtime.interpret else _libdevice_exp
 
 _SLOTS = tl.constexpr(32)  # torch.topk sorts k <= 32 winners in a 32-slot bitonic network
 
@@ -183,8 +176,8 @@ def _router_select_kernel(logits_ptr, scale_ptr, w_ptr, ids_ptr, experts, logits
     lane_sums = tl.zeros([LANES], tl.float32)
     for it in tl.static_range(BLOCK_E // LANES):
         c = it * LANES + lanes
-        lane_sums += _exp(tl.load(row_ptr + c, mask=c < experts, other=float("-inf")).to(tl.float32) - row_max)
-    probs = tl.math.div_rn(_exp(logits - row_max), _halves_tree_sum(lane_sums, LANES))
+        lane_sums += exp(tl.load(row_ptr + c, mask=c < experts, other=float("-inf")).to(tl.float32) - row_max)
+    probs = tl.math.div_rn(exp(logits - row_max), _halves_tree_sum(lane_sums, LANES))
 
     # Top-k by (probability desc, index asc), one max per round over (probability bits << 32 | reversed index):
     # probabilities are >= 0, so their bits order like them. Padding and winners drop to -1.
@@ -239,15 +232,13 @@ def router_select_triton(logits: Tensor, per_expert_scale: Tensor, k: int, *,
     for name, t, dtype in (("weights", weights, torch.float32), ("ids", ids, torch.int64)):
         if t.shape != (rows, k) or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"router_select: out {name} must be a contiguous ({rows}, {k}) {dtype} tensor")
-    if rows == 0:
-        return weights, ids
-    block_e = triton.next_power_of_2(experts)
+    block_e = triton.next_power_of_2(int(experts))  # a launch setting: specialised where symbolic
     # One row per single-warp program: the work is a chain of small reductions, and a warp does them in shuffles.
     # (On an H100 this beat 2-16 rows over 2-8 warps at 1, 64 and 4096 tokens.)
-    _router_select_kernel[(rows,)](
+    launcher(_router_select_kernel)[(rows,)](
         logits, per_expert_scale, weights, ids, experts, logits.stride(0),
         K=k, K_PAD=triton.next_power_of_2(k), SUM_WIDTH=1 << (k.bit_length() - 1), BLOCK_E=block_e,
-        LANES=min(block_e, 32), num_warps=1, **EAGER_ARITHMETIC,
+        LANES=min(block_e, 32), num_warps=1,
     )
     return weights, ids
 
@@ -271,9 +262,10 @@ def _check_router_select(logits: Tensor, per_expert_scale: Tensor, k: int) -> No
 def router_select(logits: Tensor, per_expert_scale: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Routing weights (fp32 [N, k]) and expert ids (int64 [N, k]); on CUDA one Triton launch."""
     _check_router_select(logits, per_expert_scale, k)
-    if logits.is_cuda:
-        return router_select_triton(logits, per_expert_scale, k)
     return router_select_reference(logits, per_expert_scale, k)
+
+
+cuda_kernel(router_select)(router_select_triton)
 
 
 @router_select.register_fake

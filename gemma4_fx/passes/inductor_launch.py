@@ -1,0 +1,106 @@
+"""Inductor launches our kernels: each gemma4_fx op on CUDA is replaced by the Triton launches it makes.
+
+Why: left as a custom op, each call is an extern call that goes through the dispatcher and Triton's Python launcher
+on the host, tens of µs per kernel, more than the Inductor code the op replaced takes outside CUDA graphs.
+Replaced by `triton_kernel_wrapper_functional` nodes, the kernels are compiled and launched by Inductor's generated
+code like its own (and its wrapper can run them from C++ with `cpp_wrapper`).
+
+How: the op's CUDA implementation (`launch.cuda_kernel`) is traced with make_fx over the node's fake inputs, its
+launches recorded (`launch.tracing_launches`) and functionalised: a kernel's writes into the buffers the
+implementation allocates become its outputs; Inductor's reinplacing, later in post-grad, makes them writes again.
+The traced graph (allocations, views, launches) replaces the node.
+
+An op stays an extern call when its CUDA implementation launches no Triton kernel (the exact router prologue runs
+eager's own ops), and, recorded in the report, when its launches cannot be traced, or when Inductor could not tell
+which arguments a kernel writes (its analysis of the kernel's code failed: it would assume every argument written,
+inputs included).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..report import describe_error
+from ..replacements.launch import CUDA_KERNELS, tracing_launches
+from .context import PassContext
+
+NAME = "inductor_launch"
+
+
+def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
+    nodes = [node for target in CUDA_KERNELS for node in graph.find_nodes(op="call_function", target=target)]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in sorted(nodes, key=order.__getitem__):
+        if not _on_cuda(node):
+            continue
+        implementation = CUDA_KERNELS[node.target]
+        try:
+            traced = _trace(implementation, node)
+        except Exception as error:
+            ctx.skipped(NAME, node, f"its kernel launches could not be traced ({describe_error(error)})")
+            continue
+        launches = traced.graph.find_nodes(op="call_function", target=triton_kernel_wrapper_functional)
+        if not launches:
+            continue
+        reason = _unsafe(node, traced.graph)
+        if reason:
+            ctx.skipped(NAME, node, reason)
+            continue
+        _inline(graph, node, traced.graph)
+
+
+def _on_cuda(node: torch.fx.Node) -> bool:
+    vals = [arg.meta.get("val") for arg in node.all_input_nodes]
+    return bool(vals) and all(isinstance(v, torch.Tensor) and v.is_cuda for v in vals)
+
+
+def _trace(implementation, node: torch.fx.Node) -> torch.fx.GraphModule:
+    """The functionalised graph of `implementation(*node.args, **node.kwargs)`, over the inputs' fake values."""
+    inputs = node.all_input_nodes
+
+    def call(*values):
+        by_node = dict(zip(inputs, values))
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), by_node.__getitem__)
+        return implementation(*args, **kwargs)
+
+    values = [arg.meta["val"] for arg in inputs]
+    with detect_fake_mode(values), tracing_launches():
+        return make_fx(torch.func.functionalize(call, remove="mutations"), tracing_mode="real")(*values)
+
+
+def _unsafe(node: torch.fx.Node, graph: torch.fx.Graph) -> str | None:
+    """Why the traced launches must not replace the op, or None."""
+    if not isinstance(node.meta["val"], torch.Tensor) and any(
+            user.op != "call_function" or user.target is not operator.getitem for user in node.users):
+        return "its outputs are read other than one by one (getitem)"
+    if any(n.target is torch.ops.aten.copy_.default for n in graph.nodes):
+        return ("Inductor could not tell which arguments a kernel writes (its analysis of the kernel failed), so it "
+                "would copy into the op's inputs")
+    for launch in graph.find_nodes(op="call_function", target=triton_kernel_wrapper_functional):
+        written = [launch.kwargs["kwargs"][name] for name in launch.kwargs["tensors_to_clone"]]
+        if len(set(written)) < len(written):
+            return "a kernel writes one buffer through two arguments"
+    return None
+
+
+def _inline(graph: torch.fx.Graph, node: torch.fx.Node, traced: torch.fx.Graph) -> None:
+    """Copy `traced` in place of `node`: its placeholders are the node's inputs, its outputs the node's."""
+    env = dict(zip(traced.find_nodes(op="placeholder"), node.all_input_nodes))
+    with graph.inserting_before(node):
+        for traced_node in traced.nodes:
+            if traced_node.op == "output":
+                result = torch.fx.node.map_arg(traced_node.args[0], env.__getitem__)
+            elif traced_node.op != "placeholder":
+                env[traced_node] = graph.node_copy(traced_node, env.__getitem__)
+    if isinstance(result, torch.fx.Node):
+        node.replace_all_uses_with(result)
+    else:  # a list or tuple of tensors, read by getitem nodes (`_unsafe`)
+        for user in list(node.users):
+            user.replace_all_uses_with(result[user.args[1]])
+            graph.erase_node(user)
+    graph.erase_node(node)

@@ -1,0 +1,44 @@
+"""How the custom ops launch their Triton kernels: straight from Python, or recorded for Inductor to launch.
+
+An op's CUDA implementation is registered with `cuda_kernel(op)` and launches through `launcher(kernel)`. Called
+normally, that is Triton's own launch. While `passes/inductor_launch.py` traces the implementation
+(`tracing_launches()`), each launch is recorded instead (`torch.library.wrap_triton`), so that the traced kernels
+replace the op in Inductor's graph and Inductor launches them from its generated code. wrap_triton is not used
+outside tracing: its dispatch costs more per call than the launch it wraps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+from torch.library import wrap_triton
+
+CUDA_KERNELS: dict = {}  # op overload -> its CUDA implementation (what `inductor_launch` traces)
+
+_tracing = contextvars.ContextVar("gemma4_fx_tracing_launches", default=False)
+
+
+def cuda_kernel(op):
+    """Register the decorated function as `op`'s CUDA implementation (it takes the op's arguments)."""
+    def register(fn):
+        op.register_kernel("cuda")(fn)
+        CUDA_KERNELS[op._opoverload] = fn
+        return fn
+    return register
+
+
+def launcher(kernel):
+    """`kernel`, or while tracing its wrap_triton wrapper: index it with the grid and call it as the kernel."""
+    return wrap_triton(kernel) if _tracing.get() else kernel
+
+
+@contextlib.contextmanager
+def tracing_launches():
+    """Record the launches of the ops' CUDA implementations inside this block (see `launcher`)."""
+    token = _tracing.set(True)
+    try:
+        yield
+    finally:
+        _tracing.reset(token)
+
