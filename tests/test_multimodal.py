@@ -172,6 +172,24 @@ def test_greedy_generate_matches_eager():
     assert backend.report.counts["yoco"] >= 1 and {m.graph for m in backend.report.matches} == {"graph_0"}
 
 
+def test_piecewise_generate_with_images_compiles_every_piece_with_the_passes():
+    """HF generate with two images, prefill and decode through the backend's CUDA-graph split (on CPU nothing is
+    captured; the pieces run plainly): every piece compiles with the passes, and the tokens are eager's. (Run on
+    fake inputs before its compile, a captured piece made unbacked symbols that nothing bound, and its compile
+    failed over to plain Inductor.)"""
+    model = build_model("tiny-e2b", multimodal=True)
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)], seed=1)
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    expected = model.generate(input_ids, **inputs, **kwargs)
+    backend = Gemma4Backend(cudagraphs="piecewise")
+    model.forward = torch.compile(model.forward, backend=backend)
+    with gemma4_fx.capture_data_dependent_ops():
+        tokens = model.generate(input_ids, **inputs, **kwargs)
+    assert torch.equal(tokens, expected)
+    assert not backend.report.fallbacks, backend.report.fallbacks
+    assert backend.report.counts["yoco"] >= 1 and backend.report.counts["post_attn_norm"] >= 1
+
+
 def test_image_sizes_and_counts_eager_accepts_run():
     """One compiled model: sizes and counts of images change between calls (sizes are data, the count a shape);
     every call matches eager, and a prompt whose placeholders do not match the images fails as eager fails."""

@@ -287,10 +287,11 @@ class _PieceCompiler(torch.fx.Interpreter):
         self.compile_piece, self.compiled, self.shape_env = compile_piece, {}, shape_env
 
     def call_module(self, target, args, kwargs):
-        # A piece left out of the graphs may make sizes from data (`nonzero`, `.tolist()`): run on fake inputs, it
-        # makes fresh unbacked symbols that nothing binds, and the next piece's trace would fail on them.
-        fresh_symbols_unbound = self.shape_env is not None and target not in self.captured
-        with self.shape_env.ignore_fresh_unbacked_symbols() if fresh_symbols_unbound else contextlib.nullcontext():
+        # A piece may make sizes from data (`nonzero`, `.tolist()`; a captured one too, on the device): run here on
+        # fake inputs, it makes fresh unbacked symbols that nothing binds, and the next trace (this piece's compile,
+        # or the next piece's) would fail on them. Its compile makes and binds its own.
+        ignore_fresh = self.shape_env is not None
+        with self.shape_env.ignore_fresh_unbacked_symbols() if ignore_fresh else contextlib.nullcontext():
             outputs = super().call_module(target, args, kwargs)  # before compiling: Inductor may change the module
         if target in self.captured:
             piece = self.captured[target]
