@@ -53,7 +53,8 @@ def test_router_picks_eagers_experts_at_26b_widths(dtype, router_exact):
 
 def test_moe_model_bf16_matches_eager():
     model = gemma4_fx.build_model("tiny-26b-a4b", dtype=torch.bfloat16, device="cuda")
-    ids = torch.randint(0, model.config.vocab_size, (2, 33), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (2, 33), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
     backend = gemma4_fx.Gemma4Backend(verify=True, verify_action="raise")
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
