@@ -25,6 +25,7 @@ from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_fun
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..fx_utils import value
 from ..report import describe_error
 from ..replacements.launch import CUDA_KERNELS, tracing_launches
 from .context import PassContext
@@ -38,6 +39,9 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
     for node in sorted(nodes, key=order.__getitem__):
         if not _on_cuda(node):
             continue
+        if not _read_by_getitem(node):
+            ctx.skipped(NAME, node, "its outputs are read other than one by one (getitem)")
+            continue
         implementation = CUDA_KERNELS[node.target]
         try:
             traced = _trace(implementation, node)
@@ -47,7 +51,7 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
         launches = traced.graph.find_nodes(op="call_function", target=triton_kernel_wrapper_functional)
         if not launches:
             continue
-        reason = _unsafe(node, traced.graph)
+        reason = _unsafe(traced.graph)
         if reason:
             ctx.skipped(NAME, node, reason)
             continue
@@ -55,8 +59,14 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
 
 
 def _on_cuda(node: torch.fx.Node) -> bool:
-    vals = [arg.meta.get("val") for arg in node.all_input_nodes]
+    vals = [value(arg) for arg in node.all_input_nodes]
     return bool(vals) and all(isinstance(v, torch.Tensor) and v.is_cuda for v in vals)
+
+
+def _read_by_getitem(node: torch.fx.Node) -> bool:
+    """A single tensor, or outputs each read by a getitem: what `_inline` can rewire."""
+    return isinstance(value(node), torch.Tensor) or all(
+        user.op == "call_function" and user.target is operator.getitem for user in node.users)
 
 
 def _trace(implementation, node: torch.fx.Node) -> torch.fx.GraphModule:
@@ -68,16 +78,13 @@ def _trace(implementation, node: torch.fx.Node) -> torch.fx.GraphModule:
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), by_node.__getitem__)
         return implementation(*args, **kwargs)
 
-    values = [arg.meta["val"] for arg in inputs]
+    values = [value(arg) for arg in inputs]
     with detect_fake_mode(values), tracing_launches():
         return make_fx(torch.func.functionalize(call, remove="mutations"), tracing_mode="real")(*values)
 
 
-def _unsafe(node: torch.fx.Node, graph: torch.fx.Graph) -> str | None:
+def _unsafe(graph: torch.fx.Graph) -> str | None:
     """Why the traced launches must not replace the op, or None."""
-    if not isinstance(node.meta["val"], torch.Tensor) and any(
-            user.op != "call_function" or user.target is not operator.getitem for user in node.users):
-        return "its outputs are read other than one by one (getitem)"
     if any(n.target is torch.ops.aten.copy_.default for n in graph.nodes):
         return ("Inductor could not tell which arguments a kernel writes (its analysis of the kernel failed), so it "
                 "would copy into the op's inputs")
@@ -99,7 +106,7 @@ def _inline(graph: torch.fx.Graph, node: torch.fx.Node, traced: torch.fx.Graph) 
                 env[traced_node] = graph.node_copy(traced_node, env.__getitem__)
     if isinstance(result, torch.fx.Node):
         node.replace_all_uses_with(result)
-    else:  # a list or tuple of tensors, read by getitem nodes (`_unsafe`)
+    else:  # a list or tuple of tensors, read by getitem nodes (`_read_by_getitem`)
         for user in list(node.users):
             user.replace_all_uses_with(result[user.args[1]])
             graph.erase_node(user)
