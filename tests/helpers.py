@@ -97,3 +97,16 @@ def runner_backend(runtime, *, split_attention=True, extra_ops=(), report=None):
                            capture=True, report=report)
 
     return backend
+
+
+EVERY_OP_OUTPUTS = ("h", "ff", "moe", "router", "router_in", "weights", "ids", "normed", "gated")
+
+
+def every_op(attn, residual, weight, scale, logits, expert_scale, top_k: int, exact_router: bool = False):
+    """Each gemma4_fx op that Inductor can launch, chained as a layer chains them (outputs: `EVERY_OP_OUTPUTS`)."""
+    ops, root_size = torch.ops.gemma4_fx, 0.0625  # a constant: a size-derived one is symbolic under dynamic shapes
+    h, ff, moe, router = ops.post_attn_norm(attn, residual, weight, weight, [1e-6] * 4, weight, weight, root_size)
+    router_in = ops.router_input(ff, weight, 1e-6, root_size, exact_router)
+    weights, ids = ops.router_select(logits, expert_scale, top_k)
+    normed = ops.ple_norm_add(h, router_in, weight, scale, 1e-6)
+    return h, ff, moe, router, router_in, weights, ids, normed, ops.ple_gate(normed, moe)

@@ -6,7 +6,7 @@ from transformers import CompileConfig, Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
 
 import gemma4_fx
-from helpers import TopK
+from helpers import EVERY_OP_OUTPUTS, TopK, every_op
 
 pytestmark = pytest.mark.gpu
 
@@ -122,15 +122,6 @@ def test_ple_tail_left_to_inductor_below_its_token_threshold():
     assert reasons == {"16 tokens: below 512 Inductor's own fusion of the PLE tail is as fast"}
 
 
-def _every_op(attn, residual, weight, logits, expert_scale):
-    ops = torch.ops.gemma4_fx
-    h, ff, moe, router = ops.post_attn_norm(attn, residual, weight, weight, [1e-6] * 4, weight, weight, 2816**-0.5)
-    router_in = ops.router_input(ff, weight, 1e-6, 2816**-0.5, False)
-    weights, ids = ops.router_select(logits, expert_scale, 8)
-    normed = ops.ple_norm_add(h, router_in, weight, weight[:1], 1e-6)
-    return h, ff, moe, router, router_in, weights, ids, normed, ops.ple_gate(normed, moe)
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_inductor_launches_the_ops_kernels_bit_for_bit(dynamic):
     """Compiled through the backend, each op's kernels are launched from Inductor's code (no extern call) and give
@@ -138,18 +129,21 @@ def test_inductor_launches_the_ops_kernels_bit_for_bit(dynamic):
     from torch._inductor.utils import run_and_get_code
 
     backend = gemma4_fx.Gemma4Backend(cudagraphs=None)
-    compiled = torch.compile(_every_op, backend=backend, dynamic=dynamic)
+
+    def layer(*inputs):
+        return every_op(*inputs, top_k=8)
+
+    compiled = torch.compile(layer, backend=backend, dynamic=dynamic)
     g = torch.Generator(device="cuda").manual_seed(0)
     codes = []
     for rows in (1, 64, 4096):
         args = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16)
-                for shape in ((rows, 2816), (rows, 2816), (2816,), (rows, 128), (128,))]
+                for shape in ((rows, 2816), (rows, 2816), (2816,), (1,), (rows, 128), (128,))]
         with torch.no_grad():
-            expected = _every_op(*args)
+            expected = layer(*args)
             got, code = run_and_get_code(compiled, *args)
         codes += code
-        for name, a, b in zip(("h", "ff", "moe", "router", "router_in", "weights", "ids", "normed", "gated"),
-                              got, expected):
+        for name, a, b in zip(EVERY_OP_OUTPUTS, got, expected):
             assert torch.equal(a, b), (rows, name)
     code = "\n".join(codes)
     assert "torch.ops.gemma4_fx" not in code

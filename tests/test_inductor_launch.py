@@ -31,6 +31,7 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False) -> dict:
     from gemma4_fx.passes import inductor_launch
     from gemma4_fx.passes.context import PassContext
     from gemma4_fx.report import Report
+    from helpers import every_op
 
     if hopper:
         class Hopper:
@@ -38,17 +39,11 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False) -> dict:
                 return GPUTarget("cuda", 90, 32)
         triton.runtime.driver.set_active(Hopper())
 
-    ops = torch.ops.gemma4_fx
-
-    def layer(attn, residual, weight, logits, expert_scale):
-        h, ff, moe, router = ops.post_attn_norm(attn, residual, weight, weight, [1e-6] * 4, weight, weight, 0.125)
-        router_in = ops.router_input(ff, weight, 1e-6, 0.125, exact_router)
-        weights, ids = ops.router_select(logits, expert_scale, 4)
-        normed = ops.ple_norm_add(h, router_in, weight, None, 1e-6)
-        return ops.ple_gate(normed, moe), router, weights, ids
+    def layer(*inputs):
+        return every_op(*inputs, top_k=4, exact_router=exact_router)
 
     mode = FakeTensorMode(shape_env=ShapeEnv())
-    shapes = [(5, 64), (5, 64), (64,), (5, 16), (16,)]
+    shapes = [(5, 64), (5, 64), (64,), (1,), (5, 16), (16,)]
     inputs = [mode.from_tensor(torch.empty(shape, dtype=torch.bfloat16), static_shapes=not dynamic)
               for shape in shapes]
     with mode:
