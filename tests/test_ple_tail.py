@@ -50,6 +50,28 @@ def test_gate_kernel(device, dtype, rows, cols):
         torch.testing.assert_close(out, eager, rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_take_rows_in_any_leading_shape(device, dtype):
+    """As the pattern calls them: [batch, seq, H] activations beside the GEMMs' [tokens, H] (a transposed one too,
+    which the kernel reads through a copy); results shaped as the residual (norm_add) and the gate (gate)."""
+    g = seeded("leading shapes", dtype)
+    x = torch.randn(6, 88, generator=g).to(dtype).to(device)
+    residual = torch.randn(2, 3, 88, generator=g).to(dtype).to(device)
+    weight = (1 + 0.1 * torch.randn(88, generator=g)).to(dtype).to(device)
+    scale = torch.tensor([0.75], dtype=dtype, device=device)
+    for a, b in ((x, residual), (residual, x), (residual.transpose(0, 1), x)):
+        out = P.norm_add_triton(a, b, weight, scale, 1e-6)
+        assert out.shape == b.shape
+        torch.testing.assert_close(out, P.norm_add_reference(a.reshape(b.shape), b, weight, scale, 1e-6),
+                                   rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+    gate, pli = torch.randn(6, 12, generator=g).to(dtype).to(device), torch.randn(2, 3, 12, generator=g).to(dtype)
+    out = P.gate_triton(gate, pli.to(device))
+    assert out.shape == gate.shape
+    torch.testing.assert_close(out, P.gate_reference(gate, pli.to(device).reshape(6, 12)),
+                               rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+
+
 def test_custom_ops_and_errors():
     x, r, w = torch.randn(3, 88), torch.randn(3, 88), torch.rand(88)
     assert torch.equal(torch.ops.gemma4_fx.ple_norm_add(x, r, w, None, 1e-6), P.norm_add_reference(x, r, w, None, 1e-6))
@@ -57,7 +79,7 @@ def test_custom_ops_and_errors():
     torch.library.opcheck(torch.ops.gemma4_fx.ple_gate.default, (torch.randn(3, 12), torch.randn(3, 12)))
     with pytest.raises(ValueError, match="weight must be"):
         torch.ops.gemma4_fx.ple_norm_add(x, r, torch.rand(87), None, 1e-6)
-    with pytest.raises(ValueError, match="per_layer_input must be"):
+    with pytest.raises(ValueError, match="per_layer_input must hold 3 rows of 12"):
         torch.ops.gemma4_fx.ple_gate(torch.randn(3, 12), torch.randn(3, 13))
 
 

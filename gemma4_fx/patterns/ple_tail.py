@@ -41,13 +41,12 @@ def ple_tail_pattern(mlp_out, residual, per_layer_input, ff_weight, gate_weight,
 def ple_tail_replacement(mlp_out, residual, per_layer_input, ff_weight, gate_weight, proj_weight, ple_weight,
                          layer_scalar, eps_ff, eps_ple, linear=None):
     """`linear`: the engine's op the pattern matched (None: the GEMM was aten's, and is eager's `mm`)."""
-    hidden, ple = residual.shape[-1], per_layer_input.shape[-1]
     mm = linear or (lambda x, weight: torch.mm(x, weight.t()))
-    h = torch.ops.gemma4_fx.ple_norm_add(mlp_out.reshape(-1, hidden), residual.reshape(-1, hidden), ff_weight, None,
-                                         eps_ff)
-    g = torch.ops.gemma4_fx.ple_gate(mm(h, gate_weight), per_layer_input.reshape(-1, ple))
-    out = torch.ops.gemma4_fx.ple_norm_add(mm(g, proj_weight), h, ple_weight, layer_scalar, eps_ple)
-    return out.reshape(residual.shape)
+    # The ops take rows in any leading shape: no view of the activations but the GEMM's (each costs a launch by
+    # Inductor host time).
+    h = torch.ops.gemma4_fx.ple_norm_add(mlp_out, residual, ff_weight, None, eps_ff)
+    g = torch.ops.gemma4_fx.ple_gate(mm(h.reshape(-1, residual.shape[-1]), gate_weight), per_layer_input)
+    return torch.ops.gemma4_fx.ple_norm_add(mm(g, proj_weight), h, ple_weight, layer_scalar, eps_ple)
 
 
 # Below this many static tokens on CUDA the rewrite only ties Inductor's own fusion of the tail (the same five

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .eager_math import mean_square
 from .launch import cuda_kernel
-from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm
+from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm, rows_of
 
 def supports(hidden_size: int, dtype: torch.dtype) -> bool:
     """Whether the Triton kernel handles rows of this width and dtype (one row per program)."""
@@ -50,41 +50,36 @@ def post_attn_norm_reference(attn: Tensor, residual: Tensor, post_weight: Tensor
 
 @triton.jit
 def _post_attn_norm_kernel(attn_ptr, res_ptr, post_w_ptr, pre_w_ptr, moe_w_ptr, scale_ptr,
-                           h_ptr, ff_ptr, moe_ptr, router_ptr, attn_row_stride, res_row_stride, rows, hidden,
-                           eps_post, eps_pre, eps_moe, eps_router, root_size,
-                           MOE: tl.constexpr, ROUTER: tl.constexpr, BLOCK_H: tl.constexpr):
-    # Inductor's launches pass float arguments as fp64; the arithmetic is fp32's.
-    eps_post = tl.cast(eps_post, tl.float32)
-    eps_pre = tl.cast(eps_pre, tl.float32)
-    eps_moe = tl.cast(eps_moe, tl.float32)
-    eps_router = tl.cast(eps_router, tl.float32)
-    root_size = tl.cast(root_size, tl.float32)
+                           h_ptr, ff_ptr, moe_ptr, router_ptr, attn_row_stride, res_row_stride, rows,
+                           EPS_POST: tl.constexpr, EPS_PRE: tl.constexpr, EPS_MOE: tl.constexpr,
+                           EPS_ROUTER: tl.constexpr, ROOT_SIZE: tl.constexpr, MOE: tl.constexpr, ROUTER: tl.constexpr,
+                           HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
-    mask = cols < hidden
+    mask = cols < HIDDEN
     attn = tl.load(attn_ptr + row * attn_row_stride + cols, mask=mask, other=0.0)
     dtype = attn.dtype
     a = attn.to(tl.float32)
     res = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(post_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     # pow(t, -0.5) is CUDA's rsqrtf.
-    normed = (a * tl.math.rsqrt(mean_square(a, rows, hidden) + eps_post) * w).to(dtype)
+    normed = (a * tl.math.rsqrt(mean_square(a, rows, HIDDEN) + EPS_POST) * w).to(dtype)
     h = (res + normed.to(tl.float32)).to(dtype)
-    out = row * hidden + cols
+    out = row * HIDDEN + cols
     tl.store(h_ptr + out, h, mask=mask)
 
     hf = h.to(tl.float32)
-    mean_sq = mean_square(hf, rows, hidden)
+    mean_sq = mean_square(hf, rows, HIDDEN)
     w = tl.load(pre_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ff_ptr + out, (hf * tl.math.rsqrt(mean_sq + eps_pre) * w).to(dtype), mask=mask)
+    tl.store(ff_ptr + out, (hf * tl.math.rsqrt(mean_sq + EPS_PRE) * w).to(dtype), mask=mask)
     if MOE:
         w = tl.load(moe_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(moe_ptr + out, (hf * tl.math.rsqrt(mean_sq + eps_moe) * w).to(dtype), mask=mask)
+        tl.store(moe_ptr + out, (hf * tl.math.rsqrt(mean_sq + EPS_MOE) * w).to(dtype), mask=mask)
     if ROUTER:
         scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        r = (hf * tl.math.rsqrt(mean_sq + eps_router)).to(dtype)
+        r = (hf * tl.math.rsqrt(mean_sq + EPS_ROUTER)).to(dtype)
         r = (r.to(tl.float32) * scale).to(dtype)
-        tl.store(router_ptr + out, (r.to(tl.float32) * root_size).to(dtype), mask=mask)
+        tl.store(router_ptr + out, (r.to(tl.float32) * ROOT_SIZE).to(dtype), mask=mask)
 
 
 def post_attn_norm_triton(attn: Tensor, residual: Tensor, post_weight: Tensor, pre_weight: Tensor, eps: list[float],
@@ -100,18 +95,18 @@ def post_attn_norm_triton(attn: Tensor, residual: Tensor, post_weight: Tensor, p
                                       for o, w in zip(out, want)):
         raise ValueError(f"post_attn_norm: out must be {len(want)} contiguous {attn.dtype} tensors shaped "
                          f"{[tuple(w.shape) for w in want]}")
-    a, r = attn.reshape(-1, hidden), residual.reshape(-1, hidden)  # views for row-strided inputs, copies otherwise
-    a, r = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, r))
+    (a, a_stride), (r, r_stride) = rows_of(attn), rows_of(residual)
     h, ff, *rest = out
     # An absent output's pointer is never written: it points at an input, so no output is passed twice (which
     # Inductor's launch would take for two writes into one buffer).
-    moe = rest.pop(0) if moe_weight is not None else a
-    router = rest.pop(0) if router_scale is not None else a
-    rows = a.shape[0]
+    moe = rest.pop(0) if moe_weight is not None else attn
+    router = rest.pop(0) if router_scale is not None else attn
+    rows = math.prod(attn.shape[:-1])
     launch_rows("post_attn_norm", _post_attn_norm_kernel, rows, hidden,
                 a, r, post_weight, pre_weight, post_weight if moe_weight is None else moe_weight,
-                post_weight if router_scale is None else router_scale, h, ff, moe, router, a.stride(0), r.stride(0),
-                rows, hidden, eps[0], eps[1], eps[2] if moe_weight is not None else 0.0, eps[-1], root_size,
+                post_weight if router_scale is None else router_scale, h, ff, moe, router, a_stride, r_stride,
+                rows, EPS_POST=eps[0], EPS_PRE=eps[1],
+                EPS_MOE=eps[2] if moe_weight is not None else 0.0, EPS_ROUTER=eps[-1], ROOT_SIZE=root_size,
                 MOE=moe_weight is not None, ROUTER=router_scale is not None)
     return out
 

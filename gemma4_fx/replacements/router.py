@@ -50,19 +50,19 @@ def router_input_reference(x: Tensor, scale: Tensor, eps: float, root_size: floa
 
 
 @triton.jit
-def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, rows, hidden, eps, root_size,
-                         BLOCK_H: tl.constexpr):
+def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_row_stride, rows, eps, root_size,
+                         HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
-    mask = cols < hidden
+    mask = cols < HIDDEN
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     # Float arguments come as fp64 from Inductor's launches: cast, as the arithmetic is fp32's.
-    h = (xf * tl.math.rsqrt(mean_square(xf, rows, hidden) + tl.cast(eps, tl.float32))).to(x.dtype)
+    h = (xf * tl.math.rsqrt(mean_square(xf, rows, HIDDEN) + tl.cast(eps, tl.float32))).to(x.dtype)
     scale = tl.load(scale_ptr + cols, mask=mask, other=0.0)
     h = (h.to(tl.float32) * scale.to(tl.float32)).to(x.dtype)
     h = (h.to(tl.float32) * tl.cast(root_size, tl.float32)).to(x.dtype)
-    tl.store(out_ptr + row * hidden + cols, h, mask=mask)
+    tl.store(out_ptr + row * HIDDEN + cols, h, mask=mask)
 
 
 def router_input_triton(x: Tensor, scale: Tensor, eps: float, root_size: float, *, out: Tensor | None = None) -> Tensor:
@@ -71,7 +71,7 @@ def router_input_triton(x: Tensor, scale: Tensor, eps: float, root_size: float, 
     out = row_output("router_input", x, out)
     rows, hidden = x.shape
     launch_rows("router_input", _router_input_kernel, rows, hidden,
-                x, scale, out, x.stride(0), rows, hidden, eps, root_size)
+                x, scale, out, x.stride(0), rows, eps, root_size)
     return out
 
 

@@ -36,9 +36,24 @@ def row_output(op: str, x: Tensor, out: Tensor | None) -> Tensor:
     return out
 
 
+def rows_of(x: Tensor) -> tuple[Tensor, int]:
+    """(x or a [N, H] view or copy of it, its row stride): what a row kernel reads x's rows [.., H] through. A
+    contiguous x is passed as it is (Inductor's launch then needs no view of it, which costs host time per call)."""
+    if x.is_contiguous():
+        return x, x.shape[-1]
+    flat = x.reshape(-1, x.shape[-1])
+    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+    return flat, flat.stride(0)
+
+
 def launch_rows(op: str, kernel, rows: int, hidden: int, *args, **constexprs) -> None:
-    """Launch `kernel` over `rows` programs, each holding one row of `hidden` values (BLOCK_H, a power of two)."""
+    """Launch `kernel` over `rows` programs, each holding one row of HIDDEN values (in BLOCK_H, a power of two).
+
+    The width and the kernels' other constants (eps) are constexprs: Triton then compiles a kernel per model width,
+    and each launch passes fewer arguments (each costs host time)."""
     if hidden > MAX_HIDDEN:
         raise ValueError(f"{op}: hidden size {hidden}; the kernel handles at most {MAX_HIDDEN}")
-    block_h = triton.next_power_of_2(int(hidden))  # a launch setting: specialised where the width is symbolic
-    launcher(kernel)[(rows,)](*args, BLOCK_H=block_h, num_warps=min(16, max(1, block_h // 512)), **constexprs)
+    hidden = int(hidden)  # a launch setting: specialised where the width is symbolic
+    block_h = triton.next_power_of_2(hidden)
+    launcher(kernel)[(rows,)](*args, HIDDEN=hidden, BLOCK_H=block_h, num_warps=min(16, max(1, block_h // 512)),
+                              **constexprs)
