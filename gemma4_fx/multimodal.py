@@ -6,11 +6,15 @@ benchmarks make them without either.
 
 from __future__ import annotations
 
+import contextlib
+import unittest.mock
+
 import torch
 
 MAX_SOFT_TOKENS = 70  # the image processor's smallest budget of soft tokens per image
 
 
+@contextlib.contextmanager
 def capture_data_dependent_ops():
     """A context in which Dynamo traces ops whose output size or value depends on tensor data (boolean masks,
     `nonzero`, `.tolist()`, `.item()`) into the graph, with unbacked sizes, instead of breaking the graph there.
@@ -19,8 +23,34 @@ def capture_data_dependent_ops():
     tokens are selected by masks and split by `.tolist()`, and a break anywhere under `Gemma4Model.forward` leaves
     the language model's last hidden states as a graph output and the selection of the kept rows (`logits_to_keep`)
     in a graph of its own, where YOCO cannot move it. (torch.compile drops a backend's own context,
-    `backend_ctx_ctor`, so the caller enters this one.)"""
-    return torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
+    `backend_ctx_ctor`, so the caller enters this one.)
+
+    Inside it, where Dynamo cannot yet defer formatting a data-dependent size into a string (torch < 2.13), traced
+    code gets a placeholder for it ("<u1>") instead of a graph break: `Gemma4Model.forward` formats the image
+    features' count, an unbacked size, into the message of a check that compiled code drops."""
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True), \
+            _format_unbacked_sizes():
+        yield
+
+
+def _format_unbacked_sizes():
+    """Dynamo formats a size into an f-string through `LazySymNodeFormatString`, which reads the size's value; for an
+    unbacked size torch 2.13 falls back to formatting it after the graph, older versions break the graph."""
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+        return contextlib.nullcontext()
+    from torch._dynamo.exc import UserError
+    from torch._dynamo.variables.lazy import LazySymNodeFormatString
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    read = LazySymNodeFormatString.__repr__
+
+    def placeholder_if_unbacked(self):
+        try:
+            return read(self)
+        except (UserError, GuardOnDataDependentSymNode):
+            return f"<{self.sym_node_var.sym_num}>"
+
+    return unittest.mock.patch.object(LazySymNodeFormatString, "__repr__", placeholder_if_unbacked)
 
 
 def image_inputs(vision_config, sizes, *, max_soft_tokens: int = MAX_SOFT_TOKENS, generator=None, device="cpu",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+from transformers.utils.import_utils import torch_compilable_check
 
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, build_model
@@ -204,6 +205,28 @@ def test_image_sizes_and_counts_eager_accepts_run():
         model(input_ids, **inputs, use_cache=False)
     with torch.no_grad(), gemma4_fx.capture_data_dependent_ops(), pytest.raises(Exception):
         compiled(input_ids, **inputs, use_cache=False)
+
+
+@pytest.mark.parametrize("torch_version", ["installed", "2.11.0"])
+def test_formatting_a_data_dependent_size_keeps_one_graph(monkeypatch, torch_version):
+    """`Gemma4Model.forward` formats the image features' count, an unbacked size, into a check's message: under the
+    context that costs no graph break, on this torch and with the placeholder torch < 2.13 gets; formatting outside
+    compiled code is untouched."""
+    def select(x, mask):
+        selected = x[mask]
+        doubled = selected * 2
+        # As the model checks: a message formatting an unbacked size.
+        torch_compilable_check(doubled.numel() == selected.numel(), f"selected {selected.shape[0]} rows")
+        return doubled
+
+    if torch_version != "installed":
+        monkeypatch.setattr(torch, "__version__", torch_version)
+    backend = YocoOnly()
+    x, mask = torch.randn(6), torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    with gemma4_fx.capture_data_dependent_ops():
+        assert torch.equal(torch.compile(select, backend=backend)(x, mask), x[mask] * 2)
+        assert f"{x[mask].shape[0]} rows" == "4 rows"
+    assert len(backend.graphs) == 1
 
 
 @pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-26b-a4b"])
