@@ -42,8 +42,8 @@ def ple_tail_replacement(mlp_out, residual, per_layer_input, ff_weight, gate_wei
                          layer_scalar, eps_ff, eps_ple, linear=None):
     """`linear`: the engine's op the pattern matched (None: the GEMM was aten's, and is eager's `mm`)."""
     mm = linear or (lambda x, weight: torch.mm(x, weight.t()))
-    # The ops take rows in any leading shape: no view of the activations but the GEMM's (each costs a launch by
-    # Inductor host time).
+    # The ops take rows in any leading shape, so the only view of the activations is the GEMM's: each view costs
+    # host time in every call of Inductor's code.
     h = torch.ops.gemma4_fx.ple_norm_add(mlp_out, residual, ff_weight, None, eps_ff)
     g = torch.ops.gemma4_fx.ple_gate(mm(h.reshape(-1, residual.shape[-1]), gate_weight), per_layer_input)
     return torch.ops.gemma4_fx.ple_norm_add(mm(g, proj_weight), h, ple_weight, layer_scalar, eps_ple)
