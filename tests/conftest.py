@@ -21,6 +21,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Name dtype parameters by their dtype ("bfloat16", not "dtype1"), so `-k bfloat16` selects them."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from a clean Dynamo: no cached frames, guards or recompile counts from another test."""
