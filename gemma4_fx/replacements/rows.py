@@ -27,7 +27,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 
 
 def row_output(op: str, x: Tensor, out: Tensor | None) -> Tensor:
-    """`out` if it can hold the op's [N, H] result for `x` (contiguous, x.dtype), else a clear error; a new
+    """`out` if it can hold the op's result, shaped and typed as `x` (contiguous), else a clear error; a new
     buffer when None."""
     if out is None:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
