@@ -13,9 +13,10 @@ first; then `--requests` requests of a random count of images of random `--sizes
 (the second pass repeats the first's requests: shapes seen before). Printed: the graphs the backend compiled (and
 Dynamo's frame counters) during the warm-up and after it, the CUDA-graph stats, and for the pieces of the split
 graph by the part of the model they hold (vision encoder, language model, both) how many calls ran from a CUDA
-graph; the prompt shapes seen (the runtime keys its graphs on them). Each request's last-token logits are compared
-with eager's (greedy token, max |diff| / max |eager|), and for the first `--check` requests with images greedy HF
-`generate` (`--new-tokens`) compiled through a second backend against eager's tokens.
+graph; the prompt shapes seen (the language model's pieces are keyed on them, the encoder's on the image count).
+Each request's last-token logits are compared with eager's (greedy token, max |diff| / max |eager|), and for the
+first `--check` requests with images greedy HF `generate` (`--new-tokens`) compiled through a second backend
+against eager's tokens.
 """
 
 from __future__ import annotations

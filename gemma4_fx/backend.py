@@ -60,8 +60,8 @@ class Gemma4Backend:
             with `cudagraphs=None` a `mode` is passed to Inductor as it is. Under `dynamic=True` a graph that will be
             captured has its float inputs (module attributes, arguments) specialised, as Dynamo does for Inductor's
             own CUDA graphs: a new value recompiles.
-        max_captured_shapes: input shapes each compiled graph keeps graphs for; the least recently used shape is
-            dropped (with its graphs) past this.
+        max_captured_shapes: shapes each compiled graph keeps graphs for, per group of pieces sized by the same
+            inputs (`runtime.cudagraphs`); the least recently used shape is dropped (with its graphs) past this.
         splitting_ops: more ops to run between graphs in piecewise mode: op overloads, functions, or "ns::name".
     """
 

@@ -67,7 +67,7 @@ def attention_query_rows(gm):
             if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]
 
 
-def fake_capture(fn, args, runtime):
+def fake_capture(fn, args, pool):
     """A CUDA graph on CPU: replays recompute into the memory of the capture's outputs, from the captured inputs'
     memory. Like a graph and its pool, it keeps that memory alive but none of the tensors."""
     inputs = [arg.clone() if isinstance(arg, torch.Tensor) else None for arg in args]

@@ -52,8 +52,9 @@ def language_model_matches(report):
     return counts
 
 
-def model_inputs(model, images=(), audio=(), seed=0):
-    """(input_ids, the encoders' inputs) of a prompt with `images` (sizes) and `audio` clips (seconds)."""
+def model_inputs(model, images=(), audio=(), seed=0, words=6):
+    """(input_ids, the encoders' inputs) of a prompt with `images` (sizes) and `audio` clips (seconds) between
+    `words` random words."""
     inputs, image_tokens, audio_tokens = {}, [], []
     generator = torch.Generator().manual_seed(seed)
     if images:
@@ -62,7 +63,7 @@ def model_inputs(model, images=(), audio=(), seed=0):
     if audio:
         features, mask, audio_tokens = audio_inputs(model, audio, seed)
         inputs.update(input_features=features, input_features_mask=mask)
-    return prompt(model.config, 6, image_tokens, audio_tokens, generator=generator), inputs
+    return prompt(model.config, words, image_tokens, audio_tokens, generator=generator), inputs
 
 
 def as_text(model, input_ids):
@@ -265,6 +266,29 @@ def test_piecewise_pieces_take_data_dependent_sizes(monkeypatch):
         input_ids, inputs = model_inputs(model, images=images, seed=seed)
         assert_close(*run(model, None, input_ids, inputs, compiled))
     assert runtime.stats.replays > 0 and not runtime.stats.failures, runtime.stats
+
+
+def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch):
+    """The vision encoder's pieces are sized by the images alone: captured on the second prompt with as many images
+    and replayed for every one after it, whatever its length; the language model's are keyed on the prompt."""
+    vision = []
+
+    def capture(fn, args, pool):
+        vision.append(any("vision_tower" in str(node.meta.get("nn_module_stack")) for node in fn.graph.nodes))
+        return fake_capture(fn, args, pool)
+
+    monkeypatch.setattr(cudagraphs, "_capture", capture)
+    model = build_model("tiny-31b", multimodal=True)
+    runtime = CUDAGraphRuntime(max_shapes=8)
+    compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
+    replays = []
+    for seed, words in enumerate([6, 9, 13, 17]):
+        input_ids, inputs = model_inputs(model, images=[(36, 24), (24, 36)], seed=seed, words=words)
+        assert_close(*run(model, None, input_ids, inputs, compiled))
+        replays.append(runtime.stats.replays)
+    captured = runtime.stats.captures
+    assert all(vision) and len(vision) == captured > 0, vision  # the language model's prompts were all new
+    assert replays == [0, captured, 2 * captured, 3 * captured] and runtime.stats.graphs == captured
 
 
 def test_compiles_stop_after_warm_up():

@@ -16,7 +16,7 @@ import gemma4_fx
 import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.presets import cache_kwargs
-from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, mutated_inputs
+from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, mutated_inputs
 from gemma4_fx.runtime.split import bake_float_inputs, is_decode_shaped, split_graph
 from helpers import fake_capture, runner_backend
 
@@ -142,8 +142,8 @@ def test_captured_outputs_are_not_kept_alive(monkeypatch, models):
     pool for the pieces captured after): the runtime reads and returns them through unowned views."""
     made = []
 
-    def capture(fn, args, runtime):
-        replay, outputs = fake_capture(fn, args, runtime)
+    def capture(fn, args, pool):
+        replay, outputs = fake_capture(fn, args, pool)
         made.extend(weakref.ref(out) for out in outputs if isinstance(out, torch.Tensor))
         return replay, outputs
 
@@ -268,8 +268,36 @@ def test_a_capture_call_that_raised_is_captured_again_in_order(monkeypatch):
     assert counts == [(0, 0), (1, 1), (1, 0), (3, 2), (3, 2)]
 
 
+def test_pieces_are_keyed_on_the_inputs_that_size_them(monkeypatch):
+    """A piece sized by `a` alone replays whatever `b`'s size; `b`'s pieces capture per size of `b`, into a pool of
+    their own (the two domains' graphs interleave within a call)."""
+    pools = []
+
+    def capture(fn, args, pool):
+        pools.append(pool)
+        return fake_capture(fn, args, pool)
+
+    monkeypatch.setattr(cudagraphs, "_capture", capture)
+
+    def fn(a, b):
+        x = flaky(torch.cos(a) * 2)
+        y = flaky(torch.cos(b) + 1)
+        return x, torch.tanh(y)
+
+    runtime = CUDAGraphRuntime(max_shapes=4)
+    compiled = torch.compile(fn, backend=runner_backend(runtime, extra_ops=["gemma4_fx_test::flaky"]), dynamic=True)
+    a, counts = torch.randn(3), []
+    for n in [5, 6, 7, 8, 5, 5]:
+        b = torch.randn(n)
+        torch.testing.assert_close(compiled(a, b), fn(a, b))
+        counts.append((runtime.stats.captures, runtime.stats.replays))
+    # a's piece: captured on the second call, replayed on every call after; b's two: on the second call with 5
+    assert counts == [(0, 0), (1, 1), (1, 2), (1, 3), (3, 6), (3, 9)]
+    assert pools[0] is not pools[1] and pools[1] is pools[2]
+
+
 def test_failed_capture_warns_and_runs_without_graphs(monkeypatch, models):
-    def failing(fn, args, runtime):
+    def failing(fn, args, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cudagraphs, "_capture", failing)
@@ -294,24 +322,24 @@ def test_a_pool_whose_graphs_are_all_gone_is_not_captured_into(monkeypatch):
     in it lives: after the graphs die (a Dynamo reset drops the compiled graphs that held them), a fresh pool."""
     handles = iter(range(100))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
-    runtime = CUDAGraphRuntime(max_shapes=8)
+    pool = GraphPool()
     first, second = _Graph(), _Graph()
-    with runtime.capturing(first) as pool:
+    with pool.capturing(first) as handle:
         pass
-    with runtime.capturing(second) as shared:
-        assert shared == pool  # a graph of the pool is alive: share it
+    with pool.capturing(second) as shared:
+        assert shared == handle  # a graph of the pool is alive: share it
     first.cycle, second.cycle = first, second  # die only when the garbage collector runs
     alive = weakref.ref(second)
     del first, second
-    with runtime.capturing(_Graph()) as again:
+    with pool.capturing(_Graph()) as again:
         gc.collect()  # as torch.cuda.graph may when the capture begins
-        assert again == pool and alive() is not None  # held through the capture
+        assert again == handle and alive() is not None  # held through the capture
     gc.collect()
     assert alive() is None
-    with runtime.capturing(_Graph()) as fresh:
+    with pool.capturing(_Graph()) as fresh:
         pass
     # the graph captured into `again` died at once (nothing held it): none is alive
-    assert fresh not in (pool, None)
+    assert fresh not in (handle, None)
 
 
 def test_piece_whose_int_input_a_guard_equated_with_another_size():

@@ -18,11 +18,17 @@ A captured piece reads its inputs from fixed addresses. Per input of a piece:
 Outputs that reach the caller are copied out of the graph's memory after each replay, so no later replay changes a
 tensor the caller holds; outputs that are views of an input are returned as views of the caller's tensor.
 
-All graphs of a backend share one memory pool, and hold what they write there without keeping it allocated: a
-tensor a capture made is freed at its last use in the split graph, and pieces captured after that reuse its memory
-(BENCHMARKS.md has the pool of an E4B prefill at three lengths, against each graph keeping its outputs).
-That is safe because graphs of one shape replay in the order they were captured, graphs of different shapes never
-interleave within a call, and nothing the caller holds lives in the pool.
+A piece's shape is that of the graph inputs whose sizes size it: the pieces that read the same inputs form a domain,
+with its own shapes. A multimodal prefill's vision encoder is sized by its images alone, so its graphs replay for
+every prompt with that many images, whatever the prompt's length; the language model's are keyed on the prompt.
+
+Graphs hold what they write in a memory pool without keeping it allocated: a tensor a capture made is freed at its
+last use in the split graph, and pieces captured after that reuse its memory (BENCHMARKS.md has the pool of an E4B
+prefill at three lengths, against each graph keeping its outputs). That is safe because within a domain graphs of
+one shape replay in the order they were captured, graphs of different shapes never interleave within a call, and
+nothing the caller holds lives in the pool. Domains of one graph interleave, so each has a pool of its own (the k-th
+domain of every compiled graph shares the k-th pool: compiled graphs never interleave), and a piece reads another
+domain's outputs from buffers of its own, as it reads the caller's tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import operator
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.fx.experimental.symbolic_shapes import free_symbols
@@ -81,21 +88,44 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
     return mutated
 
 
-def shape_inputs(gm: torch.fx.GraphModule) -> list[tuple[int, bool]]:
-    """(position, is_tensor) of the inputs that tell shapes apart: tensors with a symbolic size, and SymInts,
-    except those that size nothing (`split.host_value_symbols`: no captured piece sees them)."""
+class ShapeInput(NamedTuple):
+    """An input of the whole graph that tells shapes apart, and the symbols its size (or value) is made of."""
+
+    position: int
+    is_tensor: bool
+    symbols: frozenset
+
+
+def shape_inputs(gm: torch.fx.GraphModule) -> list[ShapeInput]:
+    """The inputs that tell shapes apart: tensors with a symbolic size, and SymInts, except those that size nothing
+    (`split.host_value_symbols`: no captured piece sees them)."""
     host_values = host_value_symbols(gm.graph)
     values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
-    return [(index, isinstance(value, torch.Tensor)) for index, value in enumerate(values)
+    return [ShapeInput(index, isinstance(value, torch.Tensor), frozenset(free_symbols(value)))
+            for index, value in enumerate(values)
             if isinstance(value, torch.SymInt) and not free_symbols(value) <= host_values
             or isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape)]
 
 
-def _capture(fn, args: list, runtime: CUDAGraphRuntime):
-    """Record `fn(*args)` into a CUDA graph in the runtime's pool; returns (replay, the outputs the graph writes).
+def sized_by(piece: torch.fx.GraphModule, inputs: list[ShapeInput]) -> tuple[ShapeInput, ...]:
+    """The shape inputs whose symbols size `piece`'s inputs: its graphs' key. All of them if its symbols are not
+    all theirs (a symbol only a stride carries, say): a key must never miss a size."""
+    symbols = set()
+    for node in piece.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, (torch.Tensor, torch.SymInt)):
+            symbols |= free_symbols(value)
+    chosen = tuple(shape_input for shape_input in inputs if shape_input.symbols & symbols)
+    if not symbols <= set().union(*(shape_input.symbols for shape_input in chosen)):
+        return tuple(inputs)
+    return chosen
+
+
+def _capture(fn, args: list, pool: GraphPool):
+    """Record `fn(*args)` into a CUDA graph in `pool`; returns (replay, the outputs the graph writes).
     Capturing runs nothing: the caller replays once for the values."""
     graph = torch.cuda.CUDAGraph()
-    with runtime.capturing(graph) as pool, torch.cuda.graph(graph, pool=pool):
+    with pool.capturing(graph) as handle, torch.cuda.graph(graph, pool=handle):
         outputs = fn(*args)
     return graph.replay, outputs
 
@@ -126,10 +156,9 @@ class PieceGraph:
     tensors, and shapes share it, rather than every piece's outputs of every shape kept apart. Replays run in
     capture order, so each graph finds in that memory what it found when it was captured."""
 
-    def __init__(self, fn, args, *, runtime: CUDAGraphRuntime, mutated: set[int], owned: set[int],
-                 escaping: frozenset[int]):
+    def __init__(self, fn, args, *, pool: GraphPool, mutated: set[int], owned: set[int], escaping: frozenset[int]):
         self._place_inputs(args, mutated, owned)
-        self.replay_graph, outputs = _capture(fn, self.static_args, runtime)
+        self.replay_graph, outputs = _capture(fn, self.static_args, pool)
         self.sequence = type(outputs) if isinstance(outputs, (list, tuple)) else None
         self.captured_outputs = list(outputs) if self.sequence else [outputs]  # handed over by the first replay
         self._hold_outputs(escaping)
@@ -203,19 +232,44 @@ class _Shape:
     owned: set[int] = field(default_factory=set)  # addresses of the outputs its graphs write
 
 
-class CapturedPiece:
-    """Stands in the split graph for a compiled piece: runs it plainly, or captures and replays it, as the runner's
-    current shape says."""
+class _Domain:
+    """The captured pieces of a split graph that one set of shape inputs sizes: their shapes (least recently used
+    last) and the pool their graphs are captured into."""
 
-    def __init__(self, runner: GraphRunner, position: int, compiled, name: str, mutated: set[int],
+    def __init__(self, inputs: tuple[ShapeInput, ...], pool: GraphPool):
+        self.inputs, self.pool = inputs, pool
+        self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()
+        self.active: _Shape | None = None
+
+    def enter(self, args, stats: CUDAGraphStats, max_shapes: int) -> None:
+        """Make the shape of `args` the active one, and count the call."""
+        key = tuple(tuple(args[i].shape) if is_tensor else args[i] for i, is_tensor, _ in self.inputs)
+        shape = self.shapes.get(key)
+        if shape is None:
+            shape = self.shapes[key] = _Shape()
+            if len(self.shapes) > max_shapes:
+                _, evicted = self.shapes.popitem(last=False)
+                stats.graphs -= len(evicted.graphs)
+                stats.evicted_shapes += 1
+        else:
+            self.shapes.move_to_end(key)
+        shape.calls += 1
+        self.active = shape
+
+
+class CapturedPiece:
+    """Stands in the split graph for a compiled piece: runs it plainly, or captures and replays it, as its domain's
+    active shape says."""
+
+    def __init__(self, runner: GraphRunner, domain: _Domain, position: int, compiled, name: str, mutated: set[int],
                  escaping: frozenset[int], contiguous: frozenset[int]):
-        self.runner, self.position, self.compiled, self.name = runner, position, compiled, name
+        self.runner, self.domain, self.position, self.compiled, self.name = runner, domain, position, compiled, name
         self.mutated, self.escaping, self.contiguous = mutated, escaping, contiguous - mutated
         self.failed = False
 
     def __call__(self, *args):
         args = self.restrided(args)
-        shape = self.runner.active
+        shape = self.domain.active
         if shape is None or shape.calls < 2 or self.failed:
             return self.compiled(*args)
         graph = shape.graphs.get(self.position)
@@ -247,11 +301,11 @@ class CapturedPiece:
     def _capture(self, shape: _Shape, args) -> PieceGraph | None:
         stats = self.runner.stats
         try:
-            graph = PieceGraph(self.compiled, args, runtime=self.runner.runtime, mutated=self.mutated,
-                               owned=shape.owned, escaping=self.escaping)
+            graph = PieceGraph(self.compiled, args, pool=self.domain.pool, mutated=self.mutated, owned=shape.owned,
+                               escaping=self.escaping)
         except Exception as error:  # an op the graph cannot hold: this piece runs without graphs from now on
             self.failed = True
-            self.runner.runtime.drop_pool()
+            self.domain.pool.drop()
             message = f"{self.name}: CUDA graph capture failed ({describe_error(error)}); it runs without graphs"
             record_fallback(stats.failures, message)
             if self.runner.report is not None:
@@ -265,35 +319,35 @@ class CapturedPiece:
 
 
 class GraphRunner:
-    """Calls a split graph whose captured pieces are `CapturedPiece`s, keeping their graphs per input shape.
+    """Calls a split graph whose captured pieces are `CapturedPiece`s, keeping their graphs per shape of their
+    domain.
 
     Args:
         split: the split graph, its captured pieces already compiled.
         compiled: the compiled callable of each captured piece, in `split.captured` order.
-        shape_inputs: (position, is_tensor) of the inputs whose values (ints) or shapes (tensors) tell shapes apart.
-        runtime: the backend's `CUDAGraphRuntime` (pool, stats, cap).
+        shape_inputs: the whole graph's inputs that tell shapes apart (`shape_inputs`).
+        runtime: the backend's `CUDAGraphRuntime` (pools, stats, cap).
         capture: False runs the pieces without graphs (CPU, or graphs switched off).
         report: the compiled graph's report, which names the pieces whose capture failed.
     """
 
-    def __init__(self, split: SplitGraph, compiled: list, shape_inputs: list[tuple[int, bool]],
-                 runtime: CUDAGraphRuntime, *, capture: bool, report: Report | None = None):
-        self.module, self.capture, self.report = split.module, capture, report
-        self.shape_inputs, self.runtime = shape_inputs, runtime
-        self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()
-        self.active: _Shape | None = None
+    def __init__(self, split: SplitGraph, compiled: list, shape_inputs: list[ShapeInput], runtime: CUDAGraphRuntime,
+                 *, capture: bool, report: Report | None = None):
+        self.module, self.capture, self.report, self.runtime = split.module, capture, report, runtime
+        self.domains: dict[tuple[ShapeInput, ...], _Domain] = {}  # in the order their first pieces run
         self.retired: list[PieceGraph] = []  # dropped during the current call (`restart`)
         for position, (piece, fn) in enumerate(zip(split.captured, compiled)):
+            inputs = sized_by(piece.module, shape_inputs)
+            if inputs not in self.domains:
+                self.domains[inputs] = _Domain(inputs, runtime.pool(len(self.domains)))
             delattr(self.module, piece.name)  # a plain attribute now: the graph's code calls self.<name>(...)
-            setattr(self.module, piece.name, CapturedPiece(self, position, fn, piece.name, mutated_inputs(piece.module),
-                                                           piece.escaping, piece.contiguous))
+            setattr(self.module, piece.name, CapturedPiece(self, self.domains[inputs], position, fn, piece.name,
+                                                           mutated_inputs(piece.module), piece.escaping,
+                                                           piece.contiguous))
 
     @property
     def stats(self) -> CUDAGraphStats:
         return self.runtime.stats
-
-    def key(self, args) -> tuple:
-        return tuple(tuple(args[i].shape) if is_tensor else args[i] for i, is_tensor in self.shape_inputs)
 
     def restart(self, shape: _Shape) -> None:
         """Drop a shape's graphs (an input used in place moved, a CPU input changed) and run it plainly until its
@@ -309,55 +363,67 @@ class GraphRunner:
     def __call__(self, *args):
         if not self.capture:
             return self.module.forward(*args)
-        key = self.key(args)
-        shape = self.shapes.get(key)
-        if shape is None:
-            shape = self.shapes[key] = _Shape()
-            if len(self.shapes) > self.runtime.max_shapes:
-                _, evicted = self.shapes.popitem(last=False)
-                self.stats.graphs -= len(evicted.graphs)
-                self.stats.evicted_shapes += 1
-        else:
-            self.shapes.move_to_end(key)
-        shape.calls += 1
-        self.active = shape
+        for domain in self.domains.values():
+            domain.enter(args, self.stats, self.runtime.max_shapes)
         try:
             return self.module.forward(*args)
         finally:
-            self.active = None
+            for domain in self.domains.values():
+                domain.active = None
             self.retired.clear()
 
 
+class GraphPool:
+    """A memory pool that CUDA graphs are captured into, and the graphs captured into it that are still alive."""
+
+    def __init__(self):
+        self.handle = None
+        self._graphs = weakref.WeakSet()
+
+    @contextlib.contextmanager
+    def capturing(self, graph):
+        """The pool's handle to capture `graph` into. The allocator refuses a capture into a pool whose graphs are
+        all gone while memory in it lives (an internal assert on the pool's use count): once none is alive
+        (dropped, evicted, or collected with its compiled graph after `torch._dynamo.reset()`), a fresh pool. The
+        live graphs are held through the capture, so a garbage collection as it begins cannot free the last of
+        them."""
+        alive = list(self._graphs)
+        if not alive or self.handle is None:
+            self.handle = torch.cuda.graph_pool_handle()
+        yield self.handle
+        self._graphs.add(graph)
+
+    def drop(self) -> None:
+        """Capture into a fresh pool from now on: a capture that failed may leave its pool marked as recording, and
+        the allocator then refuses every later capture into it."""
+        self.handle = None
+
+    def bytes(self, snapshot) -> int:
+        """Bytes of device memory the pool holds, from the allocator's `snapshot`."""
+        if self.handle is None:
+            return 0
+        handle = tuple(self.handle)
+        return sum(segment["total_size"] for segment in snapshot if tuple(segment.get("segment_pool_id", ())) == handle)
+
+
 class CUDAGraphRuntime:
-    """What the graphs of one backend share: the memory pool, the cap on shapes per graph, the stats."""
+    """What the graphs of one backend share: the pools (one per domain position, see the module docstring), the cap
+    on shapes per domain, the stats."""
 
     def __init__(self, max_shapes: int):
         self.max_shapes = max_shapes
         self.stats = CUDAGraphStats()
-        self._pool = None
-        self._graphs = weakref.WeakSet()  # the graphs captured into `_pool` that are still alive
+        self.pools: list[GraphPool] = []
 
-    @contextlib.contextmanager
-    def capturing(self, graph):
-        """The pool to capture `graph` into. The allocator refuses a capture into a pool whose graphs are all gone
-        while memory in it lives (an internal assert on the pool's use count): once none is alive (dropped,
-        evicted, or collected with its compiled graph after `torch._dynamo.reset()`), a fresh pool. The live
-        graphs are held through the capture, so a garbage collection as it begins cannot free the last of them."""
-        alive = list(self._graphs)
-        if not alive or self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        yield self._pool
-        self._graphs.add(graph)
-
-    def drop_pool(self) -> None:
-        """Capture into a fresh pool from now on: a capture that failed may leave its pool marked as recording, and
-        the allocator then refuses every later capture into it."""
-        self._pool = None
+    def pool(self, index: int) -> GraphPool:
+        """The pool of every compiled graph's `index`-th domain."""
+        while len(self.pools) <= index:
+            self.pools.append(GraphPool())
+        return self.pools[index]
 
     def pool_bytes(self) -> int:
-        """Bytes of device memory the shared pool holds (reads the allocator's snapshot: not for hot paths)."""
-        if self._pool is None:
+        """Bytes of device memory the pools hold (reads the allocator's snapshot: not for hot paths)."""
+        if not any(pool.handle is not None for pool in self.pools):
             return 0
-        pool = tuple(self._pool)
-        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
-                   if tuple(segment.get("segment_pool_id", ())) == pool)
+        snapshot = torch.cuda.memory_snapshot()
+        return sum(pool.bytes(snapshot) for pool in self.pools)
