@@ -110,3 +110,11 @@ def every_op(attn, residual, weight, scale, logits, expert_scale, top_k: int, ex
     weights, ids = ops.router_select(logits, expert_scale, top_k)
     normed = ops.ple_norm_add(h, router_in, weight, scale, 1e-6)
     return h, ff, moe, router, router_in, weights, ids, normed, ops.ple_gate(normed, moe)
+
+
+def dying_chain(attn, residual, weight, scale):
+    """A dense layer's epilogue ops chained so that each op's inputs die at it: an output can be stored over one of
+    its op's inputs where the kernel allows it (`launch.may_overwrite`)."""
+    ops = torch.ops.gemma4_fx
+    h, ff = ops.post_attn_norm(attn * 2, residual * 2, weight, weight, [1e-6] * 2, None, None, 1.0)
+    return (ops.ple_gate(ops.ple_norm_add(ff, h, weight, scale, 1e-6), residual),)

@@ -6,7 +6,7 @@ from transformers import CompileConfig, Gemma4TextConfig
 from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
 
 import gemma4_fx
-from helpers import EVERY_OP_OUTPUTS, TopK, every_op
+from helpers import EVERY_OP_OUTPUTS, TopK, dying_chain, every_op
 
 pytestmark = pytest.mark.gpu
 
@@ -151,3 +151,20 @@ def test_inductor_launches_the_ops_kernels_bit_for_bit(dynamic):
                    "_gate_kernel"):
         assert f"def {kernel}(" in code, kernel
     assert not [s for s in backend.report.skipped if s.pattern == "inductor_launch"]
+
+
+def test_outputs_stored_over_dying_inputs_keep_the_bits():
+    """The ops of a chain whose inputs die at them store over those inputs' buffers where their kernels allow it
+    (Inductor allocates its own kernel's two outputs and the norm chain's ff, nothing for the PLE ops), with the
+    bits of the ops' own launches."""
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = torch.compile(dying_chain, backend=gemma4_fx.Gemma4Backend(cudagraphs=None))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    args = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16)
+            for shape in ((64, 1536), (64, 1536), (1536,), (1,))]
+    with torch.no_grad():
+        expected = dying_chain(*args)
+        got, [code] = run_and_get_code(compiled, *args)
+    assert torch.equal(got[0], expected[0])
+    assert code.count("empty_strided_cuda(") == 3, code

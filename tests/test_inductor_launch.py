@@ -18,8 +18,9 @@ import pytest
 OPS = ("post_attn_norm", "router_input", "router_select", "ple_norm_add", "ple_gate")
 
 
-def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False) -> dict:
-    """Trace a graph of every op over fake CUDA tensors, run the pass; what the graph calls before and after."""
+def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False, chain: bool = False) -> dict:
+    """Trace a graph of every op (or, with `chain`, of a layer's chain of ops whose inputs die as it goes) over fake
+    CUDA tensors, run the pass; what the graph calls before and after."""
     import torch
     import triton
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
@@ -31,7 +32,7 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False) -> dict:
     from gemma4_fx.passes import inductor_launch
     from gemma4_fx.passes.context import PassContext
     from gemma4_fx.report import Report
-    from helpers import every_op
+    from helpers import dying_chain, every_op
 
     if hopper:
         class Hopper:
@@ -42,13 +43,16 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False) -> dict:
     def layer(*inputs):
         return every_op(*inputs, top_k=4, exact_router=exact_router)
 
+    def layer_chain(*inputs):
+        return dying_chain(*inputs[:4])
+
     mode = FakeTensorMode(shape_env=ShapeEnv())
     shapes = [(5, 64), (5, 64), (64,), (1,), (5, 16), (16,)]
     inputs = [mode.from_tensor(torch.empty(shape, dtype=torch.bfloat16), static_shapes=not dynamic)
               for shape in shapes]
     with mode:
         inputs = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in inputs]
-        graph = make_fx(layer, tracing_mode="real")(*inputs).graph
+        graph = make_fx(layer_chain if chain else layer, tracing_mode="real")(*inputs).graph
     ctx = PassContext("graph", Report(()), {})
     inductor_launch.apply(graph, ctx)
     graph.lint()
@@ -68,6 +72,9 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False) -> dict:
                   if n.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default,
                                   torch.ops.aten._unsafe_view.default)],
         "skipped": sorted({s.reason for s in ctx.report.skipped}),
+        # What each kernel stores its outputs into: a buffer allocated for it, or an input that dies there.
+        "stored_into": [sorted(getattr(n.kwargs["kwargs"][name].target, "__name__", "") for name in
+                               n.kwargs["tensors_to_clone"]) for n in launches],
     }
 
 
@@ -101,6 +108,16 @@ def test_exact_router_prologue_stays_eagers_ops():
     assert got["skipped"] == []
 
 
+def test_outputs_are_stored_over_inputs_that_die():
+    """An output is stored over an input that nothing reads after the launch (Inductor then allocates nothing for
+    it); in the every-op graph, whose tensors are all graph inputs or outputs, each output keeps its buffer."""
+    assert _run("static", "hopper", "chain")["stored_into"] == [["mul.Tensor", "new_empty.default"], ["getitem"],
+                                                                ["getitem"]]
+    got = _run("static", "hopper")
+    assert all(name.split(".")[0] in ("empty", "new_empty") for written in got["stored_into"] for name in written), \
+        got["stored_into"]
+
+
 def test_ops_stay_when_the_write_analysis_fails():
     """Without a GPU target Inductor cannot compile the kernels to find what they write: it would take every
     argument as written, inputs included. Every op then stays, with the reason."""
@@ -111,4 +128,5 @@ def test_ops_stay_when_the_write_analysis_fails():
 
 
 if __name__ == "__main__":
-    print(json.dumps(_rewrite(sys.argv[1] == "dynamic", sys.argv[2] == "hopper", sys.argv[3:] == ["exact"])))
+    print(json.dumps(_rewrite(sys.argv[1] == "dynamic", sys.argv[2] == "hopper", "exact" in sys.argv[3:],
+                              "chain" in sys.argv[3:])))

@@ -8,7 +8,10 @@ code like its own (and its wrapper can run them from C++ with `cpp_wrapper`).
 How: the op's CUDA implementation (`launch.cuda_kernel`) is traced with make_fx over the node's fake inputs, its
 launches recorded (`launch.tracing_launches`) and functionalised: a kernel's writes into the buffers the
 implementation allocates become its outputs; Inductor's reinplacing, later in post-grad, makes them writes again.
-The traced graph (allocations, views, launches) replaces the node.
+The traced graph (allocations, views, launches) replaces the node. An output that its kernel may store over an input
+(`launch.may_overwrite`) gets that input's buffer where nothing reads it after the launch, instead of the allocation
+the implementation made: Inductor's reinplacing then writes it there, as it reuses buffers for its own kernels (an
+allocation costs host time per call outside CUDA graphs).
 
 An op stays an extern call when its CUDA implementation launches no Triton kernel (the exact router prologue runs
 eager's own ops), and, recorded in the report, when its launches cannot be traced, or when Inductor could not tell
@@ -21,13 +24,15 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from triton.runtime.autotuner import Autotuner
 
 from ..fx_utils import value
 from ..report import describe_error
-from ..replacements.launch import CUDA_KERNELS, tracing_launches
+from ..replacements.launch import CUDA_KERNELS, OVERWRITABLE, tracing_launches
 from .context import PassContext
 
 NAME = "inductor_launch"
@@ -36,6 +41,7 @@ NAME = "inductor_launch"
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
     nodes = [node for target in CUDA_KERNELS for node in graph.find_nodes(op="call_function", target=target)]
     order = {node: i for i, node in enumerate(graph.nodes)}
+    inlined = []
     for node in sorted(nodes, key=order.__getitem__):
         if not _on_cuda(node):
             continue
@@ -55,7 +61,8 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
         if reason:
             ctx.skipped(NAME, node, reason)
             continue
-        _inline(graph, node, traced.graph)
+        inlined += _inline(graph, node, traced.graph)
+    _store_over_dead_inputs(graph, inlined)
 
 
 def _on_cuda(node: torch.fx.Node) -> bool:
@@ -95,8 +102,9 @@ def _unsafe(graph: torch.fx.Graph) -> str | None:
     return None
 
 
-def _inline(graph: torch.fx.Graph, node: torch.fx.Node, traced: torch.fx.Graph) -> None:
-    """Copy `traced` in place of `node`: its placeholders are the node's inputs, its outputs the node's."""
+def _inline(graph: torch.fx.Graph, node: torch.fx.Node, traced: torch.fx.Graph) -> list[torch.fx.Node]:
+    """Copy `traced` in place of `node`: its placeholders are the node's inputs, its outputs the node's. Returns
+    the launches copied."""
     env = dict(zip(traced.find_nodes(op="placeholder"), node.all_input_nodes))
     with graph.inserting_before(node):
         for traced_node in traced.nodes:
@@ -111,3 +119,68 @@ def _inline(graph: torch.fx.Graph, node: torch.fx.Node, traced: torch.fx.Graph) 
             user.replace_all_uses_with(result[user.args[1]])
             graph.erase_node(user)
     graph.erase_node(node)
+    return [env[launch] for launch in traced.find_nodes(op="call_function", target=triton_kernel_wrapper_functional)]
+
+
+_ALLOCATIONS = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                torch.ops.aten.new_empty.default)
+
+
+def _store_over_dead_inputs(graph: torch.fx.Graph, launches: list[torch.fx.Node]) -> None:
+    """Point each output of `launches` that its kernel may store over an input (`OVERWRITABLE`) at such an input
+    that nothing reads after the launch and that has the output's layout, in place of the buffer the
+    implementation allocated for it (then erased)."""
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for launch in launches:
+        kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
+        overwritable = OVERWRITABLE.get(kernel.fn if isinstance(kernel, Autotuner) else kernel, {})
+        args, written = dict(launch.kwargs["kwargs"]), launch.kwargs["tensors_to_clone"]
+        for output in written:
+            buffer = args[output]
+            if not (isinstance(buffer, torch.fx.Node) and buffer.target in _ALLOCATIONS and len(buffer.users) == 1):
+                continue
+            for name in overwritable.get(output, ()):
+                # Passed through other arguments as well, Inductor would copy it for the store (seen on the GPU).
+                candidate = args.get(name)
+                if [arg is candidate for arg in args.values()].count(True) == 1 \
+                        and _reusable(candidate, buffer, launch, order):
+                    args[output] = candidate
+                    launch.update_kwarg("kwargs", dict(args))
+                    graph.erase_node(buffer)
+                    break
+
+
+def _reusable(candidate, buffer: torch.fx.Node, launch: torch.fx.Node, order: dict) -> bool:
+    """`candidate` is a tensor made in the graph (no input, no view: nothing else sees its memory) with `buffer`'s
+    layout, and no node after `launch` reads it."""
+    if not isinstance(candidate, torch.fx.Node) or candidate.op != "call_function" or _aliases(candidate):
+        return False
+    made, wanted = value(candidate), value(buffer)
+    if not (isinstance(made, torch.Tensor) and made.dtype == wanted.dtype and made.device == wanted.device
+            and made.dim() == wanted.dim() and statically_known_true(made.storage_offset() == 0)
+            and all(statically_known_true(a == b) for a, b in zip((*made.shape, *made.stride()),
+                                                                 (*wanted.shape, *wanted.stride())))):
+        return False
+    readers, seen = list(candidate.users), set()
+    while readers:
+        reader = readers.pop()
+        if reader is launch or reader in seen:
+            continue
+        seen.add(reader)
+        if order.get(reader, len(order)) > order[launch]:
+            return False
+        if _aliases(reader):  # a view read later reads the candidate's memory
+            readers += reader.users
+    return True
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """The node's result may share memory with one of its inputs (a view, an in-place op, `_unsafe_view`)."""
+    target = node.target
+    if target is operator.getitem:  # one output of a launch, or of an op that returns several (`split`: views)
+        source = node.args[0]
+        return source.target is not triton_kernel_wrapper_functional and _aliases(source)
+    if target is torch.ops.aten._unsafe_view.default:
+        return True
+    schema = getattr(target, "_schema", None)
+    return schema is None or any(ret.alias_info is not None for ret in schema.returns)

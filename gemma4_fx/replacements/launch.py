@@ -15,6 +15,7 @@ import contextvars
 from torch.library import wrap_triton
 
 CUDA_KERNELS: dict = {}  # op overload -> its CUDA implementation (what `inductor_launch` traces)
+OVERWRITABLE: dict = {}  # Triton kernel -> {output argument: the input arguments it may be stored over}
 
 _tracing = contextvars.ContextVar("gemma4_fx_tracing_launches", default=False)
 
@@ -26,6 +27,14 @@ def cuda_kernel(op):
         CUDA_KERNELS[op._opoverload] = fn
         return fn
     return register
+
+
+def may_overwrite(kernel, **outputs: tuple[str, ...]) -> None:
+    """Declare that `kernel` may store each output over one of the inputs listed for it: each program loads all it
+    reads of them before its first store, and no program reads what another stores (row and tile kernels). Inductor
+    then writes such an output into an input's buffer that nothing reads after the launch
+    (`passes/inductor_launch.py`), as it reuses buffers for its own kernels."""
+    OVERWRITABLE[kernel] = outputs
 
 
 def launcher(kernel):

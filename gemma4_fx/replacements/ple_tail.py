@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager_math import gelu_tanh, mean_square
-from .launch import cuda_kernel, launcher
+from .launch import cuda_kernel, launcher, may_overwrite
 from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm, row_output, rows_of
 
 
@@ -59,6 +59,9 @@ def _norm_add_kernel(x_ptr, res_ptr, w_ptr, scale_ptr, out_ptr, x_row_stride, re
     if HAS_SCALE:
         out = (out.to(tl.float32) * tl.load(scale_ptr).to(tl.float32)).to(res.dtype)
     tl.store(out_ptr + row * HIDDEN + cols, out, mask=mask)
+
+
+may_overwrite(_norm_add_kernel, out_ptr=("res_ptr",))
 
 
 def norm_add_triton(x: Tensor, residual: Tensor, weight: Tensor, scale: Tensor | None, eps: float, *,
@@ -124,6 +127,9 @@ def _gate_kernel(gate_ptr, pli_ptr, out_ptr, rows, cols_n, gate_row_stride, pli_
     pli = tl.load(pli_ptr + rows_ * pli_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     gelu = gelu_tanh(gate.to(tl.float32)).to(gate.dtype)
     tl.store(out_ptr + rows_ * cols_n + cols, (gelu.to(tl.float32) * pli).to(gate.dtype), mask=mask)
+
+
+may_overwrite(_gate_kernel, out_ptr=("gate_ptr",))
 
 
 def gate_triton(gate: Tensor, per_layer_input: Tensor, *, out: Tensor | None = None) -> Tensor:

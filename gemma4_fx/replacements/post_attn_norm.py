@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager_math import mean_square
-from .launch import cuda_kernel
+from .launch import cuda_kernel, may_overwrite
 from .rows import DTYPES, MAX_HIDDEN, launch_rows, rms_norm, rows_of
 
 def supports(hidden_size: int, dtype: torch.dtype) -> bool:
@@ -81,6 +81,10 @@ def _post_attn_norm_kernel(attn_ptr, res_ptr, post_w_ptr, pre_w_ptr, moe_w_ptr, 
         r = (r.to(tl.float32) * scale).to(dtype)
         tl.store(router_ptr + out, (r.to(tl.float32) * ROOT_SIZE).to(dtype), mask=mask)
 
+# h replaces the residual stream. (ff over the attention output measured no gain: on the GPU Inductor copied the
+# attention output for it instead of storing over it.)
+may_overwrite(_post_attn_norm_kernel, h_ptr=("res_ptr",))
+
 
 def post_attn_norm_triton(attn: Tensor, residual: Tensor, post_weight: Tensor, pre_weight: Tensor, eps: list[float],
                           moe_weight: Tensor | None = None, router_scale: Tensor | None = None,
@@ -97,10 +101,11 @@ def post_attn_norm_triton(attn: Tensor, residual: Tensor, post_weight: Tensor, p
                          f"{[tuple(w.shape) for w in want]}")
     (a, a_stride), (r, r_stride) = rows_of(attn), rows_of(residual)
     h, ff, *rest = out
-    # An absent output's pointer is never written: it points at an input, so no output is passed twice (which
-    # Inductor's launch would take for two writes into one buffer).
-    moe = rest.pop(0) if moe_weight is not None else attn
-    router = rest.pop(0) if router_scale is not None else attn
+    # An absent output's pointer is never written: it points at a weight, so no output is passed twice (which
+    # Inductor's launch would take for two writes into one buffer) and the residual once (h may then be stored over
+    # it: `may_overwrite` below).
+    moe = rest.pop(0) if moe_weight is not None else post_weight
+    router = rest.pop(0) if router_scale is not None else post_weight
     rows = math.prod(attn.shape[:-1])
     launch_rows("post_attn_norm", _post_attn_norm_kernel, rows, hidden,
                 a, r, post_weight, pre_weight, post_weight if moe_weight is None else moe_weight,
