@@ -15,6 +15,8 @@ Each variant runs as the replay of a CUDA graph holding one call (`triton.testin
 before each), and as plain calls ("plain": what users get with `cudagraphs=None` or with a backward: µs per call of
 back-to-back calls, host wall clock, so the host's launch work counts). The floor is the bytes the block must read and write once (activations, weights, outputs)
 over the device-to-device copy bandwidth measured here. Kernels are counted with the profiler on one plain call.
+Plain calls are host-bound at these sizes and drift by several percent between runs of the same code: a second
+Inductor compile of the block ("inductor again") is timed beside the others as the control of that spread.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ DTYPE = torch.bfloat16
 # gemma4_fx as it was compiled before Inductor launched the ops' kernels (`passes/inductor_launch.py`): each op an
 # extern call through the dispatcher and Triton's Python launcher.
 EXTERN = "gemma4_fx, ops as extern calls"
+CONTROL = "inductor again"
 BYTES = 2  # bf16
 
 
@@ -147,6 +150,7 @@ def bench_blocks(names, sizes, bandwidth) -> list[dict]:
         variants = {"eager": block, "inductor": torch.compile(block, dynamic=False),
                     "gemma4_fx": torch.compile(block, backend=our_backend, dynamic=False),
                     EXTERN: torch.compile(block, backend=backend(), dynamic=False)}
+        control = torch.compile(cls(layer), dynamic=False)
         for tokens in sizes:
             torch._dynamo.reset()
             our_backend.reset()
@@ -160,7 +164,8 @@ def bench_blocks(names, sizes, bandwidth) -> list[dict]:
                     row[f"{variant} kernels"] = kernels_launched(fn, args)
                 except Exception as error:  # a variant that fails to compile or capture is reported, not fatal
                     print(f"{name} {variant} at {tokens} tokens failed: {error!r}")
-            row.update({f"{variant} plain": us for variant, us in plain_call_us(variants, *args).items()})
+            plain = plain_call_us({**variants, CONTROL: control}, *args, calls=100, repeats=15)
+            row.update({f"{variant} plain": us for variant, us in plain.items()})
             for suffix in ("", " plain"):
                 if f"gemma4_fx{suffix}" in row and f"inductor{suffix}" in row:
                     row[f"inductor / gemma4_fx{suffix}"] = row[f"inductor{suffix}"] / row[f"gemma4_fx{suffix}"]
@@ -171,7 +176,7 @@ def bench_blocks(names, sizes, bandwidth) -> list[dict]:
                 row["report"] = dict(our_backend.report.counts)
             rows.append(row)
             print(row, flush=True)
-        del block, layer, variants
+        del block, layer, variants, control
     return rows
 
 
