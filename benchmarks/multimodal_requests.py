@@ -13,7 +13,8 @@ first; then `--requests` requests of a random count of images of random `--sizes
 (the second pass repeats the first's requests: shapes seen before). Printed: the graphs the backend compiled (and
 Dynamo's frame counters) during the warm-up and after it, the CUDA-graph stats, and for the pieces of the split
 graph by the part of the model they hold (vision encoder, language model, both) how many calls ran from a CUDA
-graph; the prompt shapes seen (the language model's pieces are keyed on them, the encoder's on the image count).
+graph and the graph inputs their CUDA graphs are keyed on (the vision encoder's: the pixel values, whose shape is the
+image count); the prompt shapes seen.
 Each request's last-token logits are compared with eager's (greedy token, max |diff| / max |eager|), and for the
 first `--check` requests with images greedy HF `generate` (`--new-tokens`) compiled through a second backend
 against eager's tokens.
@@ -60,6 +61,7 @@ class PieceTally:
         self.parts: dict[str, str] = {}  # piece name (graph-qualified) -> "vision", "language", "vision+language"...
         self.calls = collections.Counter()
         self.replays = collections.Counter()
+        self.keys: dict[str, tuple[str, ...]] = {}  # piece -> the graph inputs its CUDA graphs are keyed on
 
     def install(self):
         original_split, original_call, tally = gemma4_fx.backend.split_graph, CapturedPiece.__call__, self
@@ -78,22 +80,28 @@ class PieceTally:
             out = original_call(piece, *args)
             tally.calls[key] += 1
             tally.replays[key] += piece.runner.stats.replays - before
+            if key not in tally.keys:
+                inputs = [node.name for node in piece.runner.module.graph.find_nodes(op="placeholder")]
+                tally.keys[key] = tuple(inputs[shape_input.position] for shape_input in piece.domain.inputs)
             return out
 
         gemma4_fx.backend.split_graph = split_graph
         CapturedPiece.__call__ = call
 
     def table(self) -> str:
-        rows = collections.defaultdict(lambda: [0, 0, 0, 0])  # part -> pieces, pieces called, calls, replays
+        # part -> pieces, pieces called, calls, replays, the inputs its pieces' graphs are keyed on
+        rows = collections.defaultdict(lambda: [0, 0, 0, 0, set()])
         for name, part in self.parts.items():
             row = rows[part]
             row[0] += 1
             row[1] += self.calls[name] > 0
             row[2] += self.calls[name]
             row[3] += self.replays[name]
-        lines = ["| part of the model | captured pieces | called | calls | from a CUDA graph |", "|---|---|---|---|---|"]
-        lines += [f"| {part} | {n} | {called} | {calls} | {replays} ({replays / max(calls, 1):.0%}) |"
-                  for part, (n, called, calls, replays) in sorted(rows.items())]
+            row[4].add(", ".join(self.keys.get(name, ())) or "nothing")
+        lines = ["| part of the model | captured pieces | called | calls | from a CUDA graph | keyed on |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {part} | {n} | {called} | {calls} | {replays} ({replays / max(calls, 1):.0%}) | "
+                  f"{'; '.join(sorted(keys))} |" for part, (n, called, calls, replays, keys) in sorted(rows.items())]
         return "\n".join(lines)
 
 
