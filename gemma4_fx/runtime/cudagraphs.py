@@ -109,10 +109,12 @@ def shape_inputs(gm: torch.fx.GraphModule) -> list[ShapeInput]:
 
 def sized_by(piece: torch.fx.GraphModule, inputs: list[ShapeInput]) -> tuple[ShapeInput, ...]:
     """The shape inputs whose symbols size `piece`'s inputs: its graphs' key. All of them if its symbols are not
-    all theirs (a symbol only a stride carries, say): a key must never miss a size."""
+    all theirs (a symbol only a stride carries, say) or an input's value is unknown: a key must never miss a size."""
     symbols = set()
     for node in piece.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("example_value")
+        if "example_value" not in node.meta:
+            return tuple(inputs)
+        value = node.meta["example_value"]
         if isinstance(value, (torch.Tensor, torch.SymInt)):
             symbols |= free_symbols(value)
     chosen = tuple(shape_input for shape_input in inputs if shape_input.symbols & symbols)
