@@ -140,7 +140,7 @@ def _store_over_dead_inputs(graph: torch.fx.Graph, launches: list[torch.fx.Node]
             if not (isinstance(buffer, torch.fx.Node) and buffer.target in _ALLOCATIONS and len(buffer.users) == 1):
                 continue
             for name in overwritable.get(output, ()):
-                # Passed through other arguments as well, Inductor would copy it for the store (seen on the GPU).
+                # Passed through other arguments as well, it was copied for each of them (seen on the GPU).
                 candidate = args.get(name)
                 if [arg is candidate for arg in args.values()].count(True) == 1 \
                         and _reusable(candidate, buffer, launch, order):
