@@ -11,13 +11,12 @@ as `--cudagraphs` says, the default "auto") and called as a serving loop calls i
 `capture_data_dependent_ops()`. A warm-up of 0 to `--max-images` images (each count twice, at two sizes) comes
 first; then `--requests` requests of a random count of images of random `--sizes` between random text, twice over
 (the second pass repeats the first's requests: shapes seen before). Printed: the graphs the backend compiled (and
-Dynamo's frame counters) during the warm-up and after it, the CUDA-graph stats, and for the pieces of the split
-graph by the part of the model they hold (vision encoder, language model, both) how many calls ran from a CUDA
-graph and the graph inputs their CUDA graphs are keyed on (the vision encoder's: the pixel values, whose shape is the
-image count); the prompt shapes seen.
-Each request's last-token logits are compared with eager's (greedy token, max |diff| / max |eager|), and for the
-first `--check` requests with images greedy HF `generate` (`--new-tokens`) compiled through a second backend
-against eager's tokens.
+Dynamo's frame counters) during the warm-up and after it (naming each request that compiled after it), the
+CUDA-graph stats, and for the pieces of the split graph by the part of the model they hold (vision encoder,
+language model, both) how many calls ran from a CUDA graph and the graph inputs their CUDA graphs are keyed on (the
+vision encoder's: the pixel values, whose shape is the image count); the prompt shapes seen. Each request's
+last-token logits are compared with eager's (greedy token, max |diff| / max |eager|), and for the first `--check`
+requests with images greedy HF `generate` (`--new-tokens`) compiled through a second backend against eager's tokens.
 """
 
 from __future__ import annotations
@@ -205,12 +204,16 @@ def main():
     with alone_on_the_host():  # what follows is timed
         for turn in range(2):
             times, graphs_before, replays_before = [], len(backend.graph_reports), backend.cudagraph_stats.replays
-            for index, (input_ids, inputs, _) in enumerate(mix):
+            for index, (input_ids, inputs, picked) in enumerate(mix):
+                compiled_before = len(backend.graph_reports)
                 synchronize()
                 begin = time.perf_counter()
                 logits = prefill(compiled, input_ids, inputs)
                 synchronize()
                 times.append((time.perf_counter() - begin) * 1e3)
+                if len(backend.graph_reports) > compiled_before:  # after the warm-up: say which request compiled
+                    print(f"  request {index} compiled {len(backend.graph_reports) - compiled_before} graph(s): "
+                          f"{input_ids.shape[1]} prompt tokens, images {picked}", flush=True)
                 if turn == 0:
                     expected = prefill(model, input_ids, inputs)
                     errors.append(((logits - expected).abs().max() / expected.abs().max()).item())
