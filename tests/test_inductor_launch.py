@@ -18,9 +18,10 @@ import pytest
 OPS = ("post_attn_norm", "router_input", "router_select", "ple_norm_add", "ple_gate")
 
 
-def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False, chain: bool = False) -> dict:
-    """Trace a graph of every op (or, with `chain`, of a layer's chain of ops whose inputs die as it goes) over fake
-    CUDA tensors, run the pass; what the graph calls before and after."""
+def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False, layer_kind: str = "every_op") -> dict:
+    """Trace a graph of every op (`layer_kind` "chain": of a layer's chain of ops whose inputs die as it goes;
+    "view": of an op whose dying input is a view) over fake CUDA tensors, run the pass; what the graph calls before
+    and after."""
     import torch
     import triton
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
@@ -46,13 +47,18 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False, chain: boo
     def layer_chain(*inputs):
         return dying_chain(*inputs[:4])
 
+    def layer_view(attn, residual, weight, scale, *_):
+        viewed = (residual * 2).t().t()  # the output's layout, but a view: its memory may be read through another
+        return (torch.ops.gemma4_fx.ple_norm_add(attn * 2, viewed, weight, scale, 1e-6),)
+
     mode = FakeTensorMode(shape_env=ShapeEnv())
     shapes = [(5, 64), (5, 64), (64,), (1,), (5, 16), (16,)]
     inputs = [mode.from_tensor(torch.empty(shape, dtype=torch.bfloat16), static_shapes=not dynamic)
               for shape in shapes]
     with mode:
         inputs = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in inputs]
-        graph = make_fx(layer_chain if chain else layer, tracing_mode="real")(*inputs).graph
+        layers = {"every_op": layer, "chain": layer_chain, "view": layer_view}
+        graph = make_fx(layers[layer_kind], tracing_mode="real")(*inputs).graph
     ctx = PassContext("graph", Report(()), {})
     inductor_launch.apply(graph, ctx)
     graph.lint()
@@ -116,6 +122,7 @@ def test_outputs_are_stored_over_inputs_that_die():
     got = _run("static", "hopper")
     assert all(name.split(".")[0] in ("empty", "new_empty") for written in got["stored_into"] for name in written), \
         got["stored_into"]
+    assert _run("static", "hopper", "view")["stored_into"] == [["empty.memory_format"]]  # a view is never reused
 
 
 def test_ops_stay_when_the_write_analysis_fails():
@@ -128,5 +135,5 @@ def test_ops_stay_when_the_write_analysis_fails():
 
 
 if __name__ == "__main__":
-    print(json.dumps(_rewrite(sys.argv[1] == "dynamic", sys.argv[2] == "hopper", "exact" in sys.argv[3:],
-                              "chain" in sys.argv[3:])))
+    kind = next((arg for arg in sys.argv[3:] if arg in ("chain", "view")), "every_op")
+    print(json.dumps(_rewrite(sys.argv[1] == "dynamic", sys.argv[2] == "hopper", "exact" in sys.argv[3:], kind)))
