@@ -81,8 +81,9 @@ def _post_attn_norm_kernel(attn_ptr, res_ptr, post_w_ptr, pre_w_ptr, moe_w_ptr, 
         r = (r.to(tl.float32) * scale).to(dtype)
         tl.store(router_ptr + out, (r.to(tl.float32) * ROOT_SIZE).to(dtype), mask=mask)
 
-# h replaces the residual stream. (ff over the attention output measured no gain: on the GPU Inductor copied the
-# attention output for it instead of storing over it.)
+
+# h replaces the residual stream. (Declared over the attention output too, ff got a copy of it from Inductor on the
+# GPU instead of its buffer.)
 may_overwrite(_post_attn_norm_kernel, h_ptr=("res_ptr",))
 
 
