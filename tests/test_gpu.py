@@ -153,18 +153,37 @@ def test_inductor_launches_the_ops_kernels_bit_for_bit(dynamic):
     assert not [s for s in backend.report.skipped if s.pattern == "inductor_launch"]
 
 
-def test_outputs_stored_over_dying_inputs_keep_the_bits():
+@pytest.mark.parametrize("rows", [(64,), (8, 1)], ids=["prefill", "decode"])
+def test_outputs_stored_over_dying_inputs_keep_the_bits(rows):
     """The ops of a chain whose inputs die at them store over those inputs' buffers where their kernels allow it
-    (Inductor allocates its own kernel's two outputs and the norm chain's ff, nothing for the PLE ops), with the
-    bits of the ops' own launches."""
+    (Inductor allocates its own kernel's two outputs and the norm chain's h and ff, nothing for the PLE ops), with
+    the bits of the ops' own launches, at prefill's rows and decode's [B, 1, H] alike."""
     from torch._inductor.utils import run_and_get_code
 
-    compiled = torch.compile(dying_chain, backend=gemma4_fx.Gemma4Backend(cudagraphs=None))
+    backend = gemma4_fx.Gemma4Backend(cudagraphs=None)
+    compiled = torch.compile(dying_chain, backend=backend)
     g = torch.Generator(device="cuda").manual_seed(0)
     args = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16)
-            for shape in ((64, 1536), (64, 1536), (1536,), (1,))]
+            for shape in ((*rows, 1536), (*rows, 1536), (1536,), (1,))]
     with torch.no_grad():
         expected = dying_chain(*args)
         got, [code] = run_and_get_code(compiled, *args)
+    assert not backend.report.fallbacks, backend.report
     assert torch.equal(got[0], expected[0])
-    assert code.count("empty_strided_cuda(") == 3, code
+    assert code.count("empty_strided_cuda(") == 4, code
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (1, 1), (1, 1024), (2, 300)], ids=str)
+def test_e2b_graphs_compile_with_every_rewrite(shape):
+    """E2B at real widths (6 layers, bf16), decode- and prefill-shaped calls: every graph compiles with the passes
+    (stored over a pointwise residual, decode at batch 8 and prefill failed Inductor's scheduler and fell back) and
+    gives eager's greedy tokens."""
+    model = gemma4_fx.build_model("e2b", dtype=torch.bfloat16, device="cuda", num_hidden_layers=6)
+    backend = gemma4_fx.Gemma4Backend(cudagraphs=None)
+    ids = torch.randint(0, 1000, shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+        expected = model(ids, use_cache=False).logits
+    assert not backend.report.fallbacks, backend.report
+    assert backend.report.counts["post_attn_norm"] == 6, backend.report
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))

@@ -9,8 +9,8 @@ How: the op's CUDA implementation (`launch.cuda_kernel`) is traced with make_fx 
 launches recorded (`launch.tracing_launches`) and functionalised: a kernel's writes into the buffers the
 implementation allocates become its outputs; Inductor's reinplacing, later in post-grad, makes them writes again.
 The traced graph (allocations, views, launches) replaces the node. An output that its kernel may store over an input
-(`launch.may_overwrite`) gets that input's buffer where nothing reads it after the launch, instead of the allocation
-the implementation made: Inductor's reinplacing then writes it there, as it reuses buffers for its own kernels (an
+(`launch.may_overwrite`) gets that input's buffer where a kernel made it and nothing reads it after the launch,
+instead of the allocation the implementation made: Inductor's reinplacing then writes it there, as it reuses buffers for its own kernels (an
 allocation costs host time per call outside CUDA graphs).
 
 An op stays an extern call when its CUDA implementation launches no Triton kernel (the exact router prologue runs
@@ -128,8 +128,8 @@ _ALLOCATIONS = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided
 
 def _store_over_dead_inputs(graph: torch.fx.Graph, launches: list[torch.fx.Node]) -> None:
     """Point each output of `launches` that its kernel may store over an input (`OVERWRITABLE`) at such an input
-    that nothing reads after the launch and that has the output's layout, in place of the buffer the
-    implementation allocated for it (then erased)."""
+    that a kernel made (`_kernel_made`), that nothing reads after the launch and that has the output's layout, in
+    place of the buffer the implementation allocated for it (then erased)."""
     order = {node: index for index, node in enumerate(graph.nodes)}
     for launch in launches:
         kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
@@ -151,9 +151,9 @@ def _store_over_dead_inputs(graph: torch.fx.Graph, launches: list[torch.fx.Node]
 
 
 def _reusable(candidate, buffer: torch.fx.Node, launch: torch.fx.Node, order: dict) -> bool:
-    """`candidate` is a tensor made in the graph (no input, no view: nothing else sees its memory) with `buffer`'s
-    layout, and no node after `launch` reads it."""
-    if not isinstance(candidate, torch.fx.Node) or candidate.op != "call_function" or _aliases(candidate):
+    """`candidate` is a tensor a kernel made in the graph with the layout of its value (`_kernel_made`), which is
+    `buffer`'s, and no node after `launch` reads it."""
+    if not _kernel_made(candidate):
         return False
     made, wanted = value(candidate), value(buffer)
     if not (isinstance(made, torch.Tensor) and made.dtype == wanted.dtype and made.device == wanted.device
@@ -172,6 +172,23 @@ def _reusable(candidate, buffer: torch.fx.Node, launch: torch.fx.Node, order: di
         if _aliases(reader):  # a view read later reads the candidate's memory
             readers += reader.users
     return True
+
+
+def _kernel_made(node) -> bool:
+    """The node is an output of a Triton launch or an mm: a buffer of its own (no graph input or view: nothing else
+    sees its memory) that Inductor lays out as the node's value says and passes to a launch as it is.
+
+    Why not any op's output: stored over the pointwise output that carries the residual, E2B's decode graphs at
+    batch 8 and its prefill graphs failed in Inductor's scheduler (KeyError in `compute_ancestors`; H200, torch
+    2.11) and fell back to plain Inductor. The likely cause, not reduced to a small case: Inductor lays out its own
+    kernels' buffers itself, a launch's arguments must have the traced strides
+    (`triton_kernel_default_layout_constraint`), and where they differ it copies a written argument and copies it
+    back, a copy that can read and write one buffer (pytorch#189271)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return node.args[0].target is triton_kernel_wrapper_functional
+    return node.target is torch.ops.aten.mm.default
 
 
 def _aliases(node: torch.fx.Node) -> bool:
