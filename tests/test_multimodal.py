@@ -17,7 +17,7 @@ from transformers.utils.import_utils import torch_compilable_check
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, build_model
 import gemma4_fx.runtime.cudagraphs as cudagraphs
-from gemma4_fx.multimodal import image_inputs, prompt
+from gemma4_fx.multimodal import AUDIO_BUCKET_SAMPLES, image_inputs, prompt
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime
 from helpers import YocoOnly, attention_query_rows, fake_capture, runner_backend
 
@@ -26,10 +26,12 @@ TOLERANCE = 2e-5  # of max |logits|, fp32
 
 def audio_inputs(model, seconds, seed=0):
     """(input_features, input_features_mask, soft tokens per clip) of random clips `seconds` long, through the
-    feature extractor; the soft tokens are counted by the audio encoder's own mask."""
+    feature extractor, padded to `AUDIO_BUCKET_SAMPLES` as the README says to; the soft tokens are counted by the
+    audio encoder's own mask."""
     generator = np.random.default_rng(seed)
     clips = [(0.1 * generator.standard_normal(int(16000 * s))).astype(np.float32) for s in seconds]
-    features = Gemma4AudioFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt")
+    features = Gemma4AudioFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt",
+                                             pad_to_multiple_of=AUDIO_BUCKET_SAMPLES)
     with torch.no_grad():
         mask = model.model.audio_tower(features["input_features"], features["input_features_mask"]).attention_mask
     return features["input_features"], features["input_features_mask"], mask.sum(-1).tolist()
@@ -268,27 +270,46 @@ def test_piecewise_pieces_take_data_dependent_sizes(monkeypatch):
     assert runtime.stats.replays > 0 and not runtime.stats.failures, runtime.stats
 
 
-def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch):
-    """The vision encoder's pieces are sized by the images alone: captured on the second prompt with as many images
-    and replayed for every one after it, whatever its length; the language model's are keyed on the prompt."""
-    vision = []
+ENCODER_REQUESTS = {
+    # Two images (padded to one patch budget) in prompts of new lengths.
+    "vision_tower": ("tiny-31b", [dict(images=[(36, 24), (24, 36)], words=words) for words in (6, 9, 13, 17)]),
+    # Clips of new lengths, padded to a 2 s bucket, then a 4 s one; each prompt of a new length.
+    "audio_tower": ("tiny-e2b", [dict(audio=[seconds], words=words) for seconds, words
+                                 in ((0.3, 6), (0.6, 9), (1.2, 13), (1.9, 17), (2.5, 5), (3.1, 7), (3.9, 11))]),
+}
+
+
+@pytest.mark.parametrize("tower", ENCODER_REQUESTS)
+def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch, tower):
+    """An encoder's pieces are sized by its inputs alone (images padded to a patch budget, clips to a length
+    bucket): captured on the second request of a size and replayed for every one after it, whatever the prompt's
+    length; the language model's are keyed on the prompt, new each time."""
+    preset, requests = ENCODER_REQUESTS[tower]
+    captured = []
 
     def capture(fn, args, pool):
-        vision.append(any("vision_tower" in str(node.meta.get("nn_module_stack")) for node in fn.graph.nodes))
+        captured.append(any(tower in str(node.meta.get("nn_module_stack")) for node in fn.graph.nodes))
         return fake_capture(fn, args, pool)
 
     monkeypatch.setattr(cudagraphs, "_capture", capture)
-    model = build_model("tiny-31b", multimodal=True)
+    model = build_model(preset, multimodal=True)
     runtime = CUDAGraphRuntime(max_shapes=8)
     compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
-    replays = []
-    for seed, words in enumerate([6, 9, 13, 17]):
-        input_ids, inputs = model_inputs(model, images=[(36, 24), (24, 36)], seed=seed, words=words)
+    sizes, counts = [], []
+    for seed, request in enumerate(requests):
+        input_ids, inputs = model_inputs(model, seed=seed, **request)
         assert_close(*run(model, None, input_ids, inputs, compiled))
-        replays.append(runtime.stats.replays)
-    captured = runtime.stats.captures
-    assert all(vision) and len(vision) == captured > 0, vision  # the language model's prompts were all new
-    assert replays == [0, captured, 2 * captured, 3 * captured] and runtime.stats.graphs == captured
+        sizes.append(tuple(inputs["pixel_values" if tower == "vision_tower" else "input_features"].shape))
+        counts.append((runtime.stats.captures, runtime.stats.replays))
+    assert all(captured) and captured, captured  # no language-model piece: every prompt's length was new
+    pieces = counts[1][0]  # the encoder's pieces, captured once its size came back
+    expected, seen = [], {}
+    for size in sizes:
+        seen[size] = seen.get(size, 0) + 1
+        previous = expected[-1] if expected else (0, 0)
+        expected.append((previous[0] + pieces * (seen[size] == 2), previous[1] + pieces * (seen[size] >= 2)))
+    assert len(set(sizes)) > 1 or tower == "vision_tower", sizes
+    assert pieces > 0 and counts == expected, (sizes, counts)
 
 
 def test_compiles_stop_after_warm_up():
@@ -306,3 +327,22 @@ def test_compiles_stop_after_warm_up():
         assert_close(*run(model, backend, input_ids, inputs, compiled))
         graphs.append(len(backend.graphs))
     assert graphs[-12:] == [graphs[-1]] * 12 and graphs[-1] <= 8, graphs
+
+
+def test_audio_padded_to_a_bucket_keeps_the_logits():
+    """Padding a clip to `AUDIO_BUCKET_SAMPLES` (masked) leaves its soft tokens and the logits as they were."""
+    model = build_model("tiny-e2b", multimodal=True)
+    clip = (0.1 * np.random.default_rng(0).standard_normal(int(16000 * 0.7))).astype(np.float32)
+    frames, logits = [], []
+    for bucket in (None, AUDIO_BUCKET_SAMPLES):
+        features = Gemma4AudioFeatureExtractor()([clip], sampling_rate=16000, return_tensors="pt",
+                                                 pad_to_multiple_of=bucket)
+        with torch.no_grad():
+            tokens = model.model.audio_tower(features["input_features"], features["input_features_mask"])
+            input_ids = prompt(model.config, 6, (), [tokens.attention_mask.sum().item()],
+                               generator=torch.Generator().manual_seed(0))
+            logits.append(model(input_ids, input_features=features["input_features"],
+                                input_features_mask=features["input_features_mask"]).logits)
+        frames.append(features["input_features"].shape[1])
+    assert frames[1] > frames[0], frames
+    assert_close(logits[1], logits[0])
