@@ -200,6 +200,12 @@ class _Workspace:
               use_cache=True, logits_to_keep=1)
         self.state = _State.empty(batch, cache_len, model.device)
 
+    def fits(self, batch: int, cache_len: int, model) -> bool:
+        """Whether a call of `batch` sequences needing `cache_len` slots can run here: a cache at least as long
+        is kept, as HF generate keeps its static cache, so that calls of different lengths share one cache, their
+        compiled steps and their CUDA graphs (a new cache moves the tensors the graphs read: captured again)."""
+        return self.key[0] == batch and self.key[1] >= cache_len and self.key[2:] == (model.device, model.dtype)
+
     def reset(self, attention_mask: torch.Tensor, positions: torch.Tensor, *, eos: list[int], pad: int, seed: int,
               temperature: float, top_p: float, min_new_tokens: int) -> _State:
         """The state for new prompts (`attention_mask`: 0 on padding; `positions`: the first new token's), with the
@@ -251,7 +257,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         `pad_token_id`, and the output ends where the last one finished.
 
     The model keeps one static cache (and the step's state) between calls, for the next call of the same batch
-    size and cache length; a call of another shape replaces it.
+    size that needs no longer a cache (a shorter call runs in it as in HF generate, sharing its compiled step and
+    CUDA graphs); a call of another batch size or a longer one replaces it.
     """
     if generation_config is None:  # HF warns of a `max_cache_len` without a static cache
         kwargs.setdefault("cache_implementation", "static")
@@ -284,7 +291,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     with torch.no_grad():
         workspace = _workspaces.get(model)
-        if workspace is None or workspace.key != (batch, cache_len, model.device, model.dtype):
+        if workspace is None or not workspace.fits(batch, cache_len, model):
             _workspaces.pop(model, None)  # free the old cache before allocating the new one
             workspace = _workspaces[model] = _Workspace(model, batch, cache_len)
         cache = workspace.cache

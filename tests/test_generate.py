@@ -65,6 +65,27 @@ def test_greedy_matches_hf_generate(preset, layers, backend):
         assert report.counts["skinny_linear"] == 2 * layers * len(report.graphs), report
 
 
+def test_shorter_calls_run_in_the_longer_cache():
+    """After a longer call, shorter ones run in its cache as in HF generate: HF's tokens, and nothing compiled or
+    (simulated) captured again once each shape has been seen, where a cache per length re-captured at every switch."""
+    import gemma4_fx.runtime.cudagraphs as cudagraphs
+    from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime
+    from helpers import fake_capture, runner_backend
+
+    model = build_model("tiny-e2b")
+    ids, mask = left_padded(model, [8, 6])
+    runtime = CUDAGraphRuntime(max_shapes=8)
+    backend, new = runner_backend(runtime), []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cudagraphs, "_capture", fake_capture)
+        for tokens in (6, 20, 6, 6, 20, 6):
+            graphs, captures = compiled_graphs(), runtime.stats.captures
+            out = generate(model, ids, mask, max_new_tokens=tokens, eos_token_id=None, backend=backend)
+            assert torch.equal(out, hf_generate(model, ids, mask, max_new_tokens=tokens, eos_token_id=None))
+            new.append((compiled_graphs() - graphs, runtime.stats.captures - captures))
+    assert new[3:] == [(0, 0)] * 3 and runtime.stats.replays > 0, new
+
+
 def test_multimodal_class_takes_text_prompts_only():
     """`Gemma4ForConditionalGeneration` with a text prompt: HF's greedy tokens (the masks come from the nested text
     config); images or audio are not taken, and the error names them."""
