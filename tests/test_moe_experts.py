@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gemma4_fx
+from gemma4_fx.patterns import moe_experts
 
 MOE = "tiny-26b-a4b"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-6}  # of max |logits|: Inductor reorders sums
@@ -59,10 +60,14 @@ def test_float64_is_left_alone_with_the_reason():
     assert_close(logits, expected)
 
 
-def test_eager_loop_compiles_untouched():
-    """The per-expert loop breaks the graph at its data-dependent `nonzero`: nothing to match, nothing broken."""
-    report, logits, expected, _ = compile_moe(torch.float32, "eager", layers=1)
+def test_eager_loop_compiles_untouched_and_says_why():
+    """The per-expert loop breaks the graph at its data-dependent `nonzero`: nothing to match, nothing broken, and
+    the report says so at each layer's router, whose ids leave its graph for the experts'."""
+    report, logits, expected, _ = compile_moe(torch.float32, "eager", layers=2)
     assert report.counts["moe_experts"] == 0 and not report.fallbacks
+    skips = [skip for skip in report.skipped if skip.pattern == "moe_experts"]
+    assert [skip.reason for skip in skips] == [moe_experts.EAGER_LOOP] * 2, report
+    assert {skip.location for skip in skips} == {"router"}, report  # Dynamo resumed the layer's frame: relative
     assert_close(logits, expected)
 
 

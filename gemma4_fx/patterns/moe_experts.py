@@ -15,7 +15,9 @@ becomes one `gemma4_fx::moe_experts(hidden, top_k_index, top_k_weights, gate_up_
 launches with no host sync, each expert's weights read once per tile (replacements/moe_experts.py), the same
 roundings as the grouped_mm path. The chain is checked link by link from the second grouped GEMM outwards; the
 activation between the two GEMMs is checked by value (whatever ops compute it, it must give gelu_tanh bit for bit
-on probe values). A chain that breaks anywhere is left to Inductor with the reason.
+on probe values). A chain that breaks anywhere is left to Inductor with the reason. transformers' "eager" experts
+(a loop over the experts hit, a count read from the data) break the graph: a graph whose routing ids leave it
+with no experts block in it is reported at the router, naming the implementations that are matched.
 
 transformers 5.17 guards expert-parallel sentinels (ids >= E) in both forms: "batched_mm" clamps the ids, and the
 rewrite clamps the ids it takes the same way; "grouped_mm" zeroes the sentinels' rows around each GEMM, which the
@@ -290,8 +292,27 @@ def _unsupported(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) ->
     return None
 
 
+def _routing_for_other_graphs(graph: torch.fx.Graph):
+    """Each top-k (eager's or the router rewrite's) whose ids are an output of this graph: where no experts block is
+    in the graph, the experts that take them run in a graph of their own, past a graph break."""
+    outputs = set(graph.find_nodes(op="output")[0].all_input_nodes)
+    for target in (aten.topk.default, torch.ops.gemma4_fx.router_select.default):
+        for node in graph.find_nodes(op="call_function", target=target):
+            if any(user.target is operator.getitem and user.args[1] == 1 and user in outputs for user in node.users):
+                yield node
+
+
+# transformers' "eager" experts loop over the experts the batch hits, a count read from the data (`nonzero`).
+EAGER_LOOP = ("the routing leaves the graph: the experts run past a graph break (transformers' 'eager' experts "
+              "loop over the experts hit, a count read from the data); load the model with "
+              "experts_implementation='grouped_mm' or 'batched_mm' to have them rewritten")
+
+
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
-    for match, down in list(_candidates(graph)):
+    candidates = list(_candidates(graph))
+    for routing in () if candidates else _routing_for_other_graphs(graph):
+        ctx.skipped(NAME, routing, EAGER_LOOP)
+    for match, down in candidates:
         if down.graph is not graph:  # erased with an earlier match
             continue
         try:

@@ -198,10 +198,38 @@ def _explain_unmatched(graph: torch.fx.Graph, ctx: PassContext) -> None:
         ctx.skipped(NAME, node, reason)
 
 
+def _uses_of_ids(node: torch.fx.Node) -> set:
+    """Where a top-k's ids are read: each reading node, or for the graph's output the positions they take in it
+    (one output node serves every top-k)."""
+    uses = set()
+    for ids in (user for user in node.users if user.target is operator.getitem and user.args[1] == 1):
+        for reader in ids.users:
+            if reader.op == "output":
+                leaves = torch.utils._pytree.tree_leaves(reader.args[0])
+                uses.update(("output", i) for i, arg in enumerate(leaves) if arg is ids)
+            else:
+                uses.add(reader)
+    return uses
+
+
+def _keep_module_stacks(graph: torch.fx.Graph, stacks: list) -> None:
+    """Give each router_select the module stack of the top-k it replaced (found by where its ids are read), so that
+    what later passes report at the routing has the router's location."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.router_select.default):
+        uses = _uses_of_ids(node)
+        replaced = [stack for topk_uses, stack in stacks if uses & topk_uses]
+        if "nn_module_stack" not in node.meta and len(replaced) == 1:
+            node.meta["nn_module_stack"] = replaced[0]
+
+
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
     forms = norm_forms(graph, ctx.options)
-    for k in sorted({node.args[1] for node in graph.find_nodes(op="call_function", target=aten.topk.default)
+    topks = graph.find_nodes(op="call_function", target=aten.topk.default)
+    stacks = [(_uses_of_ids(node), node.meta["nn_module_stack"]) for node in topks
+              if node.meta.get("nn_module_stack")]
+    for k in sorted({node.args[1] for node in topks
                      if isinstance(node.args[1], int) and 1 <= node.args[1] <= router_ops.MAX_TOP_K}):
         for form in forms:
             _patterns(k, form).apply(graph)
+    _keep_module_stacks(graph, stacks)
     _explain_unmatched(graph, ctx)
