@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from .passes import yoco
 from .passes.pipeline import Gemma4Passes
-from .report import Report, describe_error, record_fallback
+from .report import Report, describe_error, paths_from_the_model, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
 from .runtime.split import bake_float_inputs, compile_pieces, is_decode_shaped, split_graph
 from .runtime.verify import VerifiedGraph
@@ -117,6 +118,8 @@ class Gemma4Backend:
         (HF generate passes `mode="reduce-overhead"`: Inductor's CUDA graphs)."""
         graph_name = f"graph_{len(self.graph_reports)}"
         report = self.graph_reports[graph_name] = Report(self.graph_passes + self.passes.patterns)
+        with contextlib.suppress(Exception):  # the report's locations only (outside Dynamo there is no frame)
+            paths_from_the_model(gm)
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / f"{graph_name}.dynamo.py").write_text(gm.code)

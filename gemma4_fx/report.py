@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 import re
+import sys
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -144,6 +145,38 @@ def node_location(node: torch.fx.Node) -> str:
 
 
 _SOURCE_ROOT = re.compile(r"^[LG](\[[^\]]*\])+\.?")  # L['self'], L['args'][0], L['fn'], G['model']
+_FRAME_SELF = "L['self']"
+
+
+def paths_from_the_model(gm: torch.fx.GraphModule) -> None:
+    """Make the module paths of a graph that Dynamo traced from a submodule's method (a frame resumed after a graph
+    break, "L['self'].router" in a decoder layer) paths from the compiled model ("model.layers.3.router"), in
+    place (the frame's own ops get the submodule's path), so that reports locate its nodes as they do the model's
+    own graphs. The model is the outermost module
+    calling on the Python stack (torch.compile's wrapper unwrapped); a frame of the model itself, or one whose
+    module it does not hold, is left as it is."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    frame_self = InstructionTranslator.current_tx().f_locals.get("self")
+    if not isinstance(frame_self, torch.nn.Module):
+        return
+    caller, model = sys._getframe(1), None
+    while caller is not None:
+        candidate = caller.f_locals.get("self")
+        if isinstance(candidate, OptimizedModule):
+            candidate = candidate._orig_mod
+        if isinstance(candidate, torch.nn.Module):
+            model = candidate
+        caller = caller.f_back
+    prefix = next((name for name, module in model.named_modules() if module is frame_self), None) if model else None
+    if not prefix:
+        return
+    for node in (node for node in gm.graph.nodes if node.op == "call_function"):
+        stack = node.meta.get("nn_module_stack") or {_FRAME_SELF: (_FRAME_SELF, type(frame_self))}  # its own ops
+        node.meta["nn_module_stack"] = {
+            key: (".".join(filter(None, (prefix, module_path(path)))) if path.startswith(_FRAME_SELF) else path,
+                  kind) for key, (path, kind) in stack.items()}
 
 
 def module_path(source: str) -> str:

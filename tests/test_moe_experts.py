@@ -62,12 +62,17 @@ def test_float64_is_left_alone_with_the_reason():
 
 def test_eager_loop_compiles_untouched_and_says_why():
     """The per-expert loop breaks the graph at its data-dependent `nonzero`: nothing to match, nothing broken, and
-    the report says so at each layer's router, whose ids leave its graph for the experts'."""
+    the report says so at each layer's router, whose ids leave its graph for the experts'. The layers' graphs are
+    Dynamo frames of the layers resumed after the break; the report locates them from the model all the same."""
     report, logits, expected, _ = compile_moe(torch.float32, "eager", layers=2)
     assert report.counts["moe_experts"] == 0 and not report.fallbacks
     skips = [skip for skip in report.skipped if skip.pattern == "moe_experts"]
     assert [skip.reason for skip in skips] == [moe_experts.EAGER_LOOP] * 2, report
-    assert {skip.location for skip in skips} == {"router"}, report  # Dynamo resumed the layer's frame: relative
+    layers = [f"model.layers.{i}" for i in range(2)]
+    assert sorted(skip.location for skip in skips) == [f"{layer}.router" for layer in layers], report
+    routers = sorted(m.location for m in report.matches if m.pattern == "router")
+    assert routers == [f"{layer}.router" for layer in layers], report
+    assert sorted(m.location for m in report.matches if m.pattern == "post_attn_norm") == layers, report
     assert_close(logits, expected)
 
 
