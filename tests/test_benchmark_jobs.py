@@ -6,7 +6,7 @@ import time
 import torch
 
 import gemma4_fx
-from benchmarks.common import rebuild, run_jobs, shareable
+from benchmarks.common import kernel_family, rebuild, run_jobs, shareable
 
 
 def test_rebuilt_model_shares_the_tensors_and_computes_the_same():
@@ -39,3 +39,15 @@ def test_jobs_keep_order_and_failures_and_take_turns():
     assert total_a == total_b == float(model.lm_head.weight.detach().sum())
     assert alone_a and alone_b  # every job arrived (the failed one too) before the deadline
     assert end_a <= begin_b or end_b <= begin_a  # one at a time
+
+
+def test_kernel_families_of_names_the_h200_profiles_show():
+    """Memory-efficient attention is a CUTLASS kernel: counted as attention, not as a GEMM."""
+    names = {
+        "fmha_cutlassF_bf16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass::bf": "attention",
+        "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35_16x128x256_1x4x1_cga1x1x1_k": "attention",
+        "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "gemm (cuBLAS/CUTLASS)",
+        "_skinny_kernel": "gemma4_fx kernels",
+        "triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_13": "inductor triton",
+    }
+    assert {name: kernel_family(name) for name in names} == names
