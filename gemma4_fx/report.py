@@ -152,9 +152,8 @@ def paths_from_the_model(gm: torch.fx.GraphModule) -> None:
     """Make the module paths of a graph that Dynamo traced from a submodule's method (a frame resumed after a graph
     break, "L['self'].router" in a decoder layer) paths from the compiled model ("model.layers.3.router"), in
     place (the frame's own ops get the submodule's path), so that reports locate its nodes as they do the model's
-    own graphs. The model is the outermost module
-    calling on the Python stack (torch.compile's wrapper unwrapped); a frame of the model itself, or one whose
-    module it does not hold, is left as it is."""
+    own graphs. The model is the outermost module calling on the Python stack (torch.compile's wrapper unwrapped);
+    a frame of the model itself, or one whose module it does not hold, is left as it is."""
     from torch._dynamo.eval_frame import OptimizedModule
     from torch._dynamo.symbolic_convert import InstructionTranslator
 

@@ -10,8 +10,8 @@ launches recorded (`launch.tracing_launches`) and functionalised: a kernel's wri
 implementation allocates become its outputs; Inductor's reinplacing, later in post-grad, makes them writes again.
 The traced graph (allocations, views, launches) replaces the node. An output that its kernel may store over an input
 (`launch.may_overwrite`) gets that input's buffer where a kernel made it and nothing reads it after the launch,
-instead of the allocation the implementation made: Inductor's reinplacing then writes it there, as it reuses buffers for its own kernels (an
-allocation costs host time per call outside CUDA graphs).
+instead of the allocation the implementation made: Inductor's reinplacing then writes it there, as it reuses
+buffers for its own kernels (an allocation costs host time per call outside CUDA graphs).
 
 An op stays an extern call when its CUDA implementation launches no Triton kernel (the exact router prologue runs
 eager's own ops), and, recorded in the report, when its launches cannot be traced, or when Inductor could not tell
