@@ -24,14 +24,14 @@ from helpers import YocoOnly, attention_query_rows, fake_capture, runner_backend
 TOLERANCE = 2e-5  # of max |logits|, fp32
 
 
-def audio_inputs(model, seconds, seed=0):
+def audio_inputs(model, seconds, seed=0, bucket=AUDIO_BUCKET_SAMPLES):
     """(input_features, input_features_mask, soft tokens per clip) of random clips `seconds` long, through the
-    feature extractor, padded to `AUDIO_BUCKET_SAMPLES` as the README says to; the soft tokens are counted by the
-    audio encoder's own mask."""
+    feature extractor, padded to a multiple of `bucket` samples as the README says to (None: the extractor's
+    default); the soft tokens are counted by the audio encoder's own mask."""
     generator = np.random.default_rng(seed)
     clips = [(0.1 * generator.standard_normal(int(16000 * s))).astype(np.float32) for s in seconds]
     features = Gemma4AudioFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt",
-                                             pad_to_multiple_of=AUDIO_BUCKET_SAMPLES)
+                                             pad_to_multiple_of=bucket)
     with torch.no_grad():
         mask = model.model.audio_tower(features["input_features"], features["input_features_mask"]).attention_mask
     return features["input_features"], features["input_features_mask"], mask.sum(-1).tolist()
@@ -332,17 +332,12 @@ def test_compiles_stop_after_warm_up():
 def test_audio_padded_to_a_bucket_keeps_the_logits():
     """Padding a clip to `AUDIO_BUCKET_SAMPLES` (masked) leaves its soft tokens and the logits as they were."""
     model = build_model("tiny-e2b", multimodal=True)
-    clip = (0.1 * np.random.default_rng(0).standard_normal(int(16000 * 0.7))).astype(np.float32)
     frames, logits = [], []
     for bucket in (None, AUDIO_BUCKET_SAMPLES):
-        features = Gemma4AudioFeatureExtractor()([clip], sampling_rate=16000, return_tensors="pt",
-                                                 pad_to_multiple_of=bucket)
+        features, mask, tokens = audio_inputs(model, [0.7], bucket=bucket)
+        input_ids = prompt(model.config, 6, (), tokens, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            tokens = model.model.audio_tower(features["input_features"], features["input_features_mask"])
-            input_ids = prompt(model.config, 6, (), [tokens.attention_mask.sum().item()],
-                               generator=torch.Generator().manual_seed(0))
-            logits.append(model(input_ids, input_features=features["input_features"],
-                                input_features_mask=features["input_features_mask"]).logits)
-        frames.append(features["input_features"].shape[1])
+            logits.append(model(input_ids, input_features=features, input_features_mask=mask).logits)
+        frames.append(features.shape[1])
     assert frames[1] > frames[0], frames
     assert_close(logits[1], logits[0])
