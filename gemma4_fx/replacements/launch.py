@@ -32,7 +32,7 @@ def cuda_kernel(op):
 def may_overwrite(kernel, **outputs: tuple[str, ...]) -> None:
     """Declare that `kernel` may store each output over one of the inputs listed for it: each program loads all it
     reads of them before its first store, and no program reads what another stores (row and tile kernels). Inductor
-    then writes such an output into an input's buffer that nothing reads after the launch
+    then writes such an output into an input's buffer that a kernel made and nothing reads after the launch
     (`passes/inductor_launch.py`), as it reuses buffers for its own kernels."""
     OVERWRITABLE[kernel] = outputs
 
