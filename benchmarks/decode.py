@@ -41,9 +41,10 @@ from gemma4_fx.presets import cache_kwargs  # noqa: E402
 from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, rebuild, run_jobs,  # noqa: E402
                                shareable, synchronize)
 
-EPILOGUES = ("post_attn_norm", "ple_tail")
+# "gemma4_fx auto, no <what>": the backend without these rewrites, to time what they gain
+LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("decode_attention",)}
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
-            "gemma4_fx auto, no epilogues")
+            *(f"gemma4_fx auto, no {what}" for what in LEFT_OUT))
 GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.generate")
 # HF generate with Dynamo's guards on the model's modules dropped (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`
 # as `guard_filter_fn`): each step no longer checks every parameter and attribute of every layer. Unsafe where the
@@ -68,8 +69,9 @@ def compiled_variant(model, name: str):
         return torch.compile(model), None
     if name == "reduce-overhead":
         return torch.compile(model, mode="reduce-overhead"), None
-    if name == "gemma4_fx auto, no epilogues":
-        backend = ours("auto", [*gemma4_fx.GRAPH_PASSES, *(p for p in gemma4_fx.PATTERNS if p not in EPILOGUES)])
+    if ", no " in name:
+        left_out = LEFT_OUT[name.split(", no ")[1]]
+        backend = ours("auto", [p for p in (*gemma4_fx.GRAPH_PASSES, *gemma4_fx.PATTERNS) if p not in left_out])
     else:
         backend = ours(name.split()[1])
     return torch.compile(model, backend=backend), backend

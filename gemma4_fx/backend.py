@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from .passes import yoco
+from .passes import decode_attention, yoco
 from .passes.pipeline import Gemma4Passes
 from .report import Report, describe_error, paths_from_the_model, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
@@ -24,7 +24,9 @@ from .runtime.verify import VerifiedGraph
 log = logging.getLogger("gemma4_fx")
 
 _VERIFY_ACTIONS = ("warn", "raise")
-GRAPH_PASSES = {yoco.NAME: yoco}  # rewrites of Dynamo's graph, before it is split or lowered
+# Rewrites of Dynamo's graph, before it is split or lowered, in this order: YOCO first, since it leaves KV-shared
+# layers one query row that decode_attention then takes.
+GRAPH_PASSES = {yoco.NAME: yoco, decode_attention.NAME: decode_attention}
 CUDAGRAPH_MODES = ("auto", "piecewise", "full", None)
 _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 

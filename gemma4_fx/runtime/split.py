@@ -23,7 +23,8 @@ from ..fx_utils import MATMULS, is_op, method_name, on_host, op_name, qualified_
     writes_in_place
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
-_ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
+# ops of these libraries named "*attention*" or "*attn*" (gemma4_fx: decode_attention)
+_ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang", "gemma4_fx")
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.ops.aten._softmax.default,
               torch.ops.aten.softmax.int}
 # Between the scores matmul and the softmax (scale, softcap, mask) and between the softmax and the value matmul
