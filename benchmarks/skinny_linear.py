@@ -3,6 +3,8 @@ widths: gemma4_fx's one-launch `skinny_linear` against separate cuBLAS linears a
 
     python benchmarks/skinny_linear.py            # the table (a minute or two on an H200)
     python benchmarks/skinny_linear.py --sweep    # our block configs per shape: what default_config should pick
+    python benchmarks/skinny_linear.py --singles  # also the linears a decode step runs alone: would one launch of
+                                                  # ours beat cuBLAS's there too? (with --sweep: their best configs)
     python benchmarks/skinny_linear.py --smoke    # tiny widths on CPU under the Triton interpreter: does it run?
 
 Shapes: every distinct group in the E2B and E4B presets' layers (q/k/v of sliding and full layers, where a layer
@@ -38,21 +40,34 @@ ROWS = [1, 8, 32]
 DTYPE = torch.bfloat16
 
 
-def shapes(preset_names=("e2b", "e4b")) -> list[tuple[str, int, tuple[int, ...], bool, int]]:
+def shapes(preset_names=("e2b", "e4b"), singles: bool = False) -> list[tuple[str, int, tuple[int, ...], bool, int]]:
     """(name, hidden, widths, gated, layers) of each distinct group of linears that share an input in the presets'
     decoder layers, read off the model built on the meta device (KV-shared layers have no k/v projections; E2B's
-    have a double-wide MLP)."""
+    have a double-wide MLP); with `singles`, also the linears a decode step runs alone (o_proj, down_proj, a q_proj
+    without k/v, the PLE gate and projection, the per-layer-input projection), which stay cuBLAS's today."""
     groups: dict[tuple, int] = {}
+
+    def add(name, linears, gated):
+        key = (name, linears[0].in_features, tuple(p.out_features for p in linears), gated)
+        groups[key] = groups.get(key, 0) + 1
+
     for preset in preset_names:
         with torch.device("meta"):
             model = Gemma4ForCausalLM(presets.text_config(preset))
         for layer in model.model.layers:
-            attention = [getattr(layer.self_attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-            for name, linears, gated in (("q/k/v", [p for p in attention if p is not None], False),
+            attention = [p for p in (getattr(layer.self_attn, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+                         if p is not None]
+            for name, linears, gated in (("q/k/v", attention, False),
                                          ("gate/up", [layer.mlp.gate_proj, layer.mlp.up_proj], True)):
-                if len(linears) > 1:
-                    key = (f"{preset} {name}", linears[0].in_features, tuple(p.out_features for p in linears), gated)
-                    groups[key] = groups.get(key, 0) + 1
+                if len(linears) > 1 or singles:
+                    add(f"{preset} {name if len(linears) > 1 else 'q'}", linears, gated)
+            if singles:
+                for name in ("self_attn.o_proj", "mlp.down_proj", "per_layer_input_gate", "per_layer_projection"):
+                    linear = layer.get_submodule(name) if hasattr(layer, name.split(".")[0]) else None
+                    if linear is not None:
+                        add(f"{preset} {name.split('.')[-1]}", [linear], False)
+        if singles and hasattr(model.model, "per_layer_model_projection"):
+            add(f"{preset} per_layer_model_projection", [model.model.per_layer_model_projection], False)
     return [(*key, layers) for key, layers in groups.items()]
 
 
@@ -74,7 +89,7 @@ def floor_bytes(x, weights, gated) -> int:
     return (sum(w.numel() for w in weights) + x.numel() + outputs) * x.element_size()
 
 
-def benchmark(rows_list: list[int]) -> None:
+def benchmark(rows_list: list[int], singles: bool = False) -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s", flush=True)
@@ -83,7 +98,7 @@ def benchmark(rows_list: list[int]) -> None:
     variants = {"ours": lambda x, ws, gated: torch.ops.gemma4_fx.skinny_linear(x, ws, gated),
                 "cuBLAS separate": separate, "compiled separate": compiled}
     rows_out = []
-    for (name, hidden, widths, gated, layers), rows in itertools.product(shapes(), rows_list):
+    for (name, hidden, widths, gated, layers), rows in itertools.product(shapes(singles=singles), rows_list):
         x, weights = inputs(rows, hidden, widths, "cuda")
         floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
         with torch.no_grad():
@@ -116,11 +131,11 @@ def fits(config: S.Config, rows: int, gated: bool) -> bool:
     return config.num_stages * (S.block_m(rows) + (2 if gated else 1) * config.block_n) * config.block_k * 2 <= 200 << 10
 
 
-def sweep(rows_list: list[int]) -> None:
+def sweep(rows_list: list[int], singles: bool = False) -> None:
     """Coordinate descent from `default_config`, one field at a time (each shape compiles its own kernels: its
     widths are compile-time constants, so a full grid would take hours)."""
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    for (name, hidden, widths, gated, _), rows in itertools.product(shapes(), rows_list):
+    for (name, hidden, widths, gated, _), rows in itertools.product(shapes(singles=singles), rows_list):
         x, weights = inputs(rows, hidden, widths, "cuda")
 
         def run_us(config):
@@ -139,7 +154,7 @@ def sweep(rows_list: list[int]) -> None:
               f"{best[0]:.1f} µs", flush=True)
 
 
-def smoke() -> None:
+def smoke(singles: bool = False) -> None:
     """Tiny widths, fp32 (the interpreter truncates bf16 casts, where the GPU rounds); the default split rule and a
     forced split; the GPU table's shapes listed."""
     rows_out = []
@@ -155,7 +170,7 @@ def smoke() -> None:
     print(markdown([{"group": name, "layers": layers, "K": hidden, "N": "+".join(map(str, widths)),
                      "default config at M=1 (132 SMs)": tuple(S.default_config(1, hidden, list(widths), DTYPE, gated,
                                                                                S.SMS))}
-                    for name, hidden, widths, gated, layers in shapes()]))
+                    for name, hidden, widths, gated, layers in shapes(singles=singles)]))
 
 
 def main():
@@ -163,13 +178,15 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time block configs per shape, print the best")
     parser.add_argument("--smoke", action="store_true", help="tiny widths on CPU under the Triton interpreter")
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS, help="rows M (default: %(default)s)")
+    parser.add_argument("--singles", action="store_true",
+                        help="also the linears a decode step runs alone (o_proj, down_proj, ...): one launch each")
     args = parser.parse_args()
     if args.smoke:
-        smoke()
+        smoke(args.singles)
     elif args.sweep:
-        sweep(args.rows)
+        sweep(args.rows, args.singles)
     else:
-        benchmark(args.rows)
+        benchmark(args.rows, args.singles)
 
 
 if __name__ == "__main__":
