@@ -12,15 +12,16 @@ MOE = "tiny-26b-a4b"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-6}  # of max |logits|: Inductor reorders sums
 
 
-def compile_moe(dtype, implementation="grouped_mm", layers=2, **overrides):
-    """(backend report, compiled logits, eager logits, model) of a tiny MoE model's forward."""
+def compile_moe(dtype, implementation="grouped_mm", layers=2, keep=0, batch=2, **overrides):
+    """(backend report, compiled logits, eager logits, model) of a tiny MoE model's forward over `batch` sequences of
+    7 tokens (`keep`: logits_to_keep, 0 for all rows)."""
     model = gemma4_fx.build_model(MOE, dtype=dtype, num_hidden_layers=layers, **overrides)
     model.config._experts_implementation = implementation
-    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, model.config.vocab_size, (batch, 7), generator=torch.Generator().manual_seed(0))
     backend = gemma4_fx.Gemma4Backend()
     with torch.no_grad():
-        expected = model(ids, use_cache=False).logits
-        logits = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+        expected = model(ids, use_cache=False, logits_to_keep=keep).logits
+        logits = torch.compile(model, backend=backend)(ids, use_cache=False, logits_to_keep=keep).logits
     return backend.report, logits, expected, model
 
 
@@ -40,6 +41,25 @@ def test_experts_rewritten_in_every_layer(implementation, dtype):
         f"model.layers.{i}.experts" for i in range(layers)]
     # nothing left alone: batched_mm's `gate_up_proj[expert_ids]` is a weight lookup, not rows for YOCO to report
     assert not report.skipped and not report.fallbacks
+    assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_kept_rows_run_the_experts_on_those_rows_only(implementation, monkeypatch):
+    """A prefill of one sequence that keeps its last row: YOCO's selection stops at the experts' sum over k (their
+    sort makes rows interact); the rewrite takes the kept row's token, ids and weights, so the last layer's experts
+    run on that row alone, with eager's logits. (With more sequences the selection stops below the experts, where
+    the tokens are unflattened into [batch, length]: they run on every row, as before.)"""
+    from gemma4_fx.replacements import moe_experts as ops
+
+    rows = []
+    reference = ops.moe_experts_reference
+    monkeypatch.setattr(ops, "moe_experts_reference", lambda x, *rest: rows.append(x.shape[0]) or reference(x, *rest))
+    report, logits, expected, model = compile_moe(torch.float32, implementation, keep=1, batch=1)
+    layers = model.config.num_hidden_layers
+    assert report.counts["moe_experts"] == layers and report.counts["yoco"] >= 1, report
+    assert not [skip for skip in report.skipped if skip.pattern == "moe_experts"], report
+    assert rows == [7] * (layers - 1) + [1], rows  # the last layer: the kept row
     assert_close(logits, expected)
 
 

@@ -15,7 +15,10 @@ becomes one `gemma4_fx::moe_experts(hidden, top_k_index, top_k_weights, gate_up_
 launches with no host sync, each expert's weights read once per tile (replacements/moe_experts.py), the same
 roundings as the grouped_mm path. The chain is checked link by link from the second grouped GEMM outwards; the
 activation between the two GEMMs is checked by value (whatever ops compute it, it must give gelu_tanh bit for bit
-on probe values). A chain that breaks anywhere is left to Inductor with the reason. transformers' "eager" experts
+on probe values). Where YOCO keeps some rows of the output, its selection sits between the unsort and the sum over
+k (`...reshape(T, K, H)[rows].sum(1)`: the sort makes rows interact, so YOCO stops there); the rewrite then takes
+those rows of hidden, ids and weights, and the experts run on the kept rows alone (a prefill's last layer, for
+`logits_to_keep`). A chain that breaks anywhere is left to Inductor with the reason. transformers' "eager" experts
 (a loop over the experts hit, a count read from the data) break the graph: a graph whose routing ids leave it
 with no experts block in it is reported at the router, naming the implementations that are matched.
 
@@ -59,6 +62,14 @@ def _expect(node, targets, what: str) -> torch.fx.Node:
     return node
 
 
+def _select(graph: torch.fx.Graph, node: torch.fx.Node, selection: tuple) -> torch.fx.Node:
+    """`node`'s rows picked by `selection` (see `_row_selection`), with its fake value."""
+    target, rest = selection
+    picked = graph.call_function(target, (node, *rest))
+    picked.meta["val"] = target(value(node), *torch.fx.node.map_arg(rest, value))
+    return picked
+
+
 def _only_user(node: torch.fx.Node, targets, what: str) -> torch.fx.Node:
     if len(node.users) != 1:
         raise _Mismatch(f"{what}: {node.name} has {len(node.users)} users")
@@ -99,18 +110,40 @@ def _gated_activation(act, second_gemm_of) -> tuple[torch.fx.Node, torch.fx.Node
     return second_gemm_of(split.args[0]), split
 
 
-def _sum_over_k(weighted: torch.fx.Node, hidden: torch.fx.Node) -> torch.fx.Node:
-    """`weighted.reshape(T, K, H).sum(1).to(hidden.dtype)`: the node that gives the experts' output."""
+# Row selections of the [T, K, H] per-slot view that YOCO leaves between the unsort and the sum over k (the sort makes
+# the block's rows interact, so YOCO keeps its rows up to there): the rewrite selects the block's inputs instead.
+_ROW_SELECTIONS = (aten.slice.Tensor, aten.index_select.default, aten.index.Tensor)
+
+
+def _row_selection(node: torch.fx.Node) -> tuple | None:
+    """(target, arguments after the tensor) if `node` selects rows of its input's dim 0, else None."""
+    if node.target is aten.slice.Tensor and (node.args[1:2] or (0,))[0] == 0:
+        return node.target, node.args[1:]
+    if node.target is aten.index_select.default and node.args[1] == 0:
+        return node.target, node.args[1:]
+    if node.target is aten.index.Tensor and len(node.args[1]) == 1 and isinstance(node.args[1][0], torch.fx.Node) \
+            and value(node.args[1][0]).dtype in (torch.int32, torch.int64) and value(node.args[1][0]).dim() == 1:
+        return node.target, node.args[1:]
+    return None
+
+
+def _sum_over_k(weighted: torch.fx.Node, hidden: torch.fx.Node) -> tuple[torch.fx.Node, tuple | None]:
+    """`weighted.reshape(T, K, H)[rows].sum(1).to(hidden.dtype)`: (the node that gives the experts' output, the
+    selection of rows or None)."""
     per_slot = _only_user(weighted, _RESHAPES, "[T, K, H] view")
-    total = _only_user(per_slot, (aten.sum.dim_IntList,), "sum over k")
+    selected = _only_user(per_slot, (aten.sum.dim_IntList, *_ROW_SELECTIONS), "sum over k")
+    selection = _row_selection(selected) if selected.target in _ROW_SELECTIONS else None
+    if selected.target in _ROW_SELECTIONS and selection is None:
+        raise _Mismatch(f"rows of the [T, K, H] view selected along a dim other than the tokens' ({selected.name})")
+    total = selected if selection is None else _only_user(selected, (aten.sum.dim_IntList,), "sum over k")
     if list(total.args[1]) != [1]:
         raise _Mismatch(f"sum over dims {total.args[1]}, want [1]")
     if value(total).dtype == value(hidden).dtype:  # `.to(hidden.dtype)` is no op when the product kept it (fp32)
-        return total
+        return total, selection
     out = _only_user(total, (prims.convert_element_type.default,), "cast back")
     if out.args[1] != value(hidden).dtype:
         raise _Mismatch("the sum is not cast back to the activation dtype")
-    return out
+    return out, selection
 
 
 def _weight_column(node, what: str) -> torch.fx.Node:
@@ -198,7 +231,7 @@ def _match_grouped(down_mm: torch.fx.Node):
     inverse = _expect(unsort.args[1][0], (aten.index_put.default,), "inverse permutation")
     if inverse.args[1][0] is not perm:
         raise _Mismatch("unsort: not the inverse of the sort's permutation")
-    return _sum_over_k(unsort, hidden), hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, None
+    return (*_sum_over_k(unsort, hidden), hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, None)
 
 
 def _batched_gemm(squeeze, what: str) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
@@ -253,7 +286,7 @@ def _match_batched(down_squeeze: torch.fx.Node):
     flat_weights = _weight_column(weighted.args[1], "routing weight column")
     if flat_weights.target not in _RESHAPES:
         raise _Mismatch("routing weights are gathered, not taken in pair order")
-    return (_sum_over_k(weighted, hidden), hidden, top_k_index, flat_weights.args[0], gate_up_proj, down_proj,
+    return (*_sum_over_k(weighted, hidden), hidden, top_k_index, flat_weights.args[0], gate_up_proj, down_proj,
             id_bounds)
 
 
@@ -316,13 +349,15 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
         if down.graph is not graph:  # erased with an earlier match
             continue
         try:
-            out, *operands, id_bounds = match(down)
+            out, selection, *operands, id_bounds = match(down)
         except _Mismatch as mismatch:
             ctx.skipped(NAME, down, str(mismatch))
             continue
         if not ctx.decide(NAME, down, _unsupported(*operands)):
             continue
         with graph.inserting_before(out):
+            if selection is not None:  # the same rows of the tokens, their ids and their weights
+                operands[:3] = [_select(graph, operand, selection) for operand in operands[:3]]
             if id_bounds is not None:  # the clamp the ids had (clamp_min / clamp_max: Inductor lowers those)
                 hidden, top_k_index, *weights = operands
                 for op, bound in zip((aten.clamp_min.default, aten.clamp_max.default), id_bounds):
