@@ -35,6 +35,7 @@ from transformers import Gemma4ForCausalLM  # noqa: E402
 from benchmarks.common import copy_bandwidth, graph_replay_us, markdown  # noqa: E402
 from gemma4_fx import presets  # noqa: E402
 from gemma4_fx.replacements import skinny_linear as S  # noqa: E402
+from gemma4_fx.replacements.launch import SMS, sm_count  # noqa: E402
 
 ROWS = [1, 8, 32]
 DTYPE = torch.bfloat16
@@ -103,7 +104,7 @@ def benchmark(rows_list: list[int], singles: bool = False) -> None:
         floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
         with torch.no_grad():
             ours, theirs = S.skinny_linear_triton(x, weights, gated), separate(x, weights, gated)
-        config = S.default_config(rows, hidden, list(widths), DTYPE, gated, S.sm_count(x.device))
+        config = S.default_config(rows, hidden, list(widths), DTYPE, gated, sm_count(x.device))
         row = {"group": name, "layers": layers, "M": rows, "K": hidden, "N": "+".join(map(str, widths)),
                "floor µs": floor,
                "config (N, K, split, warps, stages)": tuple(config),
@@ -144,7 +145,7 @@ def sweep(rows_list: list[int], singles: bool = False) -> None:
             except Exception:  # noqa: BLE001 (out of resources)
                 return float("inf")
 
-        default = S.default_config(rows, hidden, list(widths), DTYPE, gated, S.sm_count(x.device))
+        default = S.default_config(rows, hidden, list(widths), DTYPE, gated, sm_count(x.device))
         best = (run_us(default), default)
         default_us = best[0]
         for field, values in FIELD_VALUES.items():
@@ -169,7 +170,7 @@ def smoke(singles: bool = False) -> None:
     print(markdown(rows_out))
     print(markdown([{"group": name, "layers": layers, "K": hidden, "N": "+".join(map(str, widths)),
                      "default config at M=1 (132 SMs)": tuple(S.default_config(1, hidden, list(widths), DTYPE, gated,
-                                                                               S.SMS))}
+                                                                               SMS))}
                     for name, hidden, widths, gated, layers in shapes(singles=singles)]))
 
 

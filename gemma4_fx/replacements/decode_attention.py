@@ -28,11 +28,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .gemm import dot
-from .launch import launcher
+from .launch import launcher, sm_count
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUP = 16  # query heads per kv head: one tl.dot tile of rows
-SMS = 132  # an H200's SMs: the split rule's target
 
 
 def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -45,7 +44,7 @@ def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sc
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-def splits(batch_kv_heads: int, keys: int, block: int, sms: int = SMS) -> int:
+def splits(batch_kv_heads: int, keys: int, block: int, sms: int) -> int:
     """Key splits per (sequence, kv head): enough programs to fill `sms`, each at least one BLOCK of keys."""
     return max(1, min(triton.cdiv(sms, batch_kv_heads), triton.cdiv(keys, block)))
 
@@ -126,7 +125,7 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale
     group = heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     block_s = block_s or (32 if dim > 256 else 64)
-    count = split_count or splits(batch * kv_heads, keys, block_s)
+    count = split_count or splits(batch * kv_heads, keys, block_s, sm_count(q.device))
     keys_per_split = triton.cdiv(triton.cdiv(keys, count), block_s) * block_s
     count = triton.cdiv(keys, keys_per_split)
     block_d = triton.next_power_of_2(dim)

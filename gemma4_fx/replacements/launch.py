@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
+import torch
 from torch.library import wrap_triton
 
 CUDA_KERNELS: dict = {}  # op overload -> its CUDA implementation (what `inductor_launch` traces)
 OVERWRITABLE: dict = {}  # Triton kernel -> {output argument: the input arguments it may be stored over}
 
 _tracing = contextvars.ContextVar("gemma4_fx_tracing_launches", default=False)
+SMS = 132  # an H100's or H200's SMs: what grids aim to fill where the device has none (the interpreter)
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """`device`'s SMs: the programs a kernel split over the GPU (split-K, split-KV) aims to fill."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS
 
 
 def cuda_kernel(op):

@@ -33,7 +33,6 @@ separate linears for every q/k/v group, and for gate/up up to E2B's widths (wher
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -44,12 +43,12 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .gemm import dot, gelu_tanh_mul
+from .launch import sm_count
 from .rows import DTYPES
 
 MAX_ROWS = 64  # x's rows live in one BLOCK_M
 MAX_WEIGHTS = 3  # q, k and v
 SHARED_MEMORY = 96 << 10  # the stages of a config fit any CUDA GPU's shared memory
-SMS = 132  # an H200's SMs: the split rule's target where the device has none (the interpreter)
 
 
 def skinny_linear_reference(x: Tensor, weights: list[Tensor], gated: bool = False) -> list[Tensor]:
@@ -96,12 +95,6 @@ def split_runs(steps: int, split_k: int) -> int:
     """The runs K's `steps` BLOCK_K steps are split into: the largest divisor of `steps` up to `split_k`, so that
     every run has the same compile-time length."""
     return max(d for d in range(1, min(split_k, steps) + 1) if steps % d == 0)
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    """`device`'s SMs: the programs `default_config` aims to fill."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS
 
 
 # --------------------------------------------------------------------------------------------------------------------
