@@ -41,11 +41,13 @@ ROWS = [1, 8, 32]
 DTYPE = torch.bfloat16
 
 
-def shapes(preset_names=("e2b", "e4b"), singles: bool = False) -> list[tuple[str, int, tuple[int, ...], bool, int]]:
+def shapes(preset_names=("e2b", "e4b"), singles: bool = False, only=()
+           ) -> list[tuple[str, int, tuple[int, ...], bool, int]]:
     """(name, hidden, widths, gated, layers) of each distinct group of linears that share an input in the presets'
     decoder layers, read off the model built on the meta device (KV-shared layers have no k/v projections; E2B's
     have a double-wide MLP); with `singles`, also the linears a decode step runs alone (o_proj, down_proj, a q_proj
-    without k/v, the PLE gate and projection, the per-layer-input projection), which stay cuBLAS's today."""
+    without k/v, the PLE gate and projection, the per-layer-input projection), which stay cuBLAS's today; `only`:
+    the groups whose name holds one of these words."""
     groups: dict[tuple, int] = {}
 
     def add(name, linears, gated):
@@ -69,7 +71,7 @@ def shapes(preset_names=("e2b", "e4b"), singles: bool = False) -> list[tuple[str
                         add(f"{preset} {name.split('.')[-1]}", [linear], False)
         if singles and hasattr(model.model, "per_layer_model_projection"):
             add(f"{preset} per_layer_model_projection", [model.model.per_layer_model_projection], False)
-    return [(*key, layers) for key, layers in groups.items()]
+    return [(*key, layers) for key, layers in groups.items() if not only or any(word in key[0] for word in only)]
 
 
 def inputs(rows: int, hidden: int, widths, device, dtype=DTYPE):
@@ -90,7 +92,7 @@ def floor_bytes(x, weights, gated) -> int:
     return (sum(w.numel() for w in weights) + x.numel() + outputs) * x.element_size()
 
 
-def benchmark(rows_list: list[int], singles: bool = False) -> None:
+def benchmark(rows_list: list[int], singles: bool = False, only=()) -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s", flush=True)
@@ -99,7 +101,7 @@ def benchmark(rows_list: list[int], singles: bool = False) -> None:
     variants = {"ours": lambda x, ws, gated: torch.ops.gemma4_fx.skinny_linear(x, ws, gated),
                 "cuBLAS separate": separate, "compiled separate": compiled}
     rows_out = []
-    for (name, hidden, widths, gated, layers), rows in itertools.product(shapes(singles=singles), rows_list):
+    for (name, hidden, widths, gated, layers), rows in itertools.product(shapes(singles=singles, only=only), rows_list):
         x, weights = inputs(rows, hidden, widths, "cuda")
         floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
         with torch.no_grad():
@@ -132,11 +134,11 @@ def fits(config: S.Config, rows: int, gated: bool) -> bool:
     return config.num_stages * (S.block_m(rows) + (2 if gated else 1) * config.block_n) * config.block_k * 2 <= 200 << 10
 
 
-def sweep(rows_list: list[int], singles: bool = False) -> None:
+def sweep(rows_list: list[int], singles: bool = False, only=()) -> None:
     """Coordinate descent from `default_config`, one field at a time (each shape compiles its own kernels: its
     widths are compile-time constants, so a full grid would take hours)."""
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    for (name, hidden, widths, gated, _), rows in itertools.product(shapes(singles=singles), rows_list):
+    for (name, hidden, widths, gated, _), rows in itertools.product(shapes(singles=singles, only=only), rows_list):
         x, weights = inputs(rows, hidden, widths, "cuda")
 
         def run_us(config):
@@ -179,15 +181,17 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="time block configs per shape, print the best")
     parser.add_argument("--smoke", action="store_true", help="tiny widths on CPU under the Triton interpreter")
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS, help="rows M (default: %(default)s)")
+    parser.add_argument("--only", nargs="*", default=(), help="groups whose name holds one of these words "
+                        "(e.g. down_proj e4b)")
     parser.add_argument("--singles", action="store_true",
                         help="also the linears a decode step runs alone (o_proj, down_proj, ...): one launch each")
     args = parser.parse_args()
     if args.smoke:
         smoke(args.singles)
     elif args.sweep:
-        sweep(args.rows, args.singles)
+        sweep(args.rows, args.singles, args.only)
     else:
-        benchmark(args.rows, args.singles)
+        benchmark(args.rows, args.singles, args.only)
 
 
 if __name__ == "__main__":
