@@ -86,6 +86,36 @@ def test_shorter_calls_run_in_the_longer_cache():
     assert new[3:] == [(0, 0)] * 3 and runtime.stats.replays > 0, new
 
 
+def test_hf_generate_with_a_kept_cache_captures_once():
+    """HF generate makes a new static cache per call, so the graphs that write the old one would be captured again;
+    given one `StaticCache` (reset between prompts), as the README says, its calls after the first capture nothing,
+    with HF's tokens."""
+    from transformers import StaticCache
+
+    import gemma4_fx.runtime.cudagraphs as cudagraphs
+    from gemma4_fx.presets import cache_kwargs
+    from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime
+    from helpers import fake_capture, runner_backend
+
+    model = build_model("tiny-e2b")
+    ids, mask = left_padded(model, [9, 7])
+    runtime = CUDAGraphRuntime(max_shapes=8)
+    backend = runner_backend(runtime)
+    config = CompileConfig(backend=lambda gm, inputs, **_: backend(gm, inputs))
+    config._compile_all_devices = True  # HF compiles on CUDA only unless told
+    cache, captures = StaticCache(config=model.config, max_cache_len=40), []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cudagraphs, "_capture", fake_capture)
+        for tokens in (6, 20, 6, 20):
+            before = runtime.stats.captures
+            cache.reset()
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens, eos_token_id=None,
+                                 compile_config=config, **cache_kwargs(model, cache))
+            assert torch.equal(out, hf_generate(model, ids, mask, max_new_tokens=tokens, eos_token_id=None))
+            captures.append(runtime.stats.captures - before)
+    assert captures[0] > 0 and captures[1:] == [0, 0, 0] and runtime.stats.replays > 0, captures
+
+
 def test_multimodal_class_takes_text_prompts_only():
     """`Gemma4ForConditionalGeneration` with a text prompt: HF's greedy tokens (the masks come from the nested text
     config); images or audio are not taken, and the error names them."""
