@@ -17,7 +17,7 @@ import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.presets import cache_kwargs
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, mutated_inputs
-from gemma4_fx.runtime.split import bake_float_inputs, is_decode_shaped, split_graph
+from gemma4_fx.runtime.split import bake_float_inputs, is_attention, is_decode_shaped, split_graph
 from helpers import fake_capture, runner_backend
 
 PRESET = "tiny-e2b"  # 7 layers
@@ -64,6 +64,16 @@ def test_split_at_attention_gives_the_same_results(models, impl):
     assert [sorted(piece.escaping) for piece in split.captured] == [[]] * layers + [[0]]  # only the logits escape
     with torch.no_grad():
         torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op, attention", [("decode_attention", True), ("post_attn_norm", False),
+                                            ("skinny_linear", False), ("router_select", False)])
+def test_our_ops_split_at_decode_attention_only(op, attention):
+    """Of gemma4_fx's ops only decode_attention is attention to the splitter (post_attn_norm has "attn" in its name:
+    a norm, which belongs in the graphs)."""
+    graph = torch.fx.Graph()
+    node = graph.call_function(getattr(torch.ops.gemma4_fx, op).default, (graph.placeholder("x"),))
+    assert is_attention(node) is attention
 
 
 def test_full_split_keeps_attention_inside():

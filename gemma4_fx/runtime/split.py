@@ -23,8 +23,8 @@ from ..fx_utils import MATMULS, is_op, method_name, on_host, op_name, qualified_
     writes_in_place
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
-# ops of these libraries named "*attention*" or "*attn*" (gemma4_fx: decode_attention)
-_ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang", "gemma4_fx")
+_ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
+_ATTENTION_OPS = ("gemma4_fx::decode_attention",)  # ours (gemma4_fx::post_attn_norm is a norm)
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.ops.aten._softmax.default,
               torch.ops.aten.softmax.int}
 # Between the scores matmul and the softmax (scale, softcap, mask) and between the softmax and the value matmul
@@ -58,14 +58,16 @@ class SplitGraph:
 
 
 def is_attention(node: torch.fx.Node, extra_ops=()) -> bool:
-    """SDPA, flex attention, flash-attention style library ops, or one of `extra_ops` (targets or "ns::name")."""
+    """SDPA, flex attention, flash-attention style library ops, our decode attention, or one of `extra_ops` (targets
+    or "ns::name")."""
     if node.op != "call_function":
         return False
     target = node.target
     name = qualified_name(target)
     if target in _ATTENTION_FUNCTIONS or target is torch.ops.higher_order.flex_attention:
         return True
-    if target in extra_ops or (name and (name in extra_ops or name.split(".")[0] in extra_ops)):
+    if target in extra_ops or (name and any(name in ops or name.split(".")[0] in ops
+                                            for ops in (extra_ops, _ATTENTION_OPS))):
         return True
     namespace, _, op = name.partition("::")
     return namespace in _ATTENTION_NAMESPACES and ("attention" in op or "attn" in op)
