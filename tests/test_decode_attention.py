@@ -75,8 +75,23 @@ def test_op_takes_a_shared_mask_and_checks_its_inputs():
         ops.check_inputs(q[:, :3], k, v, mask)
 
 
-@pytest.mark.parametrize("preset", ["tiny-e2b", "tiny-e4b"])
-def test_decode_step_through_the_backend(preset):
+def build(name):
+    """A tiny Gemma-4 preset, or a tiny Llama (GQA, no Gemma in it: one-row attention is the same math there)."""
+    import transformers
+
+    import gemma4_fx
+
+    if name != "llama":
+        return gemma4_fx.build_model(name)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=128, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-e4b", "llama"])
+def test_decode_step_through_the_backend(name):
     """A decode step over HF's static cache: every attention rewritten (GQA's repeat of the cache looked through),
     the logits of eager's step."""
     from transformers import StaticCache
@@ -84,7 +99,7 @@ def test_decode_step_through_the_backend(preset):
     import gemma4_fx
     from gemma4_fx.presets import cache_kwargs
 
-    model = gemma4_fx.build_model(preset)
+    model = build(name)
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
     def step(forward):
