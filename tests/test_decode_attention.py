@@ -92,28 +92,31 @@ def build(name):
 
 @pytest.mark.parametrize("name", ["tiny-e2b", "tiny-e4b", "llama"])
 def test_decode_step_through_the_backend(name):
-    """A decode step over HF's static cache: every attention rewritten (GQA's repeat of the cache looked through),
-    the logits of eager's step."""
+    """Decode steps over HF's static cache at batch 2, then 3 and 5 (Dynamo makes the batch symbolic there): every
+    attention of both graphs rewritten (GQA's repeat of the cache looked through), the logits of eager's steps."""
     from transformers import StaticCache
 
     import gemma4_fx
     from gemma4_fx.presets import cache_kwargs
 
     model = build(name)
-    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
-    def step(forward):
+    def step(forward, batch):
+        ids = torch.randint(3, 100, (batch, 12), generator=torch.Generator().manual_seed(batch))
         cache = StaticCache(config=model.config, max_cache_len=40)
         with torch.no_grad():
             model(ids, **cache_kwargs(model, cache), use_cache=True)
             return forward(ids[:, -1:], **cache_kwargs(model, cache), use_cache=True,
-                           position_ids=torch.full((2, 1), 12), cache_position=torch.tensor([12])).logits
+                           position_ids=torch.full((batch, 1), 12), cache_position=torch.tensor([12])).logits
 
     backend = gemma4_fx.Gemma4Backend(cudagraphs=None)
-    got, expected = step(torch.compile(model, backend=backend)), step(model)
+    compiled = torch.compile(model, backend=backend)
+    for batch in (2, 3, 5):
+        got, expected = step(compiled, batch), step(model, batch)
+        assert (got - expected).abs().max().item() <= 2e-5 * expected.abs().max().item(), batch
     layers = model.config.num_hidden_layers
-    assert backend.report.counts["decode_attention"] == layers, backend.report
-    assert (got - expected).abs().max().item() <= 2e-5 * expected.abs().max().item()
+    assert len(backend.report.graphs) == 2  # batch 2, then one graph with a symbolic batch for 3 and 5
+    assert backend.report.counts["decode_attention"] == 2 * layers, backend.report
 
 
 class OneRowAttention(torch.nn.Module):

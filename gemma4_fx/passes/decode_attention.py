@@ -10,8 +10,9 @@ once per kv head, split along the keys over the GPU, where SDPA's kernels for ma
 (E2B's global layers: 112 us a call on an H200). The repeat is looked through, so the cache is not copied per query
 head either. It runs after YOCO, which leaves KV-shared layers one query row in a prefill that keeps one.
 
-Left alone (with the reason): dropout, `is_causal`, a mask that is not a bool [B or 1, 1, 1, S], shapes the kernels
-do not take (`check_inputs`).
+Left alone (with the reason): dropout, `is_causal`, a mask that is not a bool [B or 1, 1, 1, S], symbolic heads or
+head dim, shapes the kernels do not take (`check_inputs`). A symbolic batch or cache length is taken: the launch
+sizes its grid from the tensors it gets (Dynamo makes the batch symbolic at a decode step's second batch size).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def _unsupported(args: dict, k_cache, v_cache) -> str | None:
     if not isinstance(mask, torch.fx.Node):
         return "no attention mask (the kernels take a bool mask of the visible keys)"
     q, k, v, m = (value(n) for n in (args["query"], k_cache, v_cache, mask))
-    if any(not isinstance(size, int) for size in (*q.shape, k.shape[1])):
-        return "symbolic batch, heads or head dim"
+    if any(not isinstance(size, int) for size in (*q.shape[1:], k.shape[1])):
+        return "symbolic heads or head dim"
     if not isinstance(args.get("scale"), (float, int, type(None))):
         return "a scale computed in the graph (the kernels take a constant)"
     try:
