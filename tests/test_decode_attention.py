@@ -33,8 +33,10 @@ GEMMA4_CASES = {  # E2B's and E4B's layers at decode: sliding (head dim 256, a 5
 }
 
 
-def check_against_float64(batch, heads, kv_heads, keys, dim, visible, block_s, splits, dtype, device):
+def check_against_float64(batch, heads, kv_heads, keys, dim, visible, block_s, splits, dtype, device, masked=True):
+    """`masked=False`: no mask at all (every key visible, as `visible=None` makes the mask say)."""
     q, k, v, mask = inputs(batch, heads, kv_heads, keys, dim, dtype, visible, device=device)
+    mask = mask if masked else None
     scale = dim ** -0.5
     poisoned = torch.full_like(q, float("nan"))
     out = ops.decode_attention_triton(q, k, v, mask, scale, block_s=block_s, split_count=splits, out=poisoned)
@@ -56,6 +58,14 @@ def test_kernels_match_float64(case, dtype, device):
     check_against_float64(*CASES[case], dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["one-split", "gqa-splits", "odd-dim"])
+def test_kernels_without_a_mask(case, device):
+    batch, heads, kv_heads, keys, dim, _, block_s, splits = CASES[case]
+    check_against_float64(batch, heads, kv_heads, keys, dim, None, block_s, splits, torch.float32, device,
+                          masked=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GEMMA4_CASES)
 def test_kernels_at_gemma4_widths(case):
@@ -69,7 +79,7 @@ def test_op_takes_a_shared_mask_and_checks_its_inputs():
                        ops.decode_attention_reference(q, k, v, shared, 0.25))
     with pytest.raises(ValueError, match="v's shape"):
         ops.check_inputs(q, k, v[..., :8, :], mask)
-    with pytest.raises(ValueError, match="mask must be a bool"):
+    with pytest.raises(ValueError, match="mask must be None or a bool"):
         ops.check_inputs(q, k, v, mask.float())
     with pytest.raises(ValueError, match="multiple of k's"):
         ops.check_inputs(q[:, :3], k, v, mask)
@@ -119,6 +129,35 @@ def test_decode_step_through_the_backend(name):
     assert backend.report.counts["decode_attention"] == 2 * layers, backend.report
 
 
+def test_decode_steps_over_a_dynamic_cache():
+    """HF's DynamicCache: the cache grows a key per step (Dynamo makes its length symbolic at the second) and
+    transformers passes no mask to the full-attention layers; every attention of both graphs rewritten, eager's
+    logits at each step."""
+    from transformers import DynamicCache
+
+    import gemma4_fx
+    from gemma4_fx.presets import cache_kwargs
+
+    model = gemma4_fx.build_model("tiny-e4b")
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    backend = gemma4_fx.Gemma4Backend(cudagraphs=None)
+    compiled = torch.compile(model, backend=backend)
+    caches = [DynamicCache(config=model.config) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+        token = ids[:, -1:]
+        for position in range(12, 15):
+            kwargs = dict(use_cache=True, position_ids=torch.full((2, 1), position),
+                          cache_position=torch.tensor([position]))
+            expected = model(token, **cache_kwargs(model, caches[0]), **kwargs).logits
+            got = compiled(token, **cache_kwargs(model, caches[1]), **kwargs).logits
+            assert (got - expected).abs().max().item() <= 2e-5 * expected.abs().max().item(), position
+            token = expected.argmax(-1)
+    assert len(backend.report.graphs) == 2, backend.report
+    assert backend.report.counts["decode_attention"] == 2 * model.config.num_hidden_layers, backend.report
+
+
 class OneRowAttention(torch.nn.Module):
     """SDPA of one query row over a [B, Hkv, S, D] cache repeated to the query heads `how`: "repeat_kv" as HF
     writes it, "tile" (kv heads repeated as a block: not what the kernels read, so not looked through), "none"."""
@@ -143,8 +182,8 @@ class OneRowAttention(torch.nn.Module):
     ("repeat_kv", "bool", False, None),
     ("tile", "bool", False, None),
     ("none", "bool", False, None),
-    ("repeat_kv", "float", False, "mask must be a bool"),
-    ("repeat_kv", "none", False, "no attention mask"),
+    ("repeat_kv", "float", False, "mask must be None or a bool"),
+    ("repeat_kv", "none", False, None),  # every key visible
     ("repeat_kv", "none", True, "dropout or is_causal"),
 ])
 def test_pass_rewrites_what_it_takes_and_says_why_not(how, mask, is_causal, reason):

@@ -3,14 +3,15 @@
 Matched on Dynamo's graph (as YOCO is), where attention is still one `scaled_dot_product_attention` call:
 
     k = repeat_kv(k_cache, n)    # k_cache[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D), or k itself
-    out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)   # q: [B, H, 1, D], mask bool
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)   # q: [B, H, 1, D], mask bool or None
 
 becomes `decode_attention(q, k_cache, v_cache, mask, scale)` (replacements/decode_attention.py): the cache read
 once per kv head, split along the keys over the GPU, where SDPA's kernels for many query rows take a few programs
 (E2B's global layers: 112 us a call on an H200). The repeat is looked through, so the cache is not copied per query
 head either. It runs after YOCO, which leaves KV-shared layers one query row in a prefill that keeps one.
 
-Left alone (with the reason): dropout, `is_causal`, a mask that is not a bool [B or 1, 1, 1, S], symbolic heads or
+Left alone (with the reason): dropout, `is_causal`, a mask that is not a bool [B or 1, 1, 1, S] (None is taken: every
+key visible, as transformers leaves a full-attention layer over a dynamic cache), symbolic heads or
 head dim, shapes the kernels do not take (`check_inputs`). A symbolic batch or cache length is taken: the launch
 sizes its grid from the tensors it gets (Dynamo makes the batch symbolic at a decode step's second batch size).
 """
@@ -73,8 +74,8 @@ def _unsupported(args: dict, k_cache, v_cache) -> str | None:
     if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False):
         return "dropout or is_causal"
     mask = args.get("attn_mask")
-    if not isinstance(mask, torch.fx.Node):
-        return "no attention mask (the kernels take a bool mask of the visible keys)"
+    if mask is not None and not isinstance(mask, torch.fx.Node):
+        return f"an attention mask that is not a tensor ({mask!r})"
     q, k, v, m = (value(n) for n in (args["query"], k_cache, v_cache, mask))
     if any(not isinstance(size, int) for size in (*q.shape[1:], k.shape[1])):
         return "symbolic heads or head dim"
@@ -108,7 +109,7 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
         scale = value(args["query"]).shape[-1] ** -0.5 if scale is None else scale
         with graph.inserting_before(node):
             fused = graph.call_function(torch.ops.gemma4_fx.decode_attention.default,
-                                        (args["query"], k_cache, v_cache, args["attn_mask"], scale))
+                                        (args["query"], k_cache, v_cache, args.get("attn_mask"), scale))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         graph.erase_node(node)

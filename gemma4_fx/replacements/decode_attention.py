@@ -1,7 +1,8 @@
 """Attention of one query token per sequence over a KV cache, split along the keys: `gemma4_fx::decode_attention`.
 
 For q: [B, H, 1, D], k and v: [B, Hkv, S, D] (H a multiple of Hkv: query head h reads kv head h // (H / Hkv)), and
-`mask`: [B, 1, 1, S], True where a key may be attended (a bool mask, as transformers passes SDPA):
+`mask`: [B, 1, 1, S], True where a key may be attended (a bool mask, as transformers passes SDPA), or None where
+every key is (transformers passes none to a full-attention layer over a dynamic cache):
 
     s_j = scale * (q . k_j)            # fp32
     p = softmax(s over the keys j with mask_j)
@@ -34,13 +35,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUP = 16  # query heads per kv head: one tl.dot tile of rows
 
 
-def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """The math above in float64 (tests) or fp32, GQA by repeating k and v, rounded once to q.dtype."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     k, v = (t.to(work).repeat_interleave(group, dim=1) for t in (k, v))
     scores = (q.to(work) @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, -float("inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -float("inf"))
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
@@ -53,7 +55,7 @@ def splits(batch_kv_heads: int, keys: int, block: int, sms: int) -> int:
 def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, scale, keys, heads, kv_heads,
                   q_stride_b, q_stride_h, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
                   mask_stride_b, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr):
+                  BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr):
     """Keys [split * KEYS_PER_SPLIT, +KEYS_PER_SPLIT) of one (sequence, kv head) against its GROUP query heads:
     acc[bh, split, g, :] = sum_j e^(s_j - m) v_j, stats[bh, split, g] = (m, l = sum_j e^(s_j - m))."""
     bh = tl.program_id(0)
@@ -71,7 +73,10 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, s
     for block in range(KEYS_PER_SPLIT // BLOCK_S):
         s_idx = split * KEYS_PER_SPLIT + block * BLOCK_S + tl.arange(0, BLOCK_S)
         inside = s_idx < keys
-        visible = tl.load(mask_ptr + b * mask_stride_b + s_idx, mask=inside, other=0) != 0
+        if HAS_MASK:
+            visible = tl.load(mask_ptr + b * mask_stride_b + s_idx, mask=inside, other=0) != 0
+        else:
+            visible = inside
         k = tl.load(k_ptr + b * k_stride_b + kv_head * k_stride_h + s_idx[:, None] * k_stride_s + d[None, :],
                     mask=inside[:, None] & in_d[None, :], other=0.0)
         scores = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_S], tl.float32), "ieee") * scale
@@ -114,7 +119,7 @@ def _decode_attention_combine(acc_ptr, stats_ptr, out_ptr, heads, kv_heads, out_
     tl.store(out_ptr + b * out_stride_b + head * out_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, *,
+def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, *,
                             block_s: int | None = None, split_count: int | None = None,
                             out: Tensor | None = None) -> Tensor:
     """Launch the split and combine kernels into `out` (a new tensor like q by default); `block_s` and
@@ -132,11 +137,14 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale
     acc = torch.empty((batch * kv_heads, count, block_g, block_d), dtype=torch.float32, device=q.device)
     stats = torch.empty((batch * kv_heads, count, block_g, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    mask = mask.expand(batch, 1, 1, keys).reshape(batch, keys)  # a view unless the mask is shared
+    has_mask = mask is not None
+    # a view unless the mask is shared (no mask: q stands in for the pointer, never read)
+    mask = mask.expand(batch, 1, 1, keys).reshape(batch, keys) if has_mask else q.view(batch, -1)
     launcher(_decode_attention_split)[(batch * kv_heads, count)](
         q, k, v, mask, acc, stats, float(scale), keys, heads, kv_heads, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0), GROUP=group,
         BLOCK_G=block_g, D=dim, BLOCK_D=block_d, BLOCK_S=block_s, SPLITS=count, KEYS_PER_SPLIT=keys_per_split,
+        HAS_MASK=has_mask,
         num_warps=4 if dim <= 256 else 8)
     launcher(_decode_attention_combine)[(batch * heads,)](
         acc, stats, out, heads, kv_heads, out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, D=dim,
@@ -144,7 +152,7 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale
     return out
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     """A ValueError naming the first argument the kernels cannot take."""
     if q.dim() != 4 or q.shape[2] != 1 or q.dtype not in DTYPES or q.stride(-1) != 1:
         raise ValueError(f"decode_attention: q must be [batch, heads, 1, dim] with unit last stride, dtype in "
@@ -162,14 +170,14 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> None:
     if heads % kv_heads or heads // kv_heads > MAX_GROUP:
         raise ValueError(f"decode_attention: q's {heads} heads must be a multiple of k's {kv_heads}, at most "
                          f"{MAX_GROUP} per kv head")
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, batch) \
-            or tuple(mask.shape[1:]) != (1, 1, keys):
-        raise ValueError(f"decode_attention: mask must be a bool [{batch} or 1, 1, 1, {keys}] tensor; got "
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, batch)
+                             or tuple(mask.shape[1:]) != (1, 1, keys)):
+        raise ValueError(f"decode_attention: mask must be None or a bool [{batch} or 1, 1, 1, {keys}] tensor; got "
                          f"{mask.dtype} {tuple(mask.shape)}")
 
 
 @torch.library.custom_op("gemma4_fx::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """softmax(scale * q k^T over the visible keys) v for one query token per sequence: on CUDA the split-KV Triton
     launches, elsewhere the reference."""
     check_inputs(q, k, v, mask)
