@@ -34,9 +34,11 @@ GEMMA4_CASES = {  # E2B's and E4B's layers at decode: sliding (head dim 256, a 5
 
 
 def check_against_float64(batch, heads, kv_heads, keys, dim, visible, block_s, splits, dtype, device, masked=True):
-    """`masked=False`: no mask at all (every key visible, as `visible=None` makes the mask say)."""
+    """`masked=False`: no mask at all (every key visible, as `visible=None` makes the mask say), and q laid out as
+    transformers makes it ([B, 1, H, D] transposed: not contiguous)."""
     q, k, v, mask = inputs(batch, heads, kv_heads, keys, dim, dtype, visible, device=device)
-    mask = mask if masked else None
+    if not masked:
+        q, mask = q.transpose(1, 2).contiguous().transpose(1, 2), None
     scale = dim ** -0.5
     poisoned = torch.full_like(q, float("nan"))
     out = ops.decode_attention_triton(q, k, v, mask, scale, block_s=block_s, split_count=splits, out=poisoned)

@@ -137,15 +137,13 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     acc = torch.empty((batch * kv_heads, count, block_g, block_d), dtype=torch.float32, device=q.device)
     stats = torch.empty((batch * kv_heads, count, block_g, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    has_mask = mask is not None
-    # a view unless the mask is shared (no mask: q stands in for the pointer, never read)
-    mask = mask.expand(batch, 1, 1, keys).reshape(batch, keys) if has_mask else q.view(batch, -1)
+    if mask is not None:
+        mask = mask.expand(batch, 1, 1, keys).reshape(batch, keys)  # a view unless the mask is shared
     launcher(_decode_attention_split)[(batch * kv_heads, count)](
-        q, k, v, mask, acc, stats, float(scale), keys, heads, kv_heads, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0), GROUP=group,
-        BLOCK_G=block_g, D=dim, BLOCK_D=block_d, BLOCK_S=block_s, SPLITS=count, KEYS_PER_SPLIT=keys_per_split,
-        HAS_MASK=has_mask,
-        num_warps=4 if dim <= 256 else 8)
+        q, k, v, q if mask is None else mask, acc, stats, float(scale), keys, heads, kv_heads, q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        0 if mask is None else mask.stride(0), GROUP=group, BLOCK_G=block_g, D=dim, BLOCK_D=block_d, BLOCK_S=block_s,
+        SPLITS=count, KEYS_PER_SPLIT=keys_per_split, HAS_MASK=mask is not None, num_warps=4 if dim <= 256 else 8)
     launcher(_decode_attention_combine)[(batch * heads,)](
         acc, stats, out, heads, kv_heads, out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_g, D=dim,
         BLOCK_D=block_d, SPLITS=count, BLOCK_SPLITS=triton.next_power_of_2(count), num_warps=4)
