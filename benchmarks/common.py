@@ -53,6 +53,15 @@ def graph_replay_us(fn, *args) -> float:
         return triton.testing.do_bench(replay, warmup=25, rep=200, return_mode="median") * 1e3
 
 
+def graph_stack_us(fn, arg_sets: list, rep: int = 200) -> float:
+    """Median µs per call of replaying a CUDA graph that holds `fn(*args)` for each of `arg_sets` back to back: a
+    decode step's view of a kernel (each layer's weights cold in L2 after the others', no launch gap between calls,
+    one graph launch shared by all), where one call alone per graph adds the graph's own launch to every call."""
+    with torch.no_grad():
+        replay = cuda_graph(lambda: [fn(*args) for args in arg_sets])
+        return triton.testing.do_bench(replay, warmup=10, rep=rep, return_mode="median") * 1e3 / len(arg_sets)
+
+
 def plain_call_us(fns: dict, *args, calls: int = 50, repeats: int = 9) -> dict:
     """{name: µs per call} of `calls` back-to-back calls of each fn(*args) outside any CUDA graph, host wall clock
     from a synchronize to a synchronize, median of `repeats` rounds that take the fns in turn (so that the host's

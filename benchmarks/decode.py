@@ -42,7 +42,8 @@ from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, rebuild
                                shareable, synchronize)
 
 # "gemma4_fx auto, no <what>": the backend without these rewrites, to time what they gain
-LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("decode_attention",)}
+LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("decode_attention",),
+            "singles": ("skinny_single",)}
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
             *(f"gemma4_fx auto, no {what}" for what in LEFT_OUT))
 GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.generate")
@@ -143,7 +144,7 @@ def step_job(variant: str, batch: int, model, args, turn) -> dict:
         with turn():
             result = {"value": median_block_ms(step, args.steps, args.repeats, model.device)}
             if args.profile:
-                result["gpu busy"], result["profile"] = kernel_profile(step, calls=PROFILED_STEPS)
+                result["gpu busy"], result["profile"] = kernel_profile(step, top=args.profile, calls=PROFILED_STEPS)
     if backend is not None:
         result["graphs"] = described(backend)
     return result
@@ -188,7 +189,7 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     with turn():
         t_short, t_long = (median_block_ms(lambda: run(n), 1, args.repeats, model.device) for n in (short, long))
         if args.profile:  # the whole call, prefill included: how much of the wall time the GPU is busy
-            _, result["profile"] = kernel_profile(lambda: run(long))
+            _, result["profile"] = kernel_profile(lambda: run(long), top=args.profile)
     result["value"] = (t_long - t_short) / (long - short)
     if backend is not None:
         result["graphs"] = described(backend)
@@ -291,8 +292,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=48,
                         help=f"new tokens of the longer generate run (> {GENERATE_SHORT})")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens of the generate runs")
-    parser.add_argument("--profile", action="store_true",
-                        help="print the GPU's busy time against the wall time, and the kernel families, per job")
+    parser.add_argument("--profile", type=int, nargs="?", const=8, default=0, metavar="TOP",
+                        help="print the GPU's busy time against the wall time, the kernel families and the TOP "
+                             "(default 8) kernels, per job")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--multimodal", action="store_true",
                         help="each preset as Gemma4ForConditionalGeneration and as Gemma4ForCausalLM, same weights")

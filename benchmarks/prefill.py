@@ -197,7 +197,7 @@ def job(spec, turn) -> dict:
             if shape in encoders:
                 out["encoder_ms"] = median_ms(encoders[shape], device, args.warmup, args.repeats)
             if args.profile and device.type == "cuda":
-                out["gpu_busy_ms"], out["profile"] = kernel_profile(run)
+                out["gpu_busy_ms"], out["profile"] = kernel_profile(run, top=args.profile)
     result["images"] = images_per_prompt
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
         result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
@@ -298,7 +298,9 @@ def main():
                         help="gemma4_fx variants with Gemma4Backend(emulate_precision_casts=False)")
     parser.add_argument("--cudagraphs", default=None, choices=[m for m in gemma4_fx.backend.CUDAGRAPH_MODES if m],
                         help="the gemma4_fx variants' CUDA graphs (default: none)")
-    parser.add_argument("--profile", action="store_true", help="print where the time of one call goes (CUDA)")
+    parser.add_argument("--profile", type=int, nargs="?", const=8, default=0, metavar="TOP",
+                        help="print where the time of one call goes (CUDA): kernel families and the TOP (default 8) "
+                             "kernels")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
