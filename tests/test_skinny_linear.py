@@ -260,14 +260,16 @@ def _group(device, rows, hidden, widths, gated):
 
 @pytest.mark.parametrize("case, reason", [
     (("cuda", 8, 1536, [12288, 12288], True), None),  # E2B double-wide gate/up: measured faster
-    (("cuda", 8, 2560, [10240, 10240], True), "gate and up weights of 100 MiB: above 72 MiB one launch is not faster "
-                                              "than separate linears"),  # E4B gate/up: ties or loses
+    (("cuda", 8, 2560, [10240, 10240], True), "gate and up weights of 100 MiB: above 72 MiB one launch is faster "
+                                              "than separate linears only with a tuned config, and this shape has "
+                                              "none"),  # E4B gate/up on a GPU without tuned configs
     (("cuda", 32, 2560, [4096, 1024, 1024], False), None),  # q/k/v: any size
     (("cpu", 8, 2560, [10240, 10240], True), None),  # the CPU op is eager's: no speed to lose
 ], ids=["e2b-double-wide", "e4b-gate-up", "e4b-qkv", "cpu"])
 def test_gated_size_rule(case, reason):
-    """On CUDA a gated group is rewritten only up to `GATED_MAX_WEIGHT_BYTES` of weights (BENCHMARKS.md)."""
-    assert P._unsupported(*_group(*case)) == reason
+    """On CUDA a gated group above `GATED_MAX_WEIGHT_BYTES` of weights is rewritten only with a tuned config (none
+    on a GPU the table does not name; `test_skinny_single.py` takes E4B's on an H200)."""
+    assert P.unsupported(*_group(*case)) == reason
 
 
 def test_pattern_on_a_tiny_gemma4_decode_step():

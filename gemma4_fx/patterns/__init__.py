@@ -5,7 +5,7 @@ One module per rewrite, with `NAME` (its name in reports and in `Gemma4Backend(p
 float stand-ins all patterns share live in `matcher_utils`.
 """
 
-from . import moe_experts, ple_tail, post_attn_norm, router, skinny_linear
+from . import moe_experts, ple_tail, post_attn_norm, router, skinny_linear, skinny_single
 
 # The order the passes run in, whatever order a user names them in:
 # - skinny_linear first: it tells Gemma-4's gate/up from Gemma-2/3's by the MLP's input norm, which post_attn_norm
@@ -15,5 +15,8 @@ from . import moe_experts, ple_tail, post_attn_norm, router, skinny_linear
 # - router before post_attn_norm: post_attn_norm's widest variant consumes the `router_input` op that the router
 #   rewrite creates, and folds the router's norm into the layer's one pass over the residual;
 # - moe_experts reads the routing whichever op computes it (eager's or the router rewrite's);
-# - ple_tail last: it matches the end of a layer, after the MLP and the experts, which it takes as a wildcard.
-PATTERNS = {module.NAME: module for module in (skinny_linear, router, post_attn_norm, moe_experts, ple_tail)}
+# - ple_tail after them: it matches the end of a layer, after the MLP and the experts, which it takes as a wildcard;
+# - skinny_single last: it takes a lone linear by the norm its output feeds, which the epilogues (post_attn_norm,
+#   ple_tail) find by that linear's mm, and may have folded into their ops by then.
+PATTERNS = {module.NAME: module
+            for module in (skinny_linear, router, post_attn_norm, moe_experts, ple_tail, skinny_single)}

@@ -29,17 +29,17 @@ from .matcher_utils import NormForm, match_norm, norm_below, norm_forms, not_gel
 
 NAME = "skinny_linear"
 aten = torch.ops.aten
-_RESHAPES = (aten.reshape.default, aten.view.default)
+RESHAPES = (aten.reshape.default, aten.view.default)
 
-# On CUDA a gated group is rewritten only up to this many bytes of gate and up weights: E2B's double-wide MLP
-# (2 x 12288 x 1536 bf16) is the largest measured faster than separate cuBLAS linears and Inductor's gelu-mul
-# (1.08-1.12x, E2B's 6144-wide 1.15-1.29x), E4B's (2 x 10240 x 2560) ties or loses by up to 5%: the launches one
-# op saves cost the same at any size, while cuBLAS reads large weights nearer the copy bandwidth than the kernel
-# does (BENCHMARKS.md, skinny linear). q/k/v groups win at every measured width.
+# On CUDA a gated group above this many bytes of gate and up weights is rewritten only where its shape has a tuned
+# config (`skinny_linear_configs.py`): with the rule's default config E2B's double-wide MLP (2 x 12288 x 1536 bf16)
+# is the largest measured faster than separate cuBLAS linears and Inductor's gelu-mul, E4B's (2 x 10240 x 2560)
+# tied or lost by up to 5%; tuned, E4B's is 5% faster than Inductor's (BENCHMARKS.md, skinny linear). q/k/v groups
+# win at every measured width.
 GATED_MAX_WEIGHT_BYTES = 2 * 12288 * 1536 * 2
 
 
-def _weight(mm: torch.fx.Node) -> torch.fx.Node | None:
+def weight_of(mm: torch.fx.Node) -> torch.fx.Node | None:
     """w of `mm(x, permute(w, [1, 0]))` with w a graph input, else None."""
     permute = mm.args[1]
     if not isinstance(permute, torch.fx.Node) or permute.target is not aten.permute.default \
@@ -49,34 +49,33 @@ def _weight(mm: torch.fx.Node) -> torch.fx.Node | None:
     return weight if weight.op in ("placeholder", "get_attr") else None
 
 
-def _source(x: torch.fx.Node) -> torch.fx.Node:
+def source_of(x: torch.fx.Node) -> torch.fx.Node:
     """What a linear's input reshapes (the [batch, seq, hidden] activation), or the input itself."""
-    return x.args[0] if x.target in _RESHAPES else x
+    return x.args[0] if x.target in RESHAPES else x
 
 
-def _groups(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
-    """The linears' mm nodes grouped by their input (a reshape's source and sizes, else the node itself); groups of
-    one left out."""
+def linears_by_input(graph: torch.fx.Graph) -> list[list[torch.fx.Node]]:
+    """The linears' mm nodes grouped by their input (a reshape's source and sizes, else the node itself)."""
     groups: dict[tuple, list[torch.fx.Node]] = {}
     for mm in graph.find_nodes(op="call_function", target=aten.mm.default):
         x = mm.args[0]
-        if _weight(mm) is None or not isinstance(x, torch.fx.Node):
+        if weight_of(mm) is None or not isinstance(x, torch.fx.Node):
             continue
-        key = (x.args[0], tuple(x.args[1])) if x.target in _RESHAPES else (x, None)
+        key = (x.args[0], tuple(x.args[1])) if x.target in RESHAPES else (x, None)
         groups.setdefault(key, []).append(mm)
-    return [mms for mms in groups.values() if len(mms) > 1]
+    return list(groups.values())
 
 
 def _output(mm: torch.fx.Node) -> torch.fx.Node:
     """The mm, or its only user if that reshapes it (back to [batch, seq, width])."""
     users = list(mm.users)
-    return users[0] if len(users) == 1 and users[0].target in _RESHAPES else mm
+    return users[0] if len(users) == 1 and users[0].target in RESHAPES else mm
 
 
 def _gated(mms: list[torch.fx.Node], forms: list[NormForm]) -> tuple[list[torch.fx.Node], torch.fx.Node] | None:
     """([gate, up], the node computing gelu_tanh(gate's output) * up's output) where two linears on a weighted
     norm's output meet so, else None."""
-    if len(mms) != 2 or match_norm(_source(mms[0].args[0]), forms, weighted=True) is None:
+    if len(mms) != 2 or match_norm(source_of(mms[0].args[0]), forms, weighted=True) is None:
         return None
     for gate, up in (mms, mms[::-1]):
         gate_out, up_out = _output(gate), _output(up)
@@ -88,17 +87,23 @@ def _gated(mms: list[torch.fx.Node], forms: list[NormForm]) -> tuple[list[torch.
     return None
 
 
-def _normed(mm: torch.fx.Node, forms: list[NormForm]) -> bool:
-    """An RMSNorm, weighted or not, takes the mm's output, or a reshape of it (to heads), as its input."""
-    inputs, stack = set(), [mm]
+def outputs_of(mm: torch.fx.Node) -> set[torch.fx.Node]:
+    """The mm and its reshapes (to heads, back to [batch, seq, width]), transitively."""
+    outputs, stack = set(), [mm]
     while stack:
         node = stack.pop()
-        inputs.add(node)
-        stack += [user for user in node.users if user.target in _RESHAPES]
-    return any(norm_below(inputs, forms, weighted) for weighted in (True, False))
+        outputs.add(node)
+        stack += [user for user in node.users if user.target in RESHAPES]
+    return outputs
 
 
-def _unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], product: torch.fx.Node | None) -> str | None:
+def normed(mm: torch.fx.Node, forms: list[NormForm], weighted=(True, False)) -> bool:
+    """An RMSNorm (weighed by a graph input, or by nothing, as `weighted` allows) takes the mm's output, or a
+    reshape of it, as its input."""
+    return any(norm_below(outputs_of(mm), forms, weighs) for weighs in weighted)
+
+
+def unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], product: torch.fx.Node | None) -> str | None:
     """Why the op cannot take this group, or (gated, on CUDA) why it would not be faster; None if neither."""
     xv = value(x)
     if xv.device.type not in ("cuda", "cpu"):
@@ -115,18 +120,19 @@ def _unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], product: torch.
     except ValueError as error:
         return str(error)
     size = sum(value(w).numel() * value(w).element_size() for w in weights)
-    if gated and xv.device.type == "cuda" and size > GATED_MAX_WEIGHT_BYTES:
+    if gated and xv.device.type == "cuda" and size > GATED_MAX_WEIGHT_BYTES and ops.tuned_config(
+            xv.shape[0], xv.shape[1], [value(w).shape[0] for w in weights], xv.dtype, True, xv.device) is None:
         return (f"gate and up weights of {size / 2**20:.0f} MiB: above {GATED_MAX_WEIGHT_BYTES / 2**20:.0f} MiB "
-                "one launch is not faster than separate linears")
+                "one launch is faster than separate linears only with a tuned config, and this shape has none")
     return None
 
 
-def _rewrite(graph: torch.fx.Graph, mms: list[torch.fx.Node], product: torch.fx.Node | None) -> None:
+def rewrite(graph: torch.fx.Graph, mms: list[torch.fx.Node], product: torch.fx.Node | None) -> None:
     """One op before the group's first mm (on that mm's x: the others' reshapes of the same source die), its
     outputs in place of the mms' (gated: of the product)."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     first = min(mms, key=order.__getitem__)
-    x, weights = first.args[0], [_weight(mm) for mm in mms]
+    x, weights = first.args[0], [weight_of(mm) for mm in mms]
     gated = product is not None
     with graph.inserting_before(first):
         fused = graph.call_function(torch.ops.gemma4_fx.skinny_linear.default, (x, weights, gated))
@@ -149,11 +155,13 @@ def _rewrite(graph: torch.fx.Graph, mms: list[torch.fx.Node], product: torch.fx.
 
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
     forms = norm_forms(graph, ctx.options)
-    for mms in _groups(graph):
+    for mms in linears_by_input(graph):
+        if len(mms) == 1:
+            continue  # a linear alone: skinny_single's, after the epilogues
         gated = _gated(mms, forms)
-        if gated is None and not all(_normed(mm, forms) for mm in mms):
+        if gated is None and not all(normed(mm, forms) for mm in mms):
             continue  # neither Gemma-4's gate/up nor its q/k/v
         mms, product = gated or (mms, None)
-        if ctx.decide(NAME, mms[0], _unsupported(mms[0].args[0], [_weight(mm) for mm in mms], product)):
-            _rewrite(graph, mms, product)
+        if ctx.decide(NAME, mms[0], unsupported(mms[0].args[0], [weight_of(mm) for mm in mms], product)):
+            rewrite(graph, mms, product)
     graph.eliminate_dead_code()

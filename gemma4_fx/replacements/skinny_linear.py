@@ -26,13 +26,15 @@ The kernel, grid (column blocks, SPLIT_K):
 
 Against cuBLAS only the order of the fp32 sum along K differs (so the rounded outputs, by an ulp here and there).
 
-Timed at E2B/E4B widths in BENCHMARKS.md (grouped skinny linears, `benchmarks/skinny_linear.py`): one launch beats
-separate linears for every q/k/v group, and for gate/up up to E2B's widths (where the pattern draws its line).
-`--sweep` times other block configs against `default_config`.
+Block configs: tuned per shape and GPU where swept (`skinny_linear_configs.py`, `benchmarks/skinny_linear.py
+--sweep`), else `default_config`'s rule. Timed at E2B/E4B widths in BENCHMARKS.md (skinny linears): with tuned
+configs one launch beats separate cuBLAS linears for every q/k/v and gate/up group measured, and cuBLAS's GEMM for
+most lone linears (the table lists those).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -44,10 +46,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .gemm import dot, gelu_tanh_mul
 from .launch import sm_count
+from .skinny_linear_configs import CONFIGS
 from .rows import DTYPES
 
 MAX_ROWS = 64  # x's rows live in one BLOCK_M
 MAX_WEIGHTS = 3  # q, k and v
+TUNED_MAX_ROWS = 16  # the tuned configs' rows: one 16-row tile, as at M = 1 where they were swept
 SHARED_MEMORY = 96 << 10  # the stages of a config fit any CUDA GPU's shared memory
 
 
@@ -84,6 +88,33 @@ def default_config(rows: int, hidden: int, widths: list[int], dtype: torch.dtype
     split = max(1, min(triton.cdiv(sms, blocks), steps, hidden * elem // (4 * 2 * 4 * max(rows, 1))))
     stage_bytes = (block_m(rows) + (2 if gated else 1) * block_n) * block_k * elem
     return Config(block_n, block_k, split, 4, max(2, min(4, SHARED_MEMORY // stage_bytes)))
+
+
+def tuned_config(rows: int, hidden: int, widths: list[int], dtype: torch.dtype, gated: bool,
+                 device: torch.device) -> Config | None:
+    """The table's config (`skinny_linear_configs.py`) for this shape on this GPU, at most TUNED_MAX_ROWS rows of a
+    2-byte dtype (as swept), else None."""
+    if rows > TUNED_MAX_ROWS or torch.empty((), dtype=dtype).element_size() != 2:
+        return None
+    gpu = _gpu(device)
+    for (k, ns, is_gated, name), value in CONFIGS.items():
+        if (k, ns, is_gated) == (hidden, tuple(widths), gated) and name in gpu:
+            return Config(*value)
+    return None
+
+
+def config_for(rows: int, hidden: int, widths: list[int], dtype: torch.dtype, gated: bool,
+               device: torch.device) -> Config:
+    """`tuned_config`, else `default_config`."""
+    return tuned_config(rows, hidden, widths, dtype, gated, device) or default_config(
+        rows, hidden, widths, dtype, gated, sm_count(device))
+
+
+@functools.cache
+def _gpu(device: torch.device) -> tuple[str, ...]:
+    """The table's GPU names that fit `device`: an H100 takes the H200's configs (the same SMs)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
+    return ("H100", "H200") if "H100" in name else ("H200",) if "H200" in name else ()
 
 
 def block_m(rows: int) -> int:
@@ -227,7 +258,7 @@ def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, 
     outs = [x.new_empty((rows, n)) for n in (widths[:1] if gated else widths)]
     if rows == 0:
         return outs
-    config = config or default_config(rows, hidden, widths, x.dtype, gated, sm_count(x.device))
+    config = config or config_for(rows, hidden, widths, x.dtype, gated, x.device)
     steps = triton.cdiv(hidden, config.block_k)
     split_k = split_runs(steps, config.split_k)
     blocks = sum(triton.cdiv(o.shape[1], config.block_n) for o in outs)
