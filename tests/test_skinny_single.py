@@ -95,13 +95,13 @@ def _mm(device, rows, hidden, width, dtype=BF16):
     ("", ("cpu", 1, 1536, 8960), None),  # the CPU op is eager's: no speed to lose
 ])
 def test_cuda_takes_a_lone_linear_only_with_a_tuned_config(monkeypatch, gpu, case, reason):
-    monkeypatch.setattr(S, "_gpu", lambda device: {"H100": ("H100", "H200"), "H200": ("H200",)}.get(gpu, ()))
+    monkeypatch.setattr(S, "tuned_gpus", lambda device: {"H100": ("H100", "H200"), "H200": ("H200",)}.get(gpu, ()))
     assert P._untuned(_mm(*case)) == reason
 
 
 def test_tuned_config_lookup(monkeypatch):
     """The table's entry at up to 16 rows of a 2-byte dtype on a listed GPU, else the rule's default."""
-    monkeypatch.setattr(S, "_gpu", lambda device: ("H200",))
+    monkeypatch.setattr(S, "tuned_gpus", lambda device: ("H200",))
     cuda = torch.device("cuda")
     entry = S.Config(64, 256, 1, 4, 4)
     assert S.tuned_config(1, 1536, [2048, 256, 256], BF16, False, cuda) == entry
@@ -118,5 +118,5 @@ def test_a_tuned_gated_group_above_the_size_rule(monkeypatch):
     """E4B's gate/up (100 MiB) is taken on an H200, where its tuned config is measured faster."""
     from gemma4_fx.patterns import skinny_linear
 
-    monkeypatch.setattr(S, "_gpu", lambda device: ("H200",))
+    monkeypatch.setattr(S, "tuned_gpus", lambda device: ("H200",))
     assert skinny_linear.unsupported(*_group("cuda", 8, 2560, [10240, 10240], True)) is None

@@ -43,8 +43,9 @@ def _feeds_gelu_gate(y: torch.fx.Node) -> bool:
     """`gelu_tanh(y) * t` is computed from y (within the ops of a decomposed gelu), with t no linear's output (the PLE
     gate; the MLP's gate meets its up projection)."""
     below, frontier = set(), [y]
-    for _ in range(12):  # gelu_tanh decomposed, with casts around it
-        frontier = [user for node in frontier for user in node.users if user not in below]
+    for _ in range(12):  # gelu_tanh decomposed, with casts around it; not past another linear
+        frontier = [user for node in frontier for user in node.users
+                    if user not in below and user.target is not aten.mm.default]
         below.update(frontier)
     for mul in below:
         if mul.target is not aten.mul.Tensor or len(mul.args) != 2:

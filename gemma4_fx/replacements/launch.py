@@ -29,6 +29,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SMS
 
 
+@functools.cache
+def tuned_gpus(device: torch.device) -> tuple[str, ...]:
+    """The names of GPUs in the tuned-config tables (`*_configs.py`) that fit `device`, best first: an H100 takes
+    the H200's configs (the same SMs); none off CUDA."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
+    return ("H100", "H200") if "H100" in name else ("H200",) if "H200" in name else ()
+
+
 def cuda_kernel(op):
     """Register the decorated function as `op`'s CUDA implementation (it takes the op's arguments)."""
     def register(fn):

@@ -39,7 +39,6 @@ are not checked on the device: as in eager, the result is then undefined.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -51,6 +50,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .gemm import dot, gelu_tanh_mul
+from .launch import tuned_gpus
 from .moe_experts_configs import CONFIGS
 from .eager_math import mul_rn
 from .rows import DTYPES
@@ -126,7 +126,7 @@ def default_config(tokens: int, top_k: int, experts: int, dtype: torch.dtype) ->
 def tuned_config(tokens: int, top_k: int, experts: int, inter: int, hidden: int, dtype: torch.dtype,
                  device: torch.device) -> Config:
     """The table's config for the nearest tokens bucket of this shape on this GPU, else `default_config`."""
-    gpu = _gpu(device)
+    gpu = tuned_gpus(device)
     entries = {bucket: value for (bucket, *shape, name), value in CONFIGS.items()
                if tuple(shape) == (experts, inter, hidden) and name in gpu}
     if dtype == torch.float32 or not entries:
@@ -134,13 +134,6 @@ def tuned_config(tokens: int, top_k: int, experts: int, inter: int, hidden: int,
     bucket = min(entries, key=lambda b: abs(math.log2(b) - math.log2(tokens)))
     block_m, gate_up, down = entries[bucket]
     return Config(block_m, GemmConfig(*gate_up), GemmConfig(*down))
-
-
-@functools.cache
-def _gpu(device: torch.device) -> tuple[str, ...]:
-    """The table's GPU names that fit `device`, best first: an H100 takes the H200's tiles (the same SMs)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return ("H100", "H200") if "H100" in name else ("H200",) if "H200" in name else ()
 
 
 # --------------------------------------------------------------------------------------------------------------------

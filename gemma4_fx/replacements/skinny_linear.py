@@ -34,7 +34,6 @@ most lone linears (the table lists those).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -45,7 +44,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .gemm import dot, gelu_tanh_mul
-from .launch import sm_count
+from .launch import sm_count, tuned_gpus
 from .skinny_linear_configs import CONFIGS
 from .rows import DTYPES
 
@@ -96,7 +95,7 @@ def tuned_config(rows: int, hidden: int, widths: list[int], dtype: torch.dtype, 
     2-byte dtype (as swept), else None."""
     if rows > TUNED_MAX_ROWS or torch.empty((), dtype=dtype).element_size() != 2:
         return None
-    gpu = _gpu(device)
+    gpu = tuned_gpus(device)
     for (k, ns, is_gated, name), value in CONFIGS.items():
         if (k, ns, is_gated) == (hidden, tuple(widths), gated) and name in gpu:
             return Config(*value)
@@ -108,13 +107,6 @@ def config_for(rows: int, hidden: int, widths: list[int], dtype: torch.dtype, ga
     """`tuned_config`, else `default_config`."""
     return tuned_config(rows, hidden, widths, dtype, gated, device) or default_config(
         rows, hidden, widths, dtype, gated, sm_count(device))
-
-
-@functools.cache
-def _gpu(device: torch.device) -> tuple[str, ...]:
-    """The table's GPU names that fit `device`: an H100 takes the H200's configs (the same SMs)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
-    return ("H100", "H200") if "H100" in name else ("H200",) if "H200" in name else ()
 
 
 def block_m(rows: int) -> int:
