@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import gemma4_fx
 from gemma4_fx.patterns import skinny_linear as P
 from gemma4_fx.replacements import skinny_linear as S
+from gemma4_fx.replacements.skinny_linear_configs import CONFIGS
 from gemma4_fx.replacements.rows import rms_norm
 from helpers import DEVICES, seeded
 
@@ -83,6 +84,19 @@ def test_deterministic(device, gated):
     first = S.skinny_linear_triton(x, weights, gated, config=SPLIT)
     second = S.skinny_linear_triton(x, weights, gated, config=SPLIT)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("key", sorted(CONFIGS), ids=lambda key: f"{key[0]}x{'+'.join(map(str, key[1]))}"
+                         + ("-gated" if key[2] else ""))
+def test_tuned_configs(device, key):
+    """Every tuned config of the table on a shape cut down to it (two BLOCK_K steps per split, widths two blocks
+    and a part), at 1 and 16 rows: the config's tiles, split and stages, not the model's widths."""
+    hidden, widths, gated, _ = key
+    config = S.Config(*CONFIGS[key])
+    small = [2 * config.block_n + 8] * len(widths)
+    for rows in (1, S.TUNED_MAX_ROWS):
+        _check(*_args(rows, 2 * config.block_k * config.split_k, small, torch.bfloat16, device), gated, config)
 
 
 def test_split_rule():
