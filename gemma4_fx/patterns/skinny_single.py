@@ -23,7 +23,6 @@ left alone with that reason. On CPU the op is eager's linear: every candidate is
 
 from __future__ import annotations
 
-
 import torch
 
 from ..fx_utils import value

@@ -93,11 +93,10 @@ def tuned_config(rows: int, hidden: int, widths: list[int], dtype: torch.dtype, 
                  device: torch.device) -> Config | None:
     """The table's config (`skinny_linear_configs.py`) for this shape on this GPU, at most TUNED_MAX_ROWS rows of a
     2-byte dtype (as swept), else None."""
-    if rows > TUNED_MAX_ROWS or torch.empty((), dtype=dtype).element_size() != 2:
+    if rows > TUNED_MAX_ROWS or dtype.itemsize != 2:
         return None
-    gpu = tuned_gpus(device)
-    for (k, ns, is_gated, name), value in CONFIGS.items():
-        if (k, ns, is_gated) == (hidden, tuple(widths), gated) and name in gpu:
+    for gpu in tuned_gpus(device):
+        if (value := CONFIGS.get((hidden, tuple(widths), gated, gpu))) is not None:
             return Config(*value)
     return None
 
