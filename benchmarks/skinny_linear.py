@@ -7,10 +7,10 @@ widths: gemma4_fx's one-launch `skinny_linear` against separate cuBLAS linears a
                                                   # ours beat cuBLAS's there too? (with --sweep: their best configs)
     python benchmarks/skinny_linear.py --smoke    # tiny widths on CPU under the Triton interpreter: does it run?
 
-Shapes: every distinct group in the E2B and E4B presets' layers (q/k/v of sliding and full layers, where a layer
-computes its own k/v; gate/up, double-wide in E2B's KV-shared layers). Rows M = 1, 8, 32, bf16. Each variant runs as
-a decode step runs it: one CUDA graph holds a call per copy of the weights, enough copies for 256 MB (at least 4),
-back to back, so each call finds its weights cold in L2 and no launch gap before it; the median replay
+Shapes: every distinct group in the layers of `--presets` (default E2B and E4B): q/k/v of sliding and full layers,
+where a layer computes its own k/v; gate/up, double-wide in E2B's KV-shared layers. Rows M = 1, 8, 32, bf16. Each
+variant runs as a decode step runs it: one CUDA graph holds a call per copy of the weights, enough copies for 256 MB
+(at least 4), back to back, so each call finds its weights cold in L2 and no launch gap before it; the median replay
 (`triton.testing.do_bench`) over the copies is the time per call. The floor is the bytes that must move (weights, x,
 outputs) over the copy bandwidth measured here. "bitwise %" compares ours with cuBLAS's outputs (they differ in the
 order of the sum along K). Inductor's compiled variant is timed for the gated groups only: elsewhere it calls the
@@ -103,7 +103,7 @@ def floor_bytes(x, weights, gated) -> int:
     return (sum(w.numel() for w in weights) + x.numel() + outputs) * x.element_size()
 
 
-def benchmark(rows_list: list[int], singles: bool = False, only=()) -> None:
+def benchmark(rows_list: list[int], preset_names, singles: bool = False, only=()) -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s", flush=True)
@@ -112,7 +112,8 @@ def benchmark(rows_list: list[int], singles: bool = False, only=()) -> None:
     variants = {"ours": lambda x, ws, gated: torch.ops.gemma4_fx.skinny_linear(x, ws, gated),
                 "cuBLAS separate": separate, "compiled separate": compiled}
     rows_out = []
-    for (name, hidden, widths, gated, layers), rows in itertools.product(shapes(singles=singles, only=only), rows_list):
+    groups = shapes(preset_names, singles=singles, only=only)
+    for (name, hidden, widths, gated, layers), rows in itertools.product(groups, rows_list):
         x, weights = inputs(rows, hidden, widths, "cuda")
         floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
         with torch.no_grad():
@@ -171,14 +172,14 @@ def _compile(job) -> None:
     torch.cuda.synchronize()
 
 
-def sweep(rows_list: list[int], singles: bool = False, only=()) -> None:
+def sweep(rows_list: list[int], preset_names, singles: bool = False, only=()) -> None:
     """Every config of the grid per (shape, rows), compiled side by side in worker processes, then timed one by one
-    as `stack_us` times them; prints the default's time and the best few."""
+    as `stack_us` times them; prints cuBLAS's and the default's times and the best few."""
     import multiprocessing
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     work = [(rows, hidden, widths, gated, name) for (name, hidden, widths, gated, _), rows
-            in itertools.product(shapes(singles=singles, only=only), rows_list)]
+            in itertools.product(shapes(preset_names, singles=singles, only=only), rows_list)]
     jobs = [(rows, hidden, widths, gated, chunk) for rows, hidden, widths, gated, _ in work
             for configs in [candidates(rows, hidden, widths, gated)] for chunk in (configs[0::2], configs[1::2])]
     with multiprocessing.get_context("spawn").Pool(min(len(jobs), max(1, (os.cpu_count() or 2) - 2))) as pool:
@@ -194,12 +195,12 @@ def sweep(rows_list: list[int], singles: bool = False, only=()) -> None:
             except Exception:  # noqa: BLE001 (out of resources)
                 us = float("inf")
             timed.append((us, tuple(config)))
-        default_us = timed[0][0]
+        default_us, cublas_us = timed[0][0], stack_us(separate, x, weights, gated, rep=50)
         best = sorted(timed)[:3]
-        print(f"{name} M={rows}: default {timed[0][1]} {default_us:.1f} µs; best "
+        print(f"{name} M={rows}: cuBLAS {cublas_us:.1f} µs, default {timed[0][1]} {default_us:.1f} µs; best "
               + ", ".join(f"{c} {us:.1f} µs" for us, c in best), flush=True)
-        entries.append(f"    ({rows}, {hidden}, {widths}, {gated}, {gpu!r}): {best[0][1]},  # {name}: "
-                       f"{best[0][0]:.1f} µs, default {default_us:.1f}")
+        entries.append(f"    ({hidden}, {widths}, {gated}, {gpu!r}): {best[0][1]},  # {name}, M={rows}: "
+                       f"{best[0][0]:.1f}, default {default_us:.1f}, cuBLAS {cublas_us:.1f}")
     print("\n".join(["entries:", *entries]))
 
 
@@ -229,15 +230,17 @@ def main():
     parser.add_argument("--rows", type=int, nargs="*", default=ROWS, help="rows M (default: %(default)s)")
     parser.add_argument("--only", nargs="*", default=(), help="groups whose name holds one of these words "
                         "(e.g. down_proj e4b)")
+    parser.add_argument("--presets", nargs="+", default=["e2b", "e4b"], help="models whose linears to take "
+                        "(default: %(default)s)")
     parser.add_argument("--singles", action="store_true",
                         help="also the linears a decode step runs alone (o_proj, down_proj, ...): one launch each")
     args = parser.parse_args()
     if args.smoke:
         smoke(args.singles)
     elif args.sweep:
-        sweep(args.rows, args.singles, args.only)
+        sweep(args.rows, args.presets, args.singles, args.only)
     else:
-        benchmark(args.rows, args.singles, args.only)
+        benchmark(args.rows, args.presets, args.singles, args.only)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ without an entry gets `skinny_linear.default_config`; an H100 takes the H200's e
 
 A single linear's entry (one width, not gated) also says that ours beat cuBLAS's GEMM there: the `skinny_single`
 pattern takes a lone linear on CUDA only where its shape has one (BENCHMARKS.md, skinny linear). The comments give
-ours, the rule's default and cuBLAS's µs (H200, torch 2.11, triton 3.6, 2026-12-03).
+ours, the rule's default and cuBLAS's µs at M = 1 (H200, torch 2.11, triton 3.6, 2026-12-03).
 """
 
 CONFIGS: dict[tuple[int, tuple[int, ...], bool, str], tuple[int, int, int, int, int]] = {
@@ -33,7 +33,13 @@ CONFIGS: dict[tuple[int, tuple[int, ...], bool, str], tuple[int, int, int, int, 
     (2560, (2048,), False, 'H200'): (64, 128, 4, 4, 4),  # q: 6.4, default 9.4, cuBLAS 7.0
     (2560, (256,), False, 'H200'): (16, 128, 5, 4, 4),  # per_layer_input_gate: 3.4, default 3.4, cuBLAS 6.0
     (256, (2560,), False, 'H200'): (32, 256, 1, 4, 4),  # per_layer_projection: 2.3, default 4.6, cuBLAS 2.9
+    # 26B-A4B (the dense layers beside the experts)
+    (2816, (4096, 2048, 2048), False, 'H200'): (128, 128, 2, 8, 4),  # q/k/v: 16.3, default 24.2, cuBLAS 26.0
+    (2816, (8192, 1024), False, 'H200'): (128, 128, 2, 4, 3),  # q/k (k = v): 18.5, default 21.8, cuBLAS 22.7
+    (2816, (2112, 2112), True, 'H200'): (64, 128, 2, 4, 4),  # gate/up: 11.2, default 18.4, cuBLAS 20.2
+    (4096, (2816,), False, 'H200'): (128, 128, 4, 4, 4),  # o_proj: 9.6, default 22.1, cuBLAS 10.8
+    (8192, (2816,), False, 'H200'): (128, 128, 4, 4, 4),  # o_proj: 16.0, default 36.7, cuBLAS 17.1
 }
 # Measured no faster than cuBLAS, so without an entry (ours tuned / cuBLAS, µs): E2B q 1536 -> 4096 (6.4 / 6.5),
 # E4B o_proj 2048 -> 2560 (6.7 / 6.5), q 2560 -> 4096 (9.1 / 8.8), and per_layer_model_projection of E2B (11.6 /
-# 10.7) and E4B (19.6 / 17.8).
+# 10.7) and E4B (19.6 / 17.8), 26B-A4B down_proj 2112 -> 2816 (6.7 / 6.5).
