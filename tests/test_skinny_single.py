@@ -91,6 +91,9 @@ def _mm(device, rows, hidden, width, dtype=BF16):
                                       "this GPU (skinny_linear_configs.py)"),  # E2B per_layer_model_projection
     ("A100", ("cuda", 1, 2048, 1536), "no config measured faster than cuBLAS for [1536, 2048] torch.bfloat16 on "
                                       "this GPU (skinny_linear_configs.py)"),  # not swept there
+    ("H200", ("cuda", 1, 4096, 2816), None),  # 26B-A4B o_proj
+    ("H200", ("cuda", 1, 2112, 2816), "no config measured faster than cuBLAS for [2816, 2112] torch.bfloat16 on "
+                                      "this GPU (skinny_linear_configs.py)"),  # 26B-A4B dense down_proj: a tie
     ("H200", ("cuda", 17, 2048, 1536), "17 rows: a single linear is tuned up to 16"),
     ("", ("cpu", 1, 1536, 8960), None),  # the CPU op is eager's: no speed to lose
 ])
