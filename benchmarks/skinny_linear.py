@@ -118,7 +118,7 @@ def benchmark(rows_list: list[int], preset_names, singles: bool = False, only=()
         floor = floor_bytes(x, weights, gated) / bandwidth * 1e6
         with torch.no_grad():
             ours, theirs = S.skinny_linear_triton(x, weights, gated), separate(x, weights, gated)
-        config = S.default_config(rows, hidden, list(widths), DTYPE, gated, sm_count(x.device))
+        config = S.config_for(rows, hidden, list(widths), DTYPE, gated, x.device)  # what "ours" runs
         row = {"group": name, "layers": layers, "M": rows, "K": hidden, "N": "+".join(map(str, widths)),
                "floor µs": floor,
                "config (N, K, split, warps, stages)": tuple(config),
