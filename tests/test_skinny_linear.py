@@ -28,15 +28,19 @@ def _args(rows, hidden, widths, dtype, device):
     return x.to(dtype).to(device), [w.to(dtype).to(device) for w in weights]
 
 
-def _float64(x, weights, gated):
+def _float64(x, weights, gated, times=None):
     ys = [x.double() @ w.double().T for w in weights]
-    return [F.gelu(ys[0], approximate="tanh") * ys[1]] if gated else ys
+    if gated or times is not None:
+        return [F.gelu(ys[0], approximate="tanh") * (ys[1] if gated else times.double())]
+    return ys
 
 
-def _check(x, weights, gated, config):
-    outs = S.skinny_linear_triton(x, weights, gated, config=config)
-    assert [o.shape for o in outs] == [(x.shape[0], w.shape[0]) for w in (weights[:1] if gated else weights)]
-    for out, exact, eager in zip(outs, _float64(x, weights, gated), S.skinny_linear_reference(x, weights, gated)):
+def _check(x, weights, gated, config, times=None):
+    outs = S.skinny_linear_triton(x, weights, gated, times, config=config)
+    one = gated or times is not None
+    assert [o.shape for o in outs] == [(x.shape[0], w.shape[0]) for w in (weights[:1] if one else weights)]
+    for out, exact, eager in zip(outs, _float64(x, weights, gated, times),
+                                 S.skinny_linear_reference(x, weights, gated, times)):
         assert out.dtype == x.dtype and not out.isnan().any()
         rel = ((out.double() - exact).norm() / exact.norm()).item()
         # Against eager only the K order differs: an ulp of the row's largest output here and there (fp32: a few).
@@ -64,6 +68,17 @@ def test_kernel(device, dtype, config, case):
     rows, hidden, widths, gated = case
     x, weights = _args(rows, hidden, widths, dtype, device)
     _check(x, weights, gated, config)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [None, SPLIT], ids=["default", "split"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gelu_times(device, dtype, config, rows):
+    """`gelu_tanh(x @ w.T) * t` (the PLE gate times the per-layer input), t a strided slice as the model's is."""
+    x, (w,) = _args(rows, 184, (40,), dtype, device)
+    wide = torch.randn(rows, 3, 40, generator=seeded("times", rows)).to(dtype).to(device)
+    _check(x, [w], False, config, times=wide[:, 1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,6 +142,9 @@ def test_bad_input_names_the_argument():
         ((x, [w0.half()]), r"weights\[0\] must"),
         ((x, [w0, w1.T.contiguous().T]), r"weights\[1\] must be a contiguous"),
         ((x, [w0, w2], True), "gated weights must have one shape"),
+        ((x, [w0, w1], False, torch.zeros(3, 8)), "gelu_times takes one weight, not gated"),
+        ((x, [w0], False, torch.zeros(3, 4)), r"gelu_times must be a \[3, 8\] torch.float32 tensor"),
+        ((x, [w0], False, torch.zeros(8, 3).T), "gelu_times must .* unit last stride"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -141,7 +159,7 @@ def test_no_rows():
 
 
 def test_custom_op_and_fake():
-    """On CPU the op is the reference; its fake gives one [rows, N_i] per weight (gated: one)."""
+    """On CPU the op is the reference; its fake gives one [rows, N_i] per weight (gated or gelu_times: one)."""
     x, weights = _args(3, 24, (8, 16), torch.bfloat16, "cpu")
     for gated in (False, True):
         outs = torch.ops.gemma4_fx.skinny_linear(x, weights[:1] * 2 if gated else weights, gated)
@@ -153,6 +171,8 @@ def test_custom_op_and_fake():
         assert [o.shape for o in torch.ops.gemma4_fx.skinny_linear(fake_x, fakes)] == [(3, 8), (3, 16)]
         (gated_out,) = torch.ops.gemma4_fx.skinny_linear(fake_x, [fakes[1], fakes[1]], True)
         assert gated_out.shape == (3, 16) and gated_out.dtype == torch.bfloat16
+        (times_out,) = torch.ops.gemma4_fx.skinny_linear(fake_x, fakes[:1], False, fake_x[:, :8])
+        assert times_out.shape == (3, 8)
     torch.library.opcheck(torch.ops.gemma4_fx.skinny_linear.default, (x, weights, False))
 
 

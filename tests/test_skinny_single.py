@@ -41,15 +41,61 @@ def test_the_lone_linears_of_a_gemma4_decode_step():
     assert all(skip.pattern != P.NAME for skip in report.skipped)
 
 
-def test_the_ple_linears_where_inductor_keeps_the_ple_tail():
+def _times_calls(monkeypatch) -> list:
+    """Records the `gelu_times` calls of the op (on CPU it runs the reference)."""
+    calls, reference = [], S.skinny_linear_reference
+
+    def recording(x, weights, gated=False, gelu_times=None):
+        if gelu_times is not None:
+            calls.append(gelu_times.shape)
+        return reference(x, weights, gated, gelu_times)
+    monkeypatch.setattr(S, "skinny_linear_reference", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_the_ple_linears_where_inductor_keeps_the_ple_tail(monkeypatch, dtype):
     """Without the PLE tail's rewrite (CUDA at decode rows leaves it to Inductor), the PLE gate is found by its
-    `gelu_tanh(gate) * per_layer_input` and the projection by its norm."""
-    model = gemma4_fx.build_model("tiny-e2b", seed=4, num_hidden_layers=2)
+    `gelu_tanh(gate) * per_layer_input`, and that product is the op's (`gelu_times`); the projection is found by its
+    norm. Logits as eager's (bf16: the same ops, each rounded as eager rounds it)."""
+    calls = _times_calls(monkeypatch)
+    model = gemma4_fx.build_model("tiny-e2b", seed=4, num_hidden_layers=2, dtype=dtype)
     got, eager, report = _decode(model, patterns=[name for name in gemma4_fx.PATTERNS if name != "ple_tail"])
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    assert calls == [(2, model.config.hidden_size_per_layer_input)] * 2  # batch 2, a gate per layer
     singles = sorted(match.location.removeprefix("model.") for match in report.matches if match.pattern == P.NAME)
     assert singles == [f"layers.{i}.{name}" for i in range(2) for name in (
         "mlp.down_proj", "per_layer_input_gate", "per_layer_projection", "self_attn.o_proj")]
+
+
+class _GeluGate(torch.nn.Module):
+    """`gelu_tanh(linear(x)) * t`, as the PLE gate meets the per-layer input."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(32, 16, bias=False)
+
+    def forward(self, x, t, keep_y: bool = False):
+        y = self.gate(x)
+        out = torch.nn.functional.gelu(y, approximate="tanh") * t
+        return (out, y) if keep_y else out
+
+
+@pytest.mark.parametrize("t_shape, keep_y, folded", [((2, 16), False, True), ((1, 16), False, False),
+                                                     ((2, 16), True, False)],
+                         ids=["folded", "t-broadcast", "y-read-elsewhere"])
+def test_the_gelu_gate_is_folded_only_where_it_can_be(monkeypatch, t_shape, keep_y, folded):
+    """The product goes into the op only where t has its shape and nothing else reads the linear's output; the lone
+    linear is taken either way, and the outputs are eager's."""
+    calls = _times_calls(monkeypatch)
+    torch.manual_seed(0)
+    module, x, t = _GeluGate(), torch.randn(2, 32), torch.randn(t_shape)
+    backend = gemma4_fx.Gemma4Backend([P.NAME], cudagraphs=None)
+    with torch.no_grad():
+        got = torch.compile(module, backend=backend)(x, t, keep_y)
+        torch.testing.assert_close(got, module(x, t, keep_y), rtol=1e-6, atol=1e-6)
+    assert backend.report.counts[P.NAME] == 1
+    assert calls == ([(2, 16)] if folded else [])
 
 
 def test_the_lone_linears_of_a_moe_layer():

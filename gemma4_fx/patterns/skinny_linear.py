@@ -127,26 +127,33 @@ def unsupported(x: torch.fx.Node, weights: list[torch.fx.Node], product: torch.f
     return None
 
 
-def rewrite(graph: torch.fx.Graph, mms: list[torch.fx.Node], product: torch.fx.Node | None) -> None:
+def rewrite(graph: torch.fx.Graph, mms: list[torch.fx.Node], product: torch.fx.Node | None,
+            times: torch.fx.Node | None = None) -> None:
     """One op before the group's first mm (on that mm's x: the others' reshapes of the same source die), its
-    outputs in place of the mms' (gated: of the product)."""
+    outputs in place of the mms' (gated: of the product). With `times`, a lone linear's `gelu_tanh(y) * times`,
+    `product`, is the op's (`gelu_times`), placed before the product, where times is computed."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     first = min(mms, key=order.__getitem__)
     x, weights = first.args[0], [weight_of(mm) for mm in mms]
-    gated = product is not None
-    with graph.inserting_before(first):
-        fused = graph.call_function(torch.ops.gemma4_fx.skinny_linear.default, (x, weights, gated))
-        fused.meta["val"] = vals = torch.ops.gemma4_fx.skinny_linear.default(value(x), [value(w) for w in weights],
-                                                                             gated)
+    gated = product is not None and times is None
+    with graph.inserting_before(first if times is None else product):
+        args = (x, weights, gated)
+        if times is not None:
+            shape = [value(x).shape[0], value(weights[0]).shape[0]]
+            args += (graph.call_function(aten.reshape.default, (times, shape)),)
+            args[-1].meta["val"] = value(times).reshape(shape)
+        fused = graph.call_function(torch.ops.gemma4_fx.skinny_linear.default, args)
+        fused.meta["val"] = vals = torch.ops.gemma4_fx.skinny_linear.default(
+            *torch.fx.node.map_arg(args, value))
         items = []
         for i, val in enumerate(vals):
             items.append(graph.call_function(operator.getitem, (fused, i)))
             items[-1].meta["val"] = val
-        if gated:
+        if product is not None:
             shape = list(value(product).shape)
             out = graph.call_function(aten.reshape.default, (items[0], shape))
             out.meta["val"] = vals[0].reshape(shape)
-    if gated:
+    if product is not None:
         product.replace_all_uses_with(out)
     else:
         for mm, item in zip(mms, items):

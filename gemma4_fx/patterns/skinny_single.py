@@ -14,7 +14,9 @@ output one of these takes, which only Gemma-4's layers do:
   KV-shared layer's q_proj before q_norm; Gemma-2/3 weigh by a computed `1 + w`, Llama's and Qwen3's o_proj and
   down_proj feed the residual);
 - the post_attn_norm or ple_norm_add op, as the input it norms (the same norms, folded into our ops);
-- `gelu_tanh(y) * t` with t no linear's output (the PLE gate; the MLP's gate meets its up projection).
+- `gelu_tanh(y) * t` with t no linear's output (the PLE gate; the MLP's gate meets its up projection). The op
+  then computes the product too (its `gelu_times` epilogue) where t has the product's shape and nothing else reads
+  y: one launch fewer per layer.
 A linear that another rewrite made (one with no module path: the PLE tail's, where ple_tail took the tail) is that
 rewrite's, and stays as it made it.
 On CUDA a candidate is taken only where its shape has a tuned config (measured faster than cuBLAS); elsewhere it is
@@ -38,9 +40,9 @@ aten = torch.ops.aten
 _OUR_CONSUMERS = {torch.ops.gemma4_fx.post_attn_norm.default: 0, torch.ops.gemma4_fx.ple_norm_add.default: 0}
 
 
-def _feeds_gelu_gate(y: torch.fx.Node) -> bool:
-    """`gelu_tanh(y) * t` is computed from y (within the ops of a decomposed gelu), with t no linear's output (the PLE
-    gate; the MLP's gate meets its up projection)."""
+def _gelu_gate(y: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(the product, t) where `gelu_tanh(y) * t` is computed from y (within the ops of a decomposed gelu), with t no
+    linear's output (the PLE gate; the MLP's gate meets its up projection); else None."""
     below, frontier = set(), [y]
     for _ in range(12):  # gelu_tanh decomposed, with casts around it; not past another linear
         frontier = [user for node in frontier for user in node.users
@@ -53,8 +55,28 @@ def _feeds_gelu_gate(y: torch.fx.Node) -> bool:
             if isinstance(act, torch.fx.Node) and isinstance(other, torch.fx.Node) and other not in below \
                     and groups.source_of(other).target is not aten.mm.default \
                     and not_gelu_tanh(y, act, "on the PLE gate") is None:
-                return True
-    return False
+                return mul, other
+    return None
+
+
+def _foldable(mm: torch.fx.Node, product: torch.fx.Node, times: torch.fx.Node) -> bool:
+    """The op can compute the product itself (`gelu_times`): t has the product's shape and the linear's dtype, as the
+    product has (no broadcast, no cast), and only the ops from the mm to the product read the mm's output on the
+    way, so the linear's own output is needed no more."""
+    if not (value(times).shape == value(product).shape and value(product).shape.numel() == value(mm).shape.numel()
+            and value(times).dtype == value(product).dtype == value(mm).dtype):
+        return False
+    below, frontier = {mm}, [mm]
+    for _ in range(16):  # the reshapes and the decomposed gelu
+        frontier = [user for node in frontier for user in node.users if user not in below]
+        below.update(frontier)
+    chain, stack = set(), [product]  # the nodes below the mm that the product is computed from
+    while stack:
+        node = stack.pop()
+        if node in below and node not in chain:
+            chain.add(node)
+            stack += node.all_input_nodes
+    return mm in chain and all(user in chain for node in chain - {product} for user in node.users)
 
 
 def _normed_by_gemma4(mm: torch.fx.Node, forms) -> bool:
@@ -63,8 +85,14 @@ def _normed_by_gemma4(mm: torch.fx.Node, forms) -> bool:
     if any(user.target in _OUR_CONSUMERS and user.args[_OUR_CONSUMERS[user.target]] in outputs
            for node in outputs for user in node.users):
         return True
-    leaves = [node for node in outputs if not any(user in outputs for user in node.users)]  # after the reshapes
-    return groups.normed(mm, forms, weighted=(True,)) or any(_feeds_gelu_gate(node) for node in leaves)
+    return groups.normed(mm, forms, weighted=(True,)) or _gelu_gate_of(mm) is not None
+
+
+def _gelu_gate_of(mm: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """`_gelu_gate` of the mm's output after its reshapes."""
+    outputs = groups.outputs_of(mm)
+    leaves = [node for node in outputs if not any(user in outputs for user in node.users)]
+    return next(filter(None, map(_gelu_gate, leaves)), None)
 
 
 def _untuned(mm: torch.fx.Node) -> str | None:
@@ -90,6 +118,8 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
         if any(not isinstance(size, int) for size in value(x).shape) or "nn_module_stack" not in mm.meta:
             continue  # symbolic rows (a prefill-shaped graph), or another rewrite's linear: not a candidate
         reason = groups.unsupported(x, [groups.weight_of(mm)], None) or _untuned(mm)
+        gate = _gelu_gate_of(mm)
+        product, times = gate if gate is not None and _foldable(mm, *gate) else (None, None)
         if ctx.decide(NAME, mm, reason):
-            groups.rewrite(graph, [mm], None)
+            groups.rewrite(graph, [mm], product, times)
     graph.eliminate_dead_code()

@@ -8,9 +8,14 @@ or, `gated` (two weights of one shape, the MLP's gate and up projections), one o
 
     y = gelu_tanh(x @ gate.T) * (x @ up.T)   # each GEMM rounded, then gelu in fp32 and the product, each rounded
 
+or, given `gelu_times` t: [M, N] (one weight, the PLE's gate, whose gelu meets the per-layer input), one output:
+
+    y = gelu_tanh(x @ W.T) * t               # the GEMM rounded, then the gelu and the product, each rounded
+
 Why: at a few rows a linear layer is a read of its weights, yet each cuBLAS launch costs microseconds and reads them
 well under the copy bandwidth. A Gemma-4 layer's q/k/v projections share their input, as do the MLP's gate and up:
-one launch per group streams all the group's weights, and the gated form also drops eager's gelu and product.
+one launch per group streams all the group's weights, and the gated form also drops eager's gelu and product
+(`gelu_times` the same for a lone linear).
 
 The kernel, grid (column blocks, SPLIT_K):
 - axis 0 walks the column blocks of W_0, then W_1, ...: a program finds its weight by comparing its id with the
@@ -54,10 +59,14 @@ TUNED_MAX_ROWS = 16  # the tuned configs' rows: one 16-row tile, as at M = 1 whe
 SHARED_MEMORY = 96 << 10  # the stages of a config fit any CUDA GPU's shared memory
 
 
-def skinny_linear_reference(x: Tensor, weights: list[Tensor], gated: bool = False) -> list[Tensor]:
-    """The eager ops: a linear per weight (gated: `gelu_tanh(x @ gate.T) * (x @ up.T)`, one output)."""
+def skinny_linear_reference(x: Tensor, weights: list[Tensor], gated: bool = False,
+                            gelu_times: Tensor | None = None) -> list[Tensor]:
+    """The eager ops: a linear per weight (gated: `gelu_tanh(x @ gate.T) * (x @ up.T)`, one output; `gelu_times`:
+    `gelu_tanh(x @ w.T) * gelu_times`)."""
     ys = [F.linear(x, w) for w in weights]
-    return [F.gelu(ys[0], approximate="tanh") * ys[1]] if gated else ys
+    if gated or gelu_times is not None:
+        return [F.gelu(ys[0], approximate="tanh") * (ys[1] if gated else gelu_times)]
+    return ys
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -145,10 +154,15 @@ def _locate(pid, ptrs, WIDTHS: tl.constexpr, NUM_WEIGHTS: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def _store(acc, acc_up, out_ptr, rows, cols, mask, width, GATED: tl.constexpr):
-    """Round to the output's dtype (gated: eager's gelu_tanh(gate) * up) and store a [BLOCK_M, BLOCK_N] tile."""
+def _store(acc, acc_up, out_ptr, times_ptr, times_row_stride, rows, cols, mask, width, GATED: tl.constexpr,
+           TIMES: tl.constexpr):
+    """Round to the output's dtype (gated: eager's gelu_tanh(gate) * up; TIMES: gelu_tanh(acc) * times) and store a
+    [BLOCK_M, BLOCK_N] tile."""
     dtype = out_ptr.dtype.element_ty
-    if GATED:
+    if TIMES:
+        times = tl.load(times_ptr + rows[:, None] * times_row_stride + cols[None, :], mask=mask, other=0.0)
+        out = gelu_tanh_mul(acc, times.to(tl.float32), dtype)
+    elif GATED:
         out = gelu_tanh_mul(acc, acc_up, dtype)
     else:
         out = acc.to(dtype)
@@ -156,12 +170,14 @@ def _store(acc, acc_up, out_ptr, rows, cols, mask, width, GATED: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptrs, out_ptrs, part_ptr, m, x_row_stride, WIDTHS: tl.constexpr,
-                   NUM_WEIGHTS: tl.constexpr, TOTAL: tl.constexpr, HIDDEN: tl.constexpr, GATED: tl.constexpr,
-                   SPLIT_K: tl.constexpr, STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+def _skinny_kernel(x_ptr, w_ptrs, out_ptrs, times_ptr, part_ptr, m, x_row_stride, times_row_stride,
+                   WIDTHS: tl.constexpr, NUM_WEIGHTS: tl.constexpr, TOTAL: tl.constexpr, HIDDEN: tl.constexpr,
+                   GATED: tl.constexpr, TIMES: tl.constexpr, SPLIT_K: tl.constexpr, STEPS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
     """One BLOCK_N column block of one weight (gated: of gate and up) over STEPS BLOCK_K steps of K: rounded
-    outputs, or (SPLIT_K > 1) fp32 partial sums at part[split, row, first_col + col]."""
+    outputs (TIMES: gelu_tanh of them times `times`), or (SPLIT_K > 1) fp32 partial sums at
+    part[split, row, first_col + col]."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -205,7 +221,7 @@ def _skinny_kernel(x_ptr, w_ptrs, out_ptrs, part_ptr, m, x_row_stride, WIDTHS: t
         w_tile += BLOCK_K
     mask = (rows < m)[:, None] & (cols < width)[None, :]
     if SPLIT_K == 1:
-        _store(acc, acc_up, out_ptr, rows, cols, mask, width, GATED)
+        _store(acc, acc_up, out_ptr, times_ptr, times_row_stride, rows, cols, mask, width, GATED, TIMES)
     else:
         part = part_ptr + (split * m + rows[:, None]) * TOTAL + first_col + cols[None, :]
         tl.store(part, acc, mask=mask)
@@ -214,10 +230,11 @@ def _skinny_kernel(x_ptr, w_ptrs, out_ptrs, part_ptr, m, x_row_stride, WIDTHS: t
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, out_ptrs, m, WIDTHS: tl.constexpr, NUM_WEIGHTS: tl.constexpr, TOTAL: tl.constexpr,
-                   GATED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PDL: tl.constexpr):
-    """The split-K partials of one column block added in split order, rounded and stored (gated: the epilogue)."""
+def _reduce_kernel(part_ptr, out_ptrs, times_ptr, m, times_row_stride, WIDTHS: tl.constexpr,
+                   NUM_WEIGHTS: tl.constexpr, TOTAL: tl.constexpr, GATED: tl.constexpr, TIMES: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """The split-K partials of one column block added in split order, rounded and stored (gated, TIMES: the
+    epilogue)."""
     if PDL:
         gdc_wait()
     out_ptr, width, first_col, block = _locate(tl.program_id(0), out_ptrs, WIDTHS, 1 if GATED else NUM_WEIGHTS,
@@ -232,18 +249,18 @@ def _reduce_kernel(part_ptr, out_ptrs, m, WIDTHS: tl.constexpr, NUM_WEIGHTS: tl.
         acc += tl.load(part + split * m * TOTAL, mask=mask, other=0.0)
         if GATED:
             acc_up += tl.load(part + split * m * TOTAL + WIDTHS[0], mask=mask, other=0.0)
-    _store(acc, acc_up, out_ptr, rows, cols, mask, width, GATED)
+    _store(acc, acc_up, out_ptr, times_ptr, times_row_stride, rows, cols, mask, width, GATED, TIMES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Launcher, custom op
 
 
-def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, *,
-                         config: Config | None = None) -> list[Tensor]:
-    """Launch the kernel (and, split along K, the reduction); `config` overrides `default_config` (tests and
+def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, gelu_times: Tensor | None = None,
+                         *, config: Config | None = None) -> list[Tensor]:
+    """Launch the kernel (and, split along K, the reduction); `config` overrides `config_for`'s (tests and
     `benchmarks/skinny_linear.py`)."""
-    check_inputs(x, weights, gated)
+    check_inputs(x, weights, gated, gelu_times)
     rows, hidden = x.shape
     widths = [w.shape[0] for w in weights]
     outs = [x.new_empty((rows, n)) for n in (widths[:1] if gated else widths)]
@@ -257,19 +274,22 @@ def skinny_linear_triton(x: Tensor, weights: list[Tensor], gated: bool = False, 
     part = torch.empty((split_k, rows, total) if split_k > 1 else (0,), dtype=torch.float32, device=x.device)
     # Split, the reduction may start as the partials' programs run, and waits for them: Hopper and later only.
     pdl = split_k > 1 and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-    shared = dict(WIDTHS=tuple(widths), NUM_WEIGHTS=len(weights), TOTAL=total, GATED=gated, SPLIT_K=split_k,
-                  BLOCK_M=block_m(rows), BLOCK_N=config.block_n, PDL=pdl)
+    shared = dict(WIDTHS=tuple(widths), NUM_WEIGHTS=len(weights), TOTAL=total, GATED=gated,
+                  TIMES=gelu_times is not None, SPLIT_K=split_k, BLOCK_M=block_m(rows), BLOCK_N=config.block_n,
+                  PDL=pdl)
+    times, times_row_stride = (x, 0) if gelu_times is None else (gelu_times, gelu_times.stride(0))
     _skinny_kernel[(blocks, split_k)](
-        x, tuple(weights), tuple(outs), part, rows, x.stride(0), HIDDEN=hidden, STEPS=steps // split_k,
-        BLOCK_K=config.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
-        num_stages=config.num_stages, **shared,
+        x, tuple(weights), tuple(outs), times, part, rows, x.stride(0), times_row_stride, HIDDEN=hidden,
+        STEPS=steps // split_k, BLOCK_K=config.block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages, **shared,
     )
     if split_k > 1:
-        _reduce_kernel[(blocks,)](part, tuple(outs), rows, num_warps=4, launch_pdl=pdl, **shared)
+        _reduce_kernel[(blocks,)](part, tuple(outs), times, rows, times_row_stride, num_warps=4, launch_pdl=pdl,
+                                  **shared)
     return outs
 
 
-def check_inputs(x: Tensor, weights: list[Tensor], gated: bool) -> None:
+def check_inputs(x: Tensor, weights: list[Tensor], gated: bool, gelu_times: Tensor | None = None) -> None:
     """A ValueError naming the first argument the kernel cannot take."""
     if x.dim() != 2 or x.dtype not in DTYPES or x.stride(-1) != 1 or x.shape[0] > MAX_ROWS:
         raise ValueError(f"skinny_linear: x must be 2-D [rows, hidden] with at most {MAX_ROWS} rows, unit last "
@@ -288,19 +308,32 @@ def check_inputs(x: Tensor, weights: list[Tensor], gated: bool) -> None:
     if gated and weights[0].shape != weights[1].shape:
         raise ValueError(f"skinny_linear: gated weights must have one shape; weights[0] is {tuple(weights[0].shape)}, "
                          f"weights[1] {tuple(weights[1].shape)}")
+    if gelu_times is not None:
+        shape = (x.shape[0], weights[0].shape[0])
+        if gated or len(weights) != 1:
+            raise ValueError(f"skinny_linear: gelu_times takes one weight, not gated; got {len(weights)} weights, "
+                             f"gated={gated}")
+        if tuple(gelu_times.shape) != shape or gelu_times.dtype != x.dtype or gelu_times.stride(-1) != 1 \
+                or gelu_times.device != x.device:
+            raise ValueError(f"skinny_linear: gelu_times must be a {list(shape)} {x.dtype} tensor on {x.device} with "
+                             f"unit last stride; got shape {tuple(gelu_times.shape)}, stride {gelu_times.stride()}, "
+                             f"dtype {gelu_times.dtype} on {gelu_times.device}")
 
 
 @torch.library.custom_op("gemma4_fx::skinny_linear", mutates_args=())
-def skinny_linear(x: Tensor, weights: list[Tensor], gated: bool = False) -> list[Tensor]:
-    """[x @ w.T for w in weights] in x.dtype (gated: [gelu_tanh(x @ gate.T) * (x @ up.T)]): on CUDA one Triton
-    launch (two when K is split), elsewhere the eager reference."""
-    check_inputs(x, weights, gated)
+def skinny_linear(x: Tensor, weights: list[Tensor], gated: bool = False,
+                  gelu_times: Tensor | None = None) -> list[Tensor]:
+    """[x @ w.T for w in weights] in x.dtype (gated: [gelu_tanh(x @ gate.T) * (x @ up.T)]; gelu_times:
+    [gelu_tanh(x @ w.T) * gelu_times]): on CUDA one Triton launch (two when K is split), elsewhere the eager
+    reference."""
+    check_inputs(x, weights, gated, gelu_times)
     if x.is_cuda:
-        return skinny_linear_triton(x, weights, gated)
-    return skinny_linear_reference(x, weights, gated)
+        return skinny_linear_triton(x, weights, gated, gelu_times)
+    return skinny_linear_reference(x, weights, gated, gelu_times)
 
 
 @skinny_linear.register_fake
-def _(x, weights, gated=False):
-    check_inputs(x, weights, gated)
-    return [x.new_empty((x.shape[0], w.shape[0])) for w in (weights[:1] if gated else weights)]
+def _(x, weights, gated=False, gelu_times=None):
+    check_inputs(x, weights, gated, gelu_times)
+    return [x.new_empty((x.shape[0], w.shape[0])) for w in (weights[:1] if gated or gelu_times is not None
+                                                            else weights)]
