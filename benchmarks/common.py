@@ -93,7 +93,7 @@ KERNEL_FAMILIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm (cuBLAS/CUTLASS)", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "cublas")),
     ("gemma4_fx kernels", ("_router", "_moe", "moe_", "_gate_up", "_down", "_combine", "_route", "post_attn",
-                           "ple_", "_norm_kernel", "_rows", "_skinny", "_reduce_kernel")),
+                           "ple_", "_norm_kernel", "_rows", "_skinny", "_reduce_kernel", "_slide_window")),
     ("inductor triton", ("triton_",)),
     ("copies and fills", ("memcpy", "memset", "copy", "fill")),
 )

@@ -1,0 +1,133 @@
+"""A full sliding-window cache's update at decode, in place: roll, write, copy back becomes `gemma4_fx::slide_window`.
+
+Matched on Dynamo's graph, where transformers' `StaticSlidingWindowLayer.update` (5.x), once the window is full and
+one token comes per sequence, is still its three steps:
+
+    rolled = cache.roll(-1, dims=-2)              # the window one row toward the start, in a new tensor
+    rolled[:, :, torch.tensor([-1])] = new        # the new token in the last row
+    cache.copy_(rolled)                           # copied back, so the cache keeps its address
+
+becomes `slide_window(cache, new)` where the copy back was (replacements/slide_window.py): the rows move in place,
+one read and one write of the window instead of two of each. Later reads of the cache (attention) read it as before.
+
+Left alone (with the reason): a cache read between the roll and the copy back (it would see the update early), a new
+row whose shape, dtype or layout the kernel does not take, a symbolic window or head dim. A roll that is not followed
+by exactly this write and copy back is not a candidate.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..fx_utils import ALIASING, op_name, same, value
+from ..replacements import slide_window as ops
+from ..report import Report, node_location
+
+NAME = "slide_window"
+
+
+def _is(node, names) -> bool:
+    """`node` calls one of the ops, methods or functions `names` (`fx_utils.op_name`)."""
+    return isinstance(node, torch.fx.Node) and node.op in ("call_method", "call_function") and op_name(node) in names
+
+
+def _argument(node: torch.fx.Node, position: int, name: str, default=None):
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
+
+
+def _one(x):
+    """The int in -1, (-1,) or [-1]; None for anything else."""
+    if isinstance(x, (tuple, list)) and len(x) == 1:
+        x = x[0]
+    return x if isinstance(x, int) else None
+
+
+def _last_row(index, rows: int) -> bool:
+    """`index` picks the last of `rows` along the keys: transformers' `torch.tensor([-1])`, or a slice from it."""
+    if isinstance(index, slice):
+        return index.start in (-1, rows - 1) and index.stop is None and index.step in (None, 1)
+    return (_is(index, ("tensor",)) and index.args and isinstance(index.args[0], (list, tuple))
+            and _one(index.args[0]) in (-1, rows - 1))
+
+
+def _match(roll: torch.fx.Node):
+    """(cache, write, copy, new) where `roll` is the first step of the update above, else None."""
+    cache = roll.args[0] if roll.args else None
+    cache_value = value(cache)
+    if not (isinstance(cache, torch.fx.Node) and isinstance(cache_value, torch.Tensor) and cache_value.dim() == 4):
+        return None
+    if _one(_argument(roll, 1, "shifts")) != -1 or _one(_argument(roll, 2, "dims")) not in (-2, 2):
+        return None
+    writes = [u for u in roll.users if u.op == "call_function" and u.target is operator.setitem]
+    copies = [u for u in roll.users if _is(u, ("copy_",)) and u.args[0] is cache and u.args[1] is roll]
+    if len(writes) != 1 or len(copies) != 1 or len(roll.users) != 2:
+        return None
+    write, copy = writes[0], copies[0]
+    index = write.args[1]
+    if not (isinstance(index, tuple) and len(index) == 3 and index[:2] == (slice(None),) * 2
+            and _last_row(index[2], cache_value.shape[2])):
+        return None
+    return cache, write, copy, write.args[2]
+
+
+def _aliases(node: torch.fx.Node) -> set:
+    """`node` and every view of it in the graph (what reads the same memory)."""
+    found, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in found and _is(user, ALIASING):
+                found.add(user)
+                todo.append(user)
+    return found
+
+
+def _unsupported(roll, cache, copy, new, order) -> str | None:
+    cache_value, new_value = value(cache), value(new)
+    if not all(isinstance(size, int) for size in cache_value.shape[2:]):
+        return "a symbolic window or head dim"
+    batch, heads, _, dim = cache_value.shape
+    if not (isinstance(new_value, torch.Tensor) and new_value.dim() == 4
+            and all(same(a, b) for a, b in zip(new_value.shape, (batch, heads, 1, dim)))):
+        shape = tuple(new_value.shape) if isinstance(new_value, torch.Tensor) else new_value
+        return f"a new row of shape {shape} for a cache of {tuple(cache_value.shape)} (broadcast)"
+    try:
+        ops.check_inputs(cache_value, new_value)
+    except ValueError as error:
+        return str(error)
+    aliases = _aliases(cache)
+    between = [n for n in roll.graph.nodes if order[roll] < order[n] < order[copy]]
+    if any(aliases.intersection(n.all_input_nodes) for n in between):
+        return "the cache is read between the roll and the copy back"
+    return None
+
+
+def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,
+          graph_name: str = "graph") -> torch.fx.GraphModule:
+    """Rewrite every full sliding-window update the kernel takes, in place; matches and reasons go to `report`."""
+    graph = gm.graph
+    for roll in [n for n in graph.nodes if _is(n, ("roll",))]:
+        match = _match(roll)
+        if match is None:
+            continue
+        cache, write, copy, new = match
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        reason = _unsupported(roll, cache, copy, new, order)
+        if reason is not None:
+            if report is not None:
+                report.add_skip(NAME, graph_name, node_location(roll), reason, [roll.name])
+            continue
+        with graph.inserting_before(copy):
+            fused = graph.call_function(torch.ops.gemma4_fx.slide_window.default, (cache, new))
+        fused.meta.update({k: v for k, v in copy.meta.items() if k != "example_value"})
+        copy.replace_all_uses_with(cache)
+        index = write.args[1][2]
+        for node in (copy, write, roll):
+            graph.erase_node(node)
+        if isinstance(index, torch.fx.Node) and not index.users:
+            graph.erase_node(index)
+        if report is not None:
+            report.add_match(NAME, graph_name, node_location(fused), [roll.name, write.name, copy.name])
+    gm.recompile()
+    return gm

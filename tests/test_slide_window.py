@@ -1,0 +1,192 @@
+"""The in-place sliding-window update: the kernel under TRITON_INTERPRET=1 (CPU) against eager's roll, write and copy
+back, and the pass on Dynamo's graph of HF's StaticSlidingWindowLayer (and of graphs that only look like it)."""
+
+import pytest
+import torch
+
+from gemma4_fx.replacements import slide_window as ops
+from helpers import DEVICES, seeded
+
+
+def hf_update(cache, new):
+    """What transformers' StaticSlidingWindowLayer.update does once the window is full, as it writes it."""
+    rolled = cache.roll(-1, dims=-2)
+    rolled[:, :, torch.tensor([-1], device=cache.device)] = new
+    cache.copy_(rolled)
+
+
+def cache_tensors(caches):
+    """(eager's, ours) for the keys and the values of each cache layer (KV-shared layers hold none)."""
+    return [(getattr(a, name), getattr(b, name)) for a, b in zip(caches[0].layers, caches[1].layers)
+            for name in ("keys", "values") if getattr(a, name, None) is not None]
+
+
+CASES = {  # (batch, heads, window, dim, chunk): None for the launcher's default
+    "default": (2, 3, 70, 24, None),
+    "ragged-chunks": (2, 3, 70, 32, 16),  # the last chunk 6 rows
+    "one-chunk": (1, 2, 16, 16, 16),  # no edge rows
+    "row-per-program": (2, 2, 9, 8, 1),  # every row an edge
+    "one-row": (3, 1, 1, 8, None),  # the window is the new token
+    "e2b-sliding": (4, 1, 512, 256, None),
+    "26b-sliding": (2, 8, 1024, 256, None),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_equals_eager(case, dtype, device):
+    """Bitwise transformers' update (a copy moves bits), with `new` laid out as transformers makes it ([B, 1, H, D]
+    transposed: not contiguous)."""
+    batch, heads, window, dim, chunk = CASES[case]
+    g = seeded(case, dtype)
+    cache = torch.randn(batch, heads, window, dim, generator=g).to(dtype).to(device)
+    new = torch.randn(batch, 1, heads, dim, generator=g).to(dtype).to(device).transpose(1, 2)
+    expected = cache.clone()
+    hf_update(expected, new)
+    ops.slide_window_triton(cache, new, chunk=chunk)
+    assert torch.equal(cache, expected)
+
+
+def test_op_mutates_and_checks_its_inputs():
+    cache = torch.randn(2, 2, 5, 4)
+    new = torch.randn(2, 2, 1, 4)
+    expected = cache.clone()
+    hf_update(expected, new)
+    assert torch.ops.gemma4_fx.slide_window(cache, new) is None and torch.equal(cache, expected)
+    with pytest.raises(ValueError, match="cache must be a contiguous"):
+        ops.check_inputs(cache.transpose(1, 2), new)
+    with pytest.raises(ValueError, match=r"new must be a \[2, 2, 1, 4\] torch.float32"):
+        ops.check_inputs(cache, new.expand(2, 2, 3, 4))
+    with pytest.raises(ValueError, match="new must be"):
+        ops.check_inputs(cache, new.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_steps_past_the_window_through_the_backend(dtype):
+    """Tiny E2B (a 6-token window) over HF's static cache filled past it, three decode steps: every full sliding
+    window updated in place (K and V of each sliding layer with a cache of its own); the logits and the cache
+    bitwise those of the backend without the pass, and in fp32 eager's (in bf16 the backend's own roundings, with
+    the pass or without, move this tiny model's logits by a few percent over three steps)."""
+    from transformers import StaticCache
+
+    import gemma4_fx
+    from gemma4_fx.presets import cache_kwargs
+
+    model = gemma4_fx.build_model("tiny-e2b", dtype=dtype)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    backends = [gemma4_fx.Gemma4Backend(cudagraphs=None, patterns=patterns)
+                for patterns in (None, [p for p in gemma4_fx.GRAPH_PASSES if p != "slide_window"]
+                                 + list(gemma4_fx.PATTERNS))]
+    forwards = [model] + [torch.compile(model, backend=backend) for backend in backends]
+    caches = [StaticCache(config=model.config, max_cache_len=40) for _ in forwards]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+        token = ids[:, -1:]
+        for position in range(12, 15):
+            kwargs = dict(use_cache=True, position_ids=torch.full((2, 1), position),
+                          cache_position=torch.tensor([position]))
+            eager, ours, without = (forward(token, **cache_kwargs(model, cache), **kwargs).logits
+                                    for forward, cache in zip(forwards, caches))
+            assert torch.equal(ours, without), position
+            if dtype == torch.float32:
+                assert (ours - eager).abs().max().item() <= 1e-4 * eager.abs().max().item(), position
+            assert all(torch.equal(a, b) for a, b in cache_tensors(caches[1:])), position
+            token = eager.argmax(-1)
+    sliding = [layer for layer in caches[1].layers if getattr(layer, "is_sliding", False)]
+    report = backends[0].report
+    assert sliding and report.counts["slide_window"] == 2 * len(sliding) * len(report.graphs), report
+    assert "slide_window" not in backends[1].report.counts
+
+
+class Update(torch.nn.Module):
+    """HF's update (`how="hf"`), or graphs that look like it: another shift, the new row written elsewhere, no copy
+    back, the cache read between the roll and the copy back, a new row broadcast over the batch."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, cache, new):
+        shift = 1 if self.how == "shift+1" else -1
+        rolled = cache.roll(shift, dims=-2)
+        row = torch.tensor([0 if self.how == "first-row" else -1])
+        read = cache.sum() if self.how == "read-between" else 0
+        rolled[:, :, row] = new[:1] if self.how == "broadcast" else new
+        if self.how == "no-copy":
+            return rolled * 2
+        cache.copy_(rolled)
+        return cache * 2 + read
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("hf", None),
+    ("shift+1", "not a candidate"),
+    ("first-row", "not a candidate"),
+    ("no-copy", "not a candidate"),
+    ("read-between", "the cache is read between the roll and the copy back"),
+    ("broadcast", "(broadcast)"),
+])
+def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
+    """The update is rewritten, a look-alike left as it was (its reason in the report where it is one); the output
+    and the cache stay eager's."""
+    from gemma4_fx.passes import slide_window
+    from gemma4_fx.report import Report
+
+    g = seeded(how)
+    cache, new = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
+    module = Update(how)
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(module, backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(cache.clone(), new)
+    report = Report((slide_window.NAME,))
+    gm = slide_window.apply(graphs[0], report=report)
+    ours, eager = cache.clone(), cache.clone()
+    named = {"L_cache_": ours, "L_new_": new}
+    got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))[0]
+    torch.testing.assert_close(got, module(eager, new), rtol=0, atol=0)
+    assert torch.equal(ours, eager)
+    fused = [n for n in gm.graph.nodes if n.target is torch.ops.gemma4_fx.slide_window.default]
+    if reason is None:
+        assert report.counts[slide_window.NAME] == 1 and len(fused) == 1, report
+        assert not any(n.op == "call_method" and n.target in ("roll", "copy_") for n in gm.graph.nodes), gm.code
+    elif reason == "not a candidate":
+        assert not fused and not report.skipped, report
+    else:
+        assert not fused and reason in report.skipped[0].reason, report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_26b_sliding_layers_past_the_window_on_cuda(batch):
+    """26B-A4B's attention at real widths (2 layers, bf16, random weights) over a static cache past its 1024-token
+    window, decode steps replayed from the backend's CUDA graphs: every window updated in place, eager's cache and
+    greedy token after each step."""
+    from transformers import StaticCache
+
+    import gemma4_fx
+    from gemma4_fx.presets import cache_kwargs
+
+    model = gemma4_fx.build_model("26b-a4b", dtype=torch.bfloat16, device="cuda", num_hidden_layers=2)
+    ids = torch.randint(3, 1000, (batch, 1030), device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
+    caches = [StaticCache(config=model.config, max_cache_len=1040) for _ in range(2)]
+    backend = gemma4_fx.Gemma4Backend()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+        token = ids[:, -1:]
+        for position in range(1030, 1034):
+            kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device="cuda"))
+            expected = model(token, **cache_kwargs(model, caches[0]), **kwargs).logits
+            got = compiled(token, **cache_kwargs(model, caches[1]), **kwargs).logits
+            assert torch.equal(got.argmax(-1), expected.argmax(-1)), position
+            for a, b in cache_tensors(caches):
+                assert (a - b).abs().max().item() <= 2e-2 * a.abs().max().item(), position
+            token = expected.argmax(-1)
+    sliding = sum(getattr(layer, "is_sliding", False) for layer in caches[1].layers)  # 26B-A4B's first two layers: both sliding
+    assert sliding == 2 and backend.report.counts["slide_window"] == 2 * sliding * len(backend.report.graphs), \
+        backend.report
+    stats = backend.cudagraph_stats
+    assert stats.replays > 0 and not stats.failures and not backend.report.fallbacks
