@@ -7,8 +7,8 @@ For a cache [B, H, W, D] (a sliding layer's keys or values, its W rows the windo
 
 Why: transformers' `StaticSlidingWindowLayer` does this with a roll into a new tensor, the new row written there and
 a copy back (`cache.copy_(rolled)`): the window is read twice and written twice per step, per sliding layer, for K
-and for V. At 26B-A4B and bs 64 that was 3.0 ms of an 8.2 ms decode step at 8 layers (H200, BENCHMARKS.md). In place
-it is read once and written once.
+and for V (at 26B-A4B and bs 64, a third of the decode step: BENCHMARKS.md). In place it is read once and written
+once.
 
 The kernel, grid (B * H, chunks of CHUNK rows): each program moves the rows of one chunk, loading all of them before
 it stores any (a barrier between), so it overwrites only rows it has read. The row after a chunk belongs to the next
