@@ -157,12 +157,36 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
         assert not fused and reason in report.skipped[0].reason, report
 
 
+@pytest.mark.parametrize("batch, taken", [(1, False), (8, True)])
+def test_cuda_windows_below_the_size_that_gains_are_left_alone(batch, taken):
+    """On CUDA, 26B-A4B's window at bs 1 (4 MiB, below MIN_WINDOW_BYTES) is left alone with the reason, at bs 8
+    (32 MiB) taken: HF's update traced on CPU, its cache and new row then made fake CUDA tensors of those sizes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gemma4_fx.passes import slide_window
+    from gemma4_fx.report import Report
+
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(Update("hf"), backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(
+        torch.randn(2, 3, 7, 4), torch.randn(2, 3, 1, 4))
+    with FakeTensorMode():
+        fakes = {"L_cache_": torch.empty(batch, 8, 1024, 256, dtype=torch.bfloat16, device="cuda"),
+                 "L_new_": torch.empty(batch, 8, 1, 256, dtype=torch.bfloat16, device="cuda")}
+    for placeholder in graphs[0].graph.find_nodes(op="placeholder"):
+        placeholder.meta["example_value"] = fakes[placeholder.target]
+    report = Report((slide_window.NAME,))
+    slide_window.apply(graphs[0], report=report)
+    assert report.counts[slide_window.NAME] == int(taken), report
+    assert taken or "4.0 MiB: below 16 MiB" in report.skipped[0].reason, report
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8])
 def test_26b_sliding_layers_past_the_window_on_cuda(batch):
-    """26B-A4B's attention at real widths (2 layers, bf16, random weights) over a static cache past its 1024-token
-    window, decode steps replayed from the backend's CUDA graphs: every window updated in place, eager's cache and
-    greedy token after each step."""
+    """26B-A4B at real widths (2 layers: a sliding one and the last, global; bf16, random weights) over a static
+    cache past its 1024-token window, decode steps replayed from the backend's CUDA graphs: at bs 8 every window
+    updated in place, at bs 1 none (too small); eager's cache and greedy token after each step."""
     from transformers import StaticCache
 
     import gemma4_fx
@@ -185,8 +209,12 @@ def test_26b_sliding_layers_past_the_window_on_cuda(batch):
             for a, b in cache_tensors(caches):
                 assert (a - b).abs().max().item() <= 2e-2 * a.abs().max().item(), position
             token = expected.argmax(-1)
-    sliding = sum(getattr(layer, "is_sliding", False) for layer in caches[1].layers)  # 26B-A4B's first two layers: both sliding
-    assert sliding == 2 and backend.report.counts["slide_window"] == 2 * sliding * len(backend.report.graphs), \
-        backend.report
+    sliding = sum(getattr(layer, "is_sliding", False) for layer in caches[1].layers)
+    report = backend.report
+    if batch == 1:  # 4 MiB windows: left alone, with the reason
+        assert sliding and not report.counts["slide_window"], report
+        assert any(s.pattern == "slide_window" and "MiB" in s.reason for s in report.skipped), report
+    else:  # 32 MiB
+        assert sliding and report.counts["slide_window"] == 2 * sliding * len(report.graphs), report
     stats = backend.cudagraph_stats
     assert stats.replays > 0 and not stats.failures and not backend.report.fallbacks

@@ -11,8 +11,9 @@ becomes `slide_window(cache, new)` where the copy back was (replacements/slide_w
 one read and one write of the window instead of two of each. Later reads of the cache (attention) read it as before.
 
 Left alone (with the reason): a cache read between the roll and the copy back (it would see the update early), a new
-row whose shape, dtype or layout the kernel does not take, a symbolic window or head dim. A roll that is not followed
-by exactly this write and copy back is not a candidate.
+row whose shape, dtype or layout the kernel does not take, a symbolic window or head dim, and on CUDA a window below
+MIN_WINDOW_BYTES at a static batch (there the roll and copy, two launches, cost what the edge copy and the kernel do).
+A roll that is not followed by exactly this write and copy back is not a candidate.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from ..replacements import slide_window as ops
 from ..report import Report, node_location
 
 NAME = "slide_window"
+# On an H200, 26B-A4B's sliding windows (8 heads x 1024 x 256, bf16): 4 MiB each at bs 1, no faster in place; 64 MiB
+# at bs 16, 1.09x faster on the whole decode step (BENCHMARKS.md).
+MIN_WINDOW_BYTES = 16 << 20
 
 
 def _is(node, names) -> bool:
@@ -96,6 +100,10 @@ def _unsupported(roll, cache, copy, new, order) -> str | None:
         ops.check_inputs(cache_value, new_value)
     except ValueError as error:
         return str(error)
+    size = batch * heads * cache_value.shape[2] * dim * cache_value.element_size()
+    if cache_value.device.type == "cuda" and isinstance(batch, int) and size < MIN_WINDOW_BYTES:
+        return (f"a window of {size / 2**20:.1f} MiB: below {MIN_WINDOW_BYTES >> 20} MiB the roll and copy back cost "
+                f"what the update in place does (BENCHMARKS.md)")
     aliases = _aliases(cache)
     between = [n for n in roll.graph.nodes if order[roll] < order[n] < order[copy]]
     if any(aliases.intersection(n.all_input_nodes) for n in between):
