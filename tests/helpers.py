@@ -67,6 +67,27 @@ def attention_query_rows(gm):
             if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]
 
 
+def decode_steps(model, forwards, ids, positions, max_cache_len):
+    """Each of `forwards` (eager's first) decoding one token per sequence over an HF static cache of its own, each
+    cache prefilled with `ids` by eager: per position, (position, each forward's logits, the caches); the token fed
+    next is eager's greedy one."""
+    from transformers import StaticCache
+
+    from gemma4_fx.presets import cache_kwargs
+
+    caches = [StaticCache(config=model.config, max_cache_len=max_cache_len) for _ in forwards]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
+        token = ids[:, -1:]
+        for position in positions:
+            kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device=ids.device))
+            logits = [forward(token, **cache_kwargs(model, cache), **kwargs).logits
+                      for forward, cache in zip(forwards, caches)]
+            yield position, logits, caches
+            token = logits[0].argmax(-1)
+
+
 def fake_capture(fn, args, pool):
     """A CUDA graph on CPU: replays recompute into the memory of the capture's outputs, from the captured inputs'
     memory. Like a graph and its pool, it keeps that memory alive but none of the tensors."""

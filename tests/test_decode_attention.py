@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4_fx.replacements import decode_attention as ops
-from helpers import DEVICES
+from helpers import DEVICES, decode_steps
 
 
 def inputs(batch, heads, kv_heads, keys, dim, dtype, visible=None, seed=0, device="cpu"):
@@ -219,26 +219,14 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, mask, is_causal, reas
 def test_e2b_decode_steps_at_real_widths(batch):
     """E2B at real widths (6 layers, bf16) over HF's static cache, decode steps replayed from the backend's CUDA
     graphs: every attention rewritten and eager's greedy token at each step."""
-    from transformers import StaticCache
-
     import gemma4_fx
-    from gemma4_fx.presets import cache_kwargs
 
     model = gemma4_fx.build_model("e2b", dtype=torch.bfloat16, device="cuda", num_hidden_layers=6)
     ids = torch.randint(3, 1000, (batch, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
-    caches = [StaticCache(config=model.config, max_cache_len=320) for _ in range(2)]
     backend = gemma4_fx.Gemma4Backend()  # "auto": decode steps in one CUDA graph
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        for cache in caches:
-            model(ids, **cache_kwargs(model, cache), use_cache=True)
-        token = ids[:, -1:]
-        for position in range(300, 306):
-            kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device="cuda"))
-            expected = model(token, **cache_kwargs(model, caches[0]), **kwargs).logits
-            got = compiled(token, **cache_kwargs(model, caches[1]), **kwargs).logits
-            assert torch.equal(got.argmax(-1), expected.argmax(-1)), position
-            token = expected.argmax(-1)
+    forwards = [model, torch.compile(model, backend=backend)]
+    for position, (expected, got), _ in decode_steps(model, forwards, ids, range(300, 306), 320):
+        assert torch.equal(got.argmax(-1), expected.argmax(-1)), position
     assert backend.report.counts["decode_attention"] == 6 * len(backend.report.graphs), backend.report
     stats = backend.cudagraph_stats
     assert stats.replays > 0 and not stats.failures and not backend.report.fallbacks

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gemma4_fx.replacements import slide_window as ops
-from helpers import DEVICES, seeded
+from helpers import DEVICES, decode_steps, seeded
 
 
 def hf_update(cache, new):
@@ -68,10 +68,7 @@ def test_decode_steps_past_the_window_through_the_backend(dtype):
     window updated in place (K and V of each sliding layer with a cache of its own); the logits and the cache
     bitwise those of the backend without the pass, and in fp32 eager's (in bf16 the backend's own roundings, with
     the pass or without, move this tiny model's logits by a few percent over three steps)."""
-    from transformers import StaticCache
-
     import gemma4_fx
-    from gemma4_fx.presets import cache_kwargs
 
     model = gemma4_fx.build_model("tiny-e2b", dtype=dtype)
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -79,21 +76,11 @@ def test_decode_steps_past_the_window_through_the_backend(dtype):
                 for patterns in (None, [p for p in gemma4_fx.GRAPH_PASSES if p != "slide_window"]
                                  + list(gemma4_fx.PATTERNS))]
     forwards = [model] + [torch.compile(model, backend=backend) for backend in backends]
-    caches = [StaticCache(config=model.config, max_cache_len=40) for _ in forwards]
-    with torch.no_grad():
-        for cache in caches:
-            model(ids, **cache_kwargs(model, cache), use_cache=True)
-        token = ids[:, -1:]
-        for position in range(12, 15):
-            kwargs = dict(use_cache=True, position_ids=torch.full((2, 1), position),
-                          cache_position=torch.tensor([position]))
-            eager, ours, without = (forward(token, **cache_kwargs(model, cache), **kwargs).logits
-                                    for forward, cache in zip(forwards, caches))
-            assert torch.equal(ours, without), position
-            if dtype == torch.float32:
-                assert (ours - eager).abs().max().item() <= 1e-4 * eager.abs().max().item(), position
-            assert all(torch.equal(a, b) for a, b in cache_tensors(caches[1:])), position
-            token = eager.argmax(-1)
+    for position, (eager, ours, without), caches in decode_steps(model, forwards, ids, range(12, 15), 40):
+        assert torch.equal(ours, without), position
+        if dtype == torch.float32:
+            assert (ours - eager).abs().max().item() <= 1e-4 * eager.abs().max().item(), position
+        assert all(torch.equal(a, b) for a, b in cache_tensors(caches[1:])), position
     sliding = [layer for layer in caches[1].layers if getattr(layer, "is_sliding", False)]
     report = backends[0].report
     assert sliding and report.counts["slide_window"] == 2 * len(sliding) * len(report.graphs), report
@@ -187,28 +174,16 @@ def test_26b_sliding_layers_past_the_window_on_cuda(batch):
     """26B-A4B at real widths (2 layers: a sliding one and the last, global; bf16, random weights) over a static
     cache past its 1024-token window, decode steps replayed from the backend's CUDA graphs: at bs 8 every window
     updated in place, at bs 1 none (too small); eager's cache and greedy token after each step."""
-    from transformers import StaticCache
-
     import gemma4_fx
-    from gemma4_fx.presets import cache_kwargs
 
     model = gemma4_fx.build_model("26b-a4b", dtype=torch.bfloat16, device="cuda", num_hidden_layers=2)
     ids = torch.randint(3, 1000, (batch, 1030), device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
-    caches = [StaticCache(config=model.config, max_cache_len=1040) for _ in range(2)]
     backend = gemma4_fx.Gemma4Backend()
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        for cache in caches:
-            model(ids, **cache_kwargs(model, cache), use_cache=True)
-        token = ids[:, -1:]
-        for position in range(1030, 1034):
-            kwargs = dict(use_cache=True, cache_position=torch.tensor([position], device="cuda"))
-            expected = model(token, **cache_kwargs(model, caches[0]), **kwargs).logits
-            got = compiled(token, **cache_kwargs(model, caches[1]), **kwargs).logits
-            assert torch.equal(got.argmax(-1), expected.argmax(-1)), position
-            for a, b in cache_tensors(caches):
-                assert (a - b).abs().max().item() <= 2e-2 * a.abs().max().item(), position
-            token = expected.argmax(-1)
+    forwards = [model, torch.compile(model, backend=backend)]
+    for position, (expected, got), caches in decode_steps(model, forwards, ids, range(1030, 1034), 1040):
+        assert torch.equal(got.argmax(-1), expected.argmax(-1)), position
+        for a, b in cache_tensors(caches):
+            assert (a - b).abs().max().item() <= 2e-2 * a.abs().max().item(), position
     sliding = sum(getattr(layer, "is_sliding", False) for layer in caches[1].layers)
     report = backend.report
     if batch == 1:  # 4 MiB windows: left alone, with the reason
