@@ -62,6 +62,7 @@ def test_op_mutates_and_checks_its_inputs():
         ops.check_inputs(cache, new.double())
 
 
+@pytest.mark.compat  # the update as each transformers version writes it
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_decode_steps_past_the_window_through_the_backend(dtype):
     """Tiny E2B (a 6-token window) over HF's static cache filled past it, three decode steps: every full sliding
