@@ -27,6 +27,11 @@ def op_name(node: torch.fx.Node) -> str:
     return node.op
 
 
+def node_calls(node, names) -> bool:
+    """`node` is a node that calls one of the ops, methods or functions `names` (by `op_name`)."""
+    return isinstance(node, torch.fx.Node) and node.op in ("call_method", "call_function") and op_name(node) in names
+
+
 def method_name(node: torch.fx.Node) -> str | None:
     """The Tensor method a node calls (`x.item()`, or `torch.Tensor.item` called as a function), else None."""
     if node.op == "call_method":

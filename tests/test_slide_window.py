@@ -88,6 +88,29 @@ def test_decode_steps_past_the_window_through_the_backend(dtype):
     assert "slide_window" not in backends[1].report.counts
 
 
+def test_decode_steps_from_captured_pieces():
+    """The update inside pieces of the split graph, captured (simulated on CPU) and replayed: the cache is a mutated
+    input the pieces write where it is, so six steps past the window give eager's logits."""
+    import gemma4_fx
+    import gemma4_fx.runtime.cudagraphs as cudagraphs
+    from gemma4_fx.passes import slide_window
+    from gemma4_fx.report import Report
+    from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime
+    from helpers import fake_capture, runner_backend
+
+    model = gemma4_fx.build_model("tiny-e2b")
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    runtime, report = CUDAGraphRuntime(max_shapes=8), Report((slide_window.NAME,))
+    pieces = runner_backend(runtime)
+    forwards = [model, torch.compile(model, backend=lambda gm, inputs: pieces(slide_window.apply(gm, report=report),
+                                                                                  inputs))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cudagraphs, "_capture", fake_capture)
+        for position, (eager, ours), _ in decode_steps(model, forwards, ids, range(12, 18), 40):
+            assert (ours - eager).abs().max().item() <= 1e-4 * eager.abs().max().item(), position
+    assert report.counts[slide_window.NAME] and runtime.stats.captures and runtime.stats.replays, runtime.stats
+
+
 class Update(torch.nn.Module):
     """HF's update (`how="hf"`), or graphs that look like it: another shift, the new row written elsewhere, no copy
     back, the cache read between the roll and the copy back, a new row broadcast over the batch."""

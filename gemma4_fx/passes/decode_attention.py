@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..fx_utils import op_name, value
+from ..fx_utils import node_calls, value
 from ..replacements import decode_attention as ops
 from ..report import Report, node_location
 
@@ -30,24 +30,19 @@ _SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_atten
 _RESHAPES = ("reshape", "view")
 
 
-def _is(node, names) -> bool:
-    """`node` calls one of the ops, methods or functions `names` (`fx_utils.op_name`)."""
-    return isinstance(node, torch.fx.Node) and node.op in ("call_method", "call_function") and op_name(node) in names
-
-
 def _cache(kv: torch.fx.Node) -> torch.fx.Node:
     """The [B, Hkv, S, D] tensor that HF's `repeat_kv` expanded into `kv` ([B, Hkv * n, S, D], each kv head
     repeated n times in a row, as the kernels read it), or `kv` itself."""
-    if not _is(kv, _RESHAPES):
+    if not node_calls(kv, _RESHAPES):
         return kv
     expand = kv.args[0]
-    if not _is(expand, ("expand",)):
+    if not node_calls(expand, ("expand",)):
         return kv
     unsqueezed = expand.args[0]
-    if not (_is(unsqueezed, _RESHAPES + ("getitem", "unsqueeze"))
+    if not (node_calls(unsqueezed, _RESHAPES + ("getitem", "unsqueeze"))
             and isinstance(unsqueezed.args[0], torch.fx.Node)):
         return kv
-    index = unsqueezed.args[1] if _is(unsqueezed, ("getitem",)) else ()
+    index = unsqueezed.args[1] if node_calls(unsqueezed, ("getitem",)) else ()
     indices = index if isinstance(index, tuple) else (index,)
     if not all(i is None or i == slice(None) or i is Ellipsis for i in indices):
         return kv  # an index that picks or reorders: not a plain repeat
@@ -124,7 +119,7 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
 def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Erase the repeat of the cache that nothing reads any more (reshape, expand, indexing: no side effects)."""
     while isinstance(node, torch.fx.Node) and not node.users and node.op in ("call_method", "call_function") \
-            and (_is(node, _RESHAPES + ("expand", "getitem", "unsqueeze"))):
+            and (node_calls(node, _RESHAPES + ("expand", "getitem", "unsqueeze"))):
         source = node.args[0]
         graph.erase_node(node)
         node = source

@@ -22,7 +22,7 @@ import operator
 
 import torch
 
-from ..fx_utils import ALIASING, op_name, same, value
+from ..fx_utils import ALIASING, node_calls, same, value
 from ..replacements import slide_window as ops
 from ..report import Report, node_location
 
@@ -30,11 +30,6 @@ NAME = "slide_window"
 # On an H200, 26B-A4B's sliding windows (8 heads x 1024 x 256, bf16): 4 MiB each at bs 1, no faster in place; 64 MiB
 # at bs 16, 1.09x faster on the whole decode step (BENCHMARKS.md).
 MIN_WINDOW_BYTES = 16 << 20
-
-
-def _is(node, names) -> bool:
-    """`node` calls one of the ops, methods or functions `names` (`fx_utils.op_name`)."""
-    return isinstance(node, torch.fx.Node) and node.op in ("call_method", "call_function") and op_name(node) in names
 
 
 def _argument(node: torch.fx.Node, position: int, name: str, default=None):
@@ -52,7 +47,7 @@ def _last_row(index, rows: int) -> bool:
     """`index` picks the last of `rows` along the keys: transformers' `torch.tensor([-1])`, or a slice from it."""
     if isinstance(index, slice):
         return index.start in (-1, rows - 1) and index.stop is None and index.step in (None, 1)
-    return (_is(index, ("tensor",)) and index.args and isinstance(index.args[0], (list, tuple))
+    return (node_calls(index, ("tensor",)) and index.args and isinstance(index.args[0], (list, tuple))
             and _one(index.args[0]) in (-1, rows - 1))
 
 
@@ -65,7 +60,7 @@ def _match(roll: torch.fx.Node):
     if _one(_argument(roll, 1, "shifts")) != -1 or _one(_argument(roll, 2, "dims")) not in (-2, 2):
         return None
     writes = [u for u in roll.users if u.op == "call_function" and u.target is operator.setitem]
-    copies = [u for u in roll.users if _is(u, ("copy_",)) and u.args[0] is cache and u.args[1] is roll]
+    copies = [u for u in roll.users if node_calls(u, ("copy_",)) and u.args[0] is cache and u.args[1] is roll]
     if len(writes) != 1 or len(copies) != 1 or len(roll.users) != 2:
         return None
     write, copy = writes[0], copies[0]
@@ -81,13 +76,13 @@ def _aliases(node: torch.fx.Node) -> set:
     found, todo = {node}, [node]
     while todo:
         for user in todo.pop().users:
-            if user not in found and _is(user, ALIASING):
+            if user not in found and node_calls(user, ALIASING):
                 found.add(user)
                 todo.append(user)
     return found
 
 
-def _unsupported(roll, cache, copy, new, order) -> str | None:
+def _unsupported(roll, cache, copy, new) -> str | None:
     cache_value, new_value = value(cache), value(new)
     if not all(isinstance(size, int) for size in cache_value.shape[2:]):
         return "a symbolic window or head dim"
@@ -104,10 +99,11 @@ def _unsupported(roll, cache, copy, new, order) -> str | None:
     if cache_value.device.type == "cuda" and isinstance(batch, int) and size < MIN_WINDOW_BYTES:
         return (f"a window of {size / 2**20:.1f} MiB: below {MIN_WINDOW_BYTES >> 20} MiB the roll and copy back cost "
                 f"what the update in place does (BENCHMARKS.md)")
-    aliases = _aliases(cache)
-    between = [n for n in roll.graph.nodes if order[roll] < order[n] < order[copy]]
-    if any(aliases.intersection(n.all_input_nodes) for n in between):
-        return "the cache is read between the roll and the copy back"
+    aliases, node = _aliases(cache), roll.next
+    while node is not copy:
+        if aliases.intersection(node.all_input_nodes):
+            return "the cache is read between the roll and the copy back"
+        node = node.next
     return None
 
 
@@ -115,13 +111,12 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
           graph_name: str = "graph") -> torch.fx.GraphModule:
     """Rewrite every full sliding-window update the kernel takes, in place; matches and reasons go to `report`."""
     graph = gm.graph
-    for roll in [n for n in graph.nodes if _is(n, ("roll",))]:
+    for roll in [n for n in graph.nodes if node_calls(n, ("roll",))]:
         match = _match(roll)
         if match is None:
             continue
         cache, write, copy, new = match
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        reason = _unsupported(roll, cache, copy, new, order)
+        reason = _unsupported(roll, cache, copy, new)
         if reason is not None:
             if report is not None:
                 report.add_skip(NAME, graph_name, node_location(roll), reason, [roll.name])
