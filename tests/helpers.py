@@ -67,6 +67,14 @@ def attention_query_rows(gm):
             if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]
 
 
+def dynamo_graph(module, *args) -> torch.fx.GraphModule:
+    """Dynamo's graph of `module(*args)`, traced afresh as one graph (what the graph passes rewrite)."""
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(module, backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(*args)
+    return graphs[0]
+
+
 def decode_steps(model, forwards, ids, positions, max_cache_len):
     """Each of `forwards` (eager's first) decoding one token per sequence over an HF static cache of its own, each
     cache prefilled with `ids` by eager: per position, (position, each forward's logits, the caches); the token fed

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4_fx.replacements import decode_attention as ops
-from helpers import DEVICES, decode_steps
+from helpers import DEVICES, decode_steps, dynamo_graph
 
 
 def inputs(batch, heads, kv_heads, keys, dim, dtype, visible=None, seed=0, device="cpu"):
@@ -196,11 +196,8 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, mask, is_causal, reas
 
     q, k, v, visible = inputs(2, 4, 2 if how != "none" else 4, 20, 16, torch.float32, [20, 7])
     module = OneRowAttention(how, mask, is_causal)
-    graphs = []
-    torch._dynamo.reset()
-    torch.compile(module, backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(q, k, v, visible)
     report = Report((decode_attention.NAME,))
-    gm = decode_attention.apply(graphs[0], report=report)
+    gm = decode_attention.apply(dynamo_graph(module, q, k, v, visible), report=report)
     named = {"L_q_": q, "L_k_": k, "L_v_": v, "L_mask_": visible}  # Dynamo's inputs, in the order it used them
     got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))[0]
     torch.testing.assert_close(got, module(q, k, v, visible), rtol=1e-5, atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gemma4_fx.replacements import slide_window as ops
-from helpers import DEVICES, decode_steps, seeded
+from helpers import DEVICES, decode_steps, dynamo_graph, seeded
 
 
 def hf_update(cache, new):
@@ -148,11 +148,8 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
     g = seeded(how)
     cache, new = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
     module = Update(how)
-    graphs = []
-    torch._dynamo.reset()
-    torch.compile(module, backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(cache.clone(), new)
     report = Report((slide_window.NAME,))
-    gm = slide_window.apply(graphs[0], report=report)
+    gm = slide_window.apply(dynamo_graph(module, cache.clone(), new), report=report)
     ours, eager = cache.clone(), cache.clone()
     named = {"L_cache_": ours, "L_new_": new}
     got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))[0]
@@ -177,17 +174,14 @@ def test_cuda_windows_below_the_size_that_gains_are_left_alone(batch, taken):
     from gemma4_fx.passes import slide_window
     from gemma4_fx.report import Report
 
-    graphs = []
-    torch._dynamo.reset()
-    torch.compile(Update("hf"), backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(
-        torch.randn(2, 3, 7, 4), torch.randn(2, 3, 1, 4))
+    gm = dynamo_graph(Update("hf"), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 1, 4))
     with FakeTensorMode():
         fakes = {"L_cache_": torch.empty(batch, 8, 1024, 256, dtype=torch.bfloat16, device="cuda"),
                  "L_new_": torch.empty(batch, 8, 1, 256, dtype=torch.bfloat16, device="cuda")}
-    for placeholder in graphs[0].graph.find_nodes(op="placeholder"):
+    for placeholder in gm.graph.find_nodes(op="placeholder"):
         placeholder.meta["example_value"] = fakes[placeholder.target]
     report = Report((slide_window.NAME,))
-    slide_window.apply(graphs[0], report=report)
+    slide_window.apply(gm, report=report)
     assert report.counts[slide_window.NAME] == int(taken), report
     assert taken or "4.0 MiB: below 16 MiB" in report.skipped[0].reason, report
 
