@@ -17,8 +17,10 @@ import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.presets import cache_kwargs
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, mutated_inputs
+from gemma4_fx.passes import yoco
+from gemma4_fx.report import Report
 from gemma4_fx.runtime.split import bake_float_inputs, is_attention, is_decode_shaped, split_graph
-from helpers import fake_capture, runner_backend
+from helpers import attention_query_rows, fake_capture, runner_backend
 
 PRESET = "tiny-e2b"  # 7 layers
 FP32 = dict(rtol=1e-4, atol=1e-4)  # compiled against eager: Inductor may reorder fp32 sums
@@ -62,6 +64,27 @@ def test_split_at_attention_gives_the_same_results(models, impl):
         if impl == "eager" and not piece.captured:
             assert sum(node.target is torch.matmul for node in piece.module.graph.nodes) == 2
     assert [sorted(piece.escaping) for piece in split.captured] == [[]] * layers + [[0]]  # only the logits escape
+    with torch.no_grad():
+        torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(models, impl, dynamic):
+    """After YOCO the KV-shared layers (and the layer before them) attend with one query row over keys the prompt's
+    length: that adds no shape to capture, so only the layers with a whole prompt's queries are cut at attention."""
+    model = models[impl]
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=False, dynamic=dynamic)
+    gm = yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill")
+    if impl == "sdpa":
+        rows = attention_query_rows(gm)
+        assert rows.count(1) == model.config.num_kv_shared_layers + 1 and len(rows) == model.config.num_hidden_layers
+    split = split_graph(gm)
+    whole = model.config.num_hidden_layers - model.config.num_kv_shared_layers - 1
+    assert [piece.captured for piece in split.pieces] == [index % 2 == 0 for index in range(2 * whole + 1)]
+    captured_attention = sum(len(attention_nodes(piece.module)) for piece in split.captured)
+    assert captured_attention == model.config.num_kv_shared_layers + 1
     with torch.no_grad():
         torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
 

@@ -1,7 +1,9 @@
 """Split a Dynamo FX graph into pieces that CUDA graphs can hold and pieces that run between them.
 
 Attention is left out of the graphs (its cost depends on context length, and serving engines swap in their own
-kernels), and so is anything a graph cannot hold: host syncs, copies between host and device, tensors whose shapes
+kernels), except one-row attention in a prefill whose keys are no longer than the prompt's (what YOCO leaves the
+layers that share a KV cache): it adds no shape to capture, and run between graphs it would cost a launch from the
+host and two cuts per layer. So is anything a graph cannot hold: host syncs, copies between host and device, tensors whose shapes
 come from data, and uses of int inputs that size no tensor (a graph would keep the value it was captured with). The
 cut follows graph order: every piece is a contiguous run of nodes, so the pieces always form a chain; work on host
 values alone moves to the top first, so that it does not cut a layer in two.
@@ -140,11 +142,13 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, host_work: 
     host_values = host_value_symbols(graph)
     marked = {node for node in nodes if is_uncapturable(node, host_values, host_work)}
     if split_attention:
-        marked |= {node for node in nodes if is_attention(node, extra_ops)}
-        for node in nodes:
-            span = is_op(node, _SOFTMAXES) and eager_attention_span(node)
-            if span:
-                marked.update(nodes[order[span[0]]:order[span[1]] + 1])
+        attentions = attention_shapes(graph, extra_ops)
+        prefill = [rows for _, rows, _ in attentions if not _one_row(rows)]
+        prompt = set().union(*(free_symbols(rows) for rows in prefill if rows is not None))
+        for (first, last), rows, keys in attentions:
+            if prefill and _one_row(rows) and keys is not None and free_symbols(keys) <= prompt:
+                continue  # YOCO's one row in a prefill: captured with its layer (module docstring)
+            marked.update(nodes[order[first]:order[last] + 1])
     return marked | _runs_without_tensors(nodes, marked)
 
 
@@ -162,16 +166,35 @@ def _runs_without_tensors(nodes: list[torch.fx.Node], marked: set[torch.fx.Node]
     return idle
 
 
-def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
-    """Every attention in the graph has exactly one query token (a decode step), so it can live in one graph."""
-    queries = []
+def attention_shapes(graph: torch.fx.Graph, extra_ops=()) -> list[tuple[tuple[torch.fx.Node, torch.fx.Node],
+                                                                         object, object]]:
+    """Each attention of `graph` as ((first node, last node), query rows, key length); a size is None where the
+    layout is not known (key lengths are read from SDPA, our decode attention and HF's eager attention)."""
+    found = []
     for node in graph.nodes:
         if is_attention(node, extra_ops) and node.args:
-            queries.append(example_value(node.args[0]))
+            query = example_value(node.args[0])
+            known = node.target in _ATTENTION_FUNCTIONS or qualified_name(node.target).split(".")[0] in _ATTENTION_OPS
+            keys = example_value(node.args[1]) if known and len(node.args) > 1 else None
+            found.append(((node, node), _size(query, -2), _size(keys, -2)))
         elif is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
-            queries.append(example_value(span[0].args[0]))
-    return bool(queries) and all(isinstance(q, torch.Tensor) and q.ndim >= 2 and q.shape[-2] == 1
-                                 for q in queries)
+            scores, _ = span
+            found.append((span, _size(example_value(scores.args[0]), -2), _size(example_value(scores), -1)))
+    return found
+
+
+def _size(value, dim: int):
+    return value.shape[dim] if isinstance(value, torch.Tensor) and value.ndim >= 2 else None
+
+
+def _one_row(rows) -> bool:
+    return rows is not None and statically_known_true(rows == 1)
+
+
+def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
+    """Every attention in the graph has exactly one query token (a decode step), so it can live in one graph."""
+    attentions = attention_shapes(graph, extra_ops)
+    return bool(attentions) and all(_one_row(rows) for _, rows, _ in attentions)
 
 
 def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
