@@ -137,7 +137,28 @@ def kernel_profile(fn, top: int = 8, calls: int = 1) -> tuple[float, str]:
               for e in kernels[:top]]
     lines += [f"  cpu {e.self_cpu_time_total / 1e3 / calls:7.3f} ms {e.count / calls:6.1f}x {e.key[:100]}"
               for e in host[:top]]
+    lines += idle_gaps(prof.events(), calls, top)
     return busy_ms, "\n".join(lines)
+
+
+def idle_gaps(events, calls: int, top: int) -> list[str]:
+    """Where the GPU waits between kernels, per call: the idle time in short gaps (launches back to back, or a CUDA
+    graph's own), medium and long ones (the host is behind), and the `top` longest with the kernels around them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, end, before = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    bins = ((0, 5), (5, 50), (50, float("inf")))
+    summary = "; ".join(f"{low}-{high} us: {sum(g for g, *_ in gaps if low <= g < high) / 1e3 / calls:.3f} ms "
+                        f"/ {sum(low <= g < high for g, *_ in gaps) / calls:.0f}" for low, high in bins)
+    lines = [f"  GPU idle between kernels {sum(g for g, *_ in gaps) / 1e3 / calls:.3f} ms ({summary})"]
+    lines += [f"  idle {gap:7.1f} us after {before[:60]} before {after[:60]}" for gap, before, after in
+              sorted(gaps, key=lambda gap: -gap[0])[:top]]
+    return lines
 
 
 def markdown(rows: list[dict]) -> str:
