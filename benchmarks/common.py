@@ -244,6 +244,25 @@ def run_jobs(worker, jobs: list, *, deadline_s: float) -> list:
     return outcome
 
 
+def _wait_for_peers(index: int, release: float) -> bool:
+    """With `GEMMA4_FX_BENCHMARK_PEERS=DIR:N` (N scripts started together, e.g. two builds side by side), wait until
+    all N scripts' jobs have compiled (each script's first job leaves a file in DIR) or the release time has come,
+    so that no script times its runs while another compiles. True unless the release time came first."""
+    peers = os.environ.get("GEMMA4_FX_BENCHMARK_PEERS")
+    if not peers:
+        return True
+    folder, _, count = peers.rpartition(":")
+    os.makedirs(folder, exist_ok=True)
+    if index == 0:
+        open(os.path.join(folder, str(os.getppid())), "w").close()
+    while len(os.listdir(folder)) < int(count):
+        if time.time() > release:
+            print(f"job {index}: timed while other scripts may still compile (host contention)", flush=True)
+            return False
+        time.sleep(1)
+    return True
+
+
 def _run_job(worker, index, job, barrier, results, release: float):
     arrived = False
 
@@ -257,6 +276,7 @@ def _run_job(worker, index, job, barrier, results, release: float):
         except threading.BrokenBarrierError:  # a job is slow or dead: time anyway, still one at a time
             alone = False
             print(f"job {index}: timed while other jobs may still compile (host contention)", flush=True)
+        alone = _wait_for_peers(index, release) and alone
         with open(TURN_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
             yield alone
