@@ -7,13 +7,11 @@ import warnings
 import pytest
 import torch
 from transformers import CompileConfig, StaticCache
-from transformers.models.gemma4 import modeling_gemma4
 
 import gemma4_fx
 from gemma4_fx.presets import cache_kwargs
 
 pytestmark = pytest.mark.gpu
-MODEL_SLICES_ITSELF = hasattr(modeling_gemma4.Gemma4TextModel, "_maybe_slice_kv_shared_inputs")  # transformers >= 5.2x
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +68,10 @@ def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
     stats = backend.cudagraph_stats
     assert stats.replays > 0 and not stats.failures
     assert not [w for w in caught if "CUDA Graph is empty" in str(w.message)]  # no piece that launches nothing
-    # YOCO leaves the KV-shared layers (and, unless the model cut the rows itself, the layer before them) one query
-    # row: that attention runs inside the graphs, so only the layers that see the whole prompt cut them, per length
+    # YOCO leaves the KV-shared layers and the layer before them one query row: that attention runs inside the
+    # graphs, so only the layers that see the whole prompt cut them, per length (test_runtime.py checks it on CPU)
     config = model.config
-    whole = config.num_hidden_layers - config.num_kv_shared_layers - (0 if MODEL_SLICES_ITSELF else 1)
+    whole = config.num_hidden_layers - config.num_kv_shared_layers - 1
     assert stats.graphs == 2 * (whole + 1)
 
 

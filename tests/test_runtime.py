@@ -7,18 +7,20 @@ CUDA itself is exercised in test_gpu_runtime.py.
 import gc
 import operator
 import weakref
+from functools import partial
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from transformers import StaticCache
 
 import gemma4_fx
 import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.presets import cache_kwargs
-from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, mutated_inputs
 from gemma4_fx.passes import yoco
 from gemma4_fx.report import Report
+from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, GraphRunner, mutated_inputs, shape_inputs
 from gemma4_fx.runtime.split import bake_float_inputs, is_attention, is_decode_shaped, split_graph
 from helpers import attention_query_rows, fake_capture, runner_backend
 
@@ -70,12 +72,13 @@ def test_split_at_attention_gives_the_same_results(models, impl):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(models, impl, dynamic):
+def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(monkeypatch, models, impl, dynamic):
     """After YOCO the KV-shared layers (and the layer before them) attend with one query row over keys the prompt's
-    length: that adds no shape to capture, so only the layers with a whole prompt's queries are cut at attention."""
+    length: that adds no shape to capture, so only the layers with a whole prompt's queries are cut at attention.
+    As HF's prefill calls it (a DynamicCache, the last row kept), and replayed from (simulated) graphs."""
     model = models[impl]
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=False, dynamic=dynamic)
+    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True, dynamic=dynamic)
     gm = yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill")
     if impl == "sdpa":
         rows = attention_query_rows(gm)
@@ -85,8 +88,14 @@ def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(models, impl, dynam
     assert [piece.captured for piece in split.pieces] == [index % 2 == 0 for index in range(2 * whole + 1)]
     captured_attention = sum(len(attention_nodes(piece.module)) for piece in split.captured)
     assert captured_attention == model.config.num_kv_shared_layers + 1
+    monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
+    runtime = CUDAGraphRuntime(max_shapes=4)
+    runner = GraphRunner(split, [piece.module for piece in split.captured], shape_inputs(gm), runtime, capture=True)
     with torch.no_grad():
-        torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
+        expected = gm(*inputs)
+        for _ in range(3):  # run, capture, replay (simulated replays read copies of the inputs: fp32 reorders)
+            pytree.tree_map(partial(torch.testing.assert_close, **FP32), runner(*inputs), expected)
+    assert (runtime.stats.graphs, runtime.stats.replays) == (whole + 1, 2 * (whole + 1))
 
 
 @pytest.mark.parametrize("op, attention", [("decode_attention", True), ("post_attn_norm", False),
