@@ -52,8 +52,9 @@ GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.ge
 # model's modules change between calls, so not a default; timed on request.
 GUARDS_OFF = ", module guards off"
 # HF generate with Dynamo's guards kept but checked by dict tags
-# (`torch._dynamo.config.use_recursive_dict_tags_for_guards`): an unchanged module's subtree of guards is skipped whole. Off by default in torch (a use-after-free risk before
-# CPython 3.12's dict watchers, pytorch/pytorch#188103); timed on request.
+# (`torch._dynamo.config.use_recursive_dict_tags_for_guards`): an unchanged module's subtree of guards is skipped
+# whole. Off by default in torch (a use-after-free risk before CPython 3.12's dict watchers, pytorch/pytorch#188103);
+# timed on request.
 DICT_TAGS = ", dict-tag guards"
 GENERATE_CHOICES = GENERATE_VARIANTS + tuple(variant + suffix for variant in ("reduce-overhead", "gemma4_fx auto")
                                              for suffix in (GUARDS_OFF, DICT_TAGS))
