@@ -15,7 +15,8 @@ count and CUDA-graph stats.
 embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
 device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (ms per decoded token, prefill
 left out), and beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included)
-through the backend. `--profile` prints, per job, the GPU's busy time against the wall time and the kernel families.
+through the backend. `--profile` prints, per job, the GPU's busy time against the wall time, the kernel families
+and where the GPU waits between kernels.
 `--multimodal` times each preset twice over the same weights: as `Gemma4ForConditionalGeneration` (with its encoders,
 on text tokens) and as `Gemma4ForCausalLM` made of its language model and LM head.
 

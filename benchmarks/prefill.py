@@ -22,8 +22,9 @@ bounds the whole run. The "graph" variants run Dynamo's graph op by op (no compi
 Our variants run without our CUDA graphs unless `--cudagraphs auto` (the backend's default) says otherwise;
 `--cuda-graph` instead captures each whole compiled call, and needs `--no-cache` (HF's DynamicCache copies a CPU
 tensor in prefill, which a whole-call graph cannot hold; our runtime runs that copy between its graphs).
-`--profile` prints, per variant and shape, the GPU's busy time against the wall time and the top kernels and host
-ops: up to ~2k tokens a prefill without graphs is bound by the host, and its wall time varies between processes.
+`--profile` prints, per variant and shape, the GPU's busy time against the wall time, the top kernels and host ops,
+and where the GPU waits between kernels: up to ~2k tokens a prefill without graphs is bound by the host, and its
+wall time varies between processes.
 
 `--images N` prefills `Gemma4ForConditionalGeneration` (the preset with its vision encoder) on N random images of
 `--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens,
