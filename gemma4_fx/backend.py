@@ -65,7 +65,8 @@ class Gemma4Backend:
             own CUDA graphs: a new value recompiles.
         max_captured_shapes: shapes each compiled graph keeps graphs for, per group of pieces sized by the same
             inputs (`runtime.cudagraphs`); the least recently used shape is dropped (with its graphs) past this.
-        splitting_ops: more ops to run between graphs in piecewise mode: op overloads, functions, or "ns::name".
+        splitting_ops: more ops to run between graphs in piecewise mode: op overloads, functions, or "ns::name"
+            (always, where attention of one query row in a prefill would otherwise stay in the graphs).
     """
 
     def __init__(self, patterns=None, *, verify: bool = False, verify_action: str = "warn",

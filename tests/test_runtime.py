@@ -98,6 +98,17 @@ def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(monkeypatch, models
     assert (runtime.stats.graphs, runtime.stats.replays) == (whole + 1, 2 * (whole + 1))
 
 
+def test_listed_splitting_ops_run_between_graphs_even_with_one_row(models):
+    """An op the caller lists in `splitting_ops` runs between graphs wherever it is, YOCO's one-row calls too."""
+    model = models["sdpa"]
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True)
+    gm = yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill")
+    split = split_graph(gm, extra_ops=(torch.nn.functional.scaled_dot_product_attention,))
+    layers = model.config.num_hidden_layers
+    assert [piece.captured for piece in split.pieces] == [index % 2 == 0 for index in range(2 * layers + 1)]
+
+
 @pytest.mark.parametrize("op, attention", [("decode_attention", True), ("post_attn_norm", False),
                                             ("skinny_linear", False), ("router_select", False)])
 def test_our_ops_split_at_decode_attention_only(op, attention):

@@ -3,10 +3,11 @@
 Attention is left out of the graphs (its cost depends on context length, and serving engines swap in their own
 kernels), except one-row attention in a prefill whose keys are no longer than the prompt's (what YOCO leaves the
 layers that share a KV cache): it adds no shape to capture, and run between graphs it would cost a launch from the
-host and two cuts per layer. So is anything a graph cannot hold: host syncs, copies between host and device, tensors whose shapes
-come from data, and uses of int inputs that size no tensor (a graph would keep the value it was captured with). The
-cut follows graph order: every piece is a contiguous run of nodes, so the pieces always form a chain; work on host
-values alone moves to the top first, so that it does not cut a layer in two.
+host and two cuts per layer (ops the caller lists as `extra_ops` still run between graphs). So is anything a graph
+cannot hold: host syncs, copies between host and device, tensors whose shapes come from data, and uses of int inputs
+that size no tensor (a graph would keep the value it was captured with). The cut follows graph order: every piece
+is a contiguous run of nodes, so the pieces always form a chain; work on host values alone moves to the top first,
+so that it does not cut a layer in two.
 """
 
 from __future__ import annotations
@@ -68,11 +69,16 @@ def is_attention(node: torch.fx.Node, extra_ops=()) -> bool:
     name = qualified_name(target)
     if target in _ATTENTION_FUNCTIONS or target is torch.ops.higher_order.flex_attention:
         return True
-    if target in extra_ops or (name and any(name in ops or name.split(".")[0] in ops
-                                            for ops in (extra_ops, _ATTENTION_OPS))):
+    if _listed(node, extra_ops) or _listed(node, _ATTENTION_OPS):
         return True
     namespace, _, op = name.partition("::")
     return namespace in _ATTENTION_NAMESPACES and ("attention" in op or "attn" in op)
+
+
+def _listed(node: torch.fx.Node, ops) -> bool:
+    """`node` calls one of `ops` (targets, or "ns::name" of any of an op's overloads)."""
+    name = qualified_name(node.target)
+    return node.target in ops or bool(name) and (name in ops or name.split(".")[0] in ops)
 
 
 def eager_attention_span(softmax: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -146,7 +152,8 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, host_work: 
         prefill = [rows for _, rows, _ in attentions if not _one_row(rows)]
         prompt = set().union(*(free_symbols(rows) for rows in prefill if rows is not None))
         for (first, last), rows, keys in attentions:
-            if prefill and _one_row(rows) and keys is not None and free_symbols(keys) <= prompt:
+            if prefill and _one_row(rows) and keys is not None and free_symbols(keys) <= prompt \
+                    and not _listed(first, extra_ops):  # what the caller listed always runs between graphs
                 continue  # YOCO's one row in a prefill: captured with its layer (module docstring)
             marked.update(nodes[order[first]:order[last] + 1])
     return marked | _runs_without_tensors(nodes, marked)
@@ -174,7 +181,7 @@ def attention_shapes(graph: torch.fx.Graph, extra_ops=()) -> list[tuple[tuple[to
     for node in graph.nodes:
         if is_attention(node, extra_ops) and node.args:
             query = example_value(node.args[0])
-            known = node.target in _ATTENTION_FUNCTIONS or qualified_name(node.target).split(".")[0] in _ATTENTION_OPS
+            known = node.target in _ATTENTION_FUNCTIONS or _listed(node, _ATTENTION_OPS)
             keys = example_value(node.args[1]) if known and len(node.args) > 1 else None
             found.append(((node, node), _size(query, -2), _size(keys, -2)))
         elif is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
