@@ -119,6 +119,17 @@ def test_our_ops_split_at_decode_attention_only(op, attention):
     assert is_attention(node) is attention
 
 
+def test_attention_called_with_keywords_runs_between_graphs():
+    def fn(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(query=q.sin(), key=k, value=v).cos()
+
+    q, k, v = (torch.randn(1, 2, rows, 8) for rows in (1, 5, 5))
+    gm, inputs = dynamo_graph(fn, q, k, v)
+    split = split_graph(gm)
+    assert [piece.captured for piece in split.pieces] == [True, False, True]
+    torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
+
+
 def test_full_split_keeps_attention_inside():
     model = gemma4_fx.build_model(PRESET)
     gm, inputs = dynamo_graph(model, torch.randint(3, 400, (1, 5)), use_cache=False)

@@ -179,18 +179,19 @@ def attention_shapes(graph: torch.fx.Graph, extra_ops=()) -> list[tuple[tuple[to
     layout is not known (key lengths are read from SDPA, our decode attention and HF's eager attention)."""
     found = []
     for node in graph.nodes:
-        if is_attention(node, extra_ops) and node.args:
-            query = example_value(node.args[0])
+        if is_attention(node, extra_ops):
+            query, keys = (node.args[i] if len(node.args) > i else node.kwargs.get(name)
+                           for i, name in enumerate(("query", "key")))
             known = node.target in _ATTENTION_FUNCTIONS or _listed(node, _ATTENTION_OPS)
-            keys = example_value(node.args[1]) if known and len(node.args) > 1 else None
-            found.append(((node, node), _size(query, -2), _size(keys, -2)))
+            found.append(((node, node), _size(query, -2), _size(keys, -2) if known else None))
         elif is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
             scores, _ = span
-            found.append((span, _size(example_value(scores.args[0]), -2), _size(example_value(scores), -1)))
+            found.append((span, _size(scores.args[0], -2), _size(scores, -1)))
     return found
 
 
-def _size(value, dim: int):
+def _size(arg, dim: int):
+    value = example_value(arg)
     return value.shape[dim] if isinstance(value, torch.Tensor) and value.ndim >= 2 else None
 
 
