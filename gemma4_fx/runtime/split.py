@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -149,13 +150,13 @@ def splitting_nodes(graph: torch.fx.Graph, *, split_attention: bool, host_work: 
     marked = {node for node in nodes if is_uncapturable(node, host_values, host_work)}
     if split_attention:
         attentions = attention_shapes(graph, extra_ops)
-        prefill = [rows for _, rows, _ in attentions if not _one_row(rows)]
+        prefill = [a.rows for a in attentions if not _one_row(a.rows)]
         prompt = set().union(*(free_symbols(rows) for rows in prefill if rows is not None))
-        for (first, last), rows, keys in attentions:
-            if prefill and _one_row(rows) and keys is not None and free_symbols(keys) <= prompt \
-                    and not _listed(first, extra_ops):  # what the caller listed always runs between graphs
+        for a in attentions:
+            if prefill and _one_row(a.rows) and a.keys is not None and free_symbols(a.keys) <= prompt \
+                    and not _listed(a.first, extra_ops):  # what the caller listed always runs between graphs
                 continue  # YOCO's one row in a prefill: captured with its layer (module docstring)
-            marked.update(nodes[order[first]:order[last] + 1])
+            marked.update(nodes[order[a.first]:order[a.last] + 1])
     return marked | _runs_without_tensors(nodes, marked)
 
 
@@ -173,20 +174,29 @@ def _runs_without_tensors(nodes: list[torch.fx.Node], marked: set[torch.fx.Node]
     return idle
 
 
-def attention_shapes(graph: torch.fx.Graph, extra_ops=()) -> list[tuple[tuple[torch.fx.Node, torch.fx.Node],
-                                                                         object, object]]:
-    """Each attention of `graph` as ((first node, last node), query rows, key length); a size is None where the
-    layout is not known (key lengths are read from SDPA, our decode attention and HF's eager attention)."""
+class Attention(NamedTuple):
+    """An attention in a graph: its nodes run from `first` to `last`; `rows` (query rows) and `keys` (key length)
+    are None where the layout is not known (key lengths are read from SDPA, our decode attention and HF's eager
+    attention)."""
+
+    first: torch.fx.Node
+    last: torch.fx.Node
+    rows: object
+    keys: object
+
+
+def attention_shapes(graph: torch.fx.Graph, extra_ops=()) -> list[Attention]:
+    """Each attention of `graph`, in graph order."""
     found = []
     for node in graph.nodes:
         if is_attention(node, extra_ops):
             query, keys = (node.args[i] if len(node.args) > i else node.kwargs.get(name)
                            for i, name in enumerate(("query", "key")))
             known = node.target in _ATTENTION_FUNCTIONS or _listed(node, _ATTENTION_OPS)
-            found.append(((node, node), _size(query, -2), _size(keys, -2) if known else None))
+            found.append(Attention(node, node, _size(query, -2), _size(keys, -2) if known else None))
         elif is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
-            scores, _ = span
-            found.append((span, _size(scores.args[0], -2), _size(scores, -1)))
+            scores, values = span
+            found.append(Attention(scores, values, _size(scores.args[0], -2), _size(scores, -1)))
     return found
 
 
@@ -202,7 +212,7 @@ def _one_row(rows) -> bool:
 def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
     """Every attention in the graph has exactly one query token (a decode step), so it can live in one graph."""
     attentions = attention_shapes(graph, extra_ops)
-    return bool(attentions) and all(_one_row(rows) for _, rows, _ in attentions)
+    return bool(attentions) and all(_one_row(a.rows) for a in attentions)
 
 
 def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
