@@ -67,12 +67,20 @@ def attention_query_rows(gm):
             if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]
 
 
-def dynamo_graph(module, *args) -> torch.fx.GraphModule:
-    """Dynamo's graph of `module(*args)`, traced afresh as one graph (what the graph passes rewrite)."""
+def dynamo_graph(fn, *args, dynamic=None, **kwargs) -> tuple[torch.fx.GraphModule, list]:
+    """Dynamo's graph of `fn(*args, **kwargs)`, traced afresh as one graph (what the graph passes rewrite and the
+    runtime splits), and the inputs Dynamo calls it with."""
     graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *inputs: (graphs.append(inputs), gm(*inputs))[1]
+
     torch._dynamo.reset()
-    torch.compile(module, backend=lambda gm, _: graphs.append(gm) or gm, fullgraph=True)(*args)
-    return graphs[0]
+    with torch.no_grad():
+        torch.compile(fn, backend=record, fullgraph=True, dynamic=dynamic)(*args, **kwargs)
+    gm, inputs = graphs
+    return gm, list(inputs)
 
 
 def decode_steps(model, forwards, ids, positions, max_cache_len):

@@ -197,7 +197,7 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, mask, is_causal, reas
     q, k, v, visible = inputs(2, 4, 2 if how != "none" else 4, 20, 16, torch.float32, [20, 7])
     module = OneRowAttention(how, mask, is_causal)
     report = Report((decode_attention.NAME,))
-    gm = decode_attention.apply(dynamo_graph(module, q, k, v, visible), report=report)
+    gm = decode_attention.apply(dynamo_graph(module, q, k, v, visible)[0], report=report)
     named = {"L_q_": q, "L_k_": k, "L_v_": v, "L_mask_": visible}  # Dynamo's inputs, in the order it used them
     got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))[0]
     torch.testing.assert_close(got, module(q, k, v, visible), rtol=1e-5, atol=1e-6)

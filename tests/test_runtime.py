@@ -22,7 +22,7 @@ from gemma4_fx.passes import yoco
 from gemma4_fx.report import Report
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, GraphRunner, mutated_inputs, shape_inputs
 from gemma4_fx.runtime.split import bake_float_inputs, is_attention, is_decode_shaped, split_graph
-from helpers import attention_query_rows, fake_capture, runner_backend
+from helpers import attention_query_rows, dynamo_graph, fake_capture, runner_backend
 
 PRESET = "tiny-e2b"  # 7 layers
 FP32 = dict(rtol=1e-4, atol=1e-4)  # compiled against eager: Inductor may reorder fp32 sums
@@ -31,20 +31,6 @@ FP32 = dict(rtol=1e-4, atol=1e-4)  # compiled against eager: Inductor may reorde
 @pytest.fixture(scope="module")
 def models():
     return {impl: gemma4_fx.build_model(PRESET, attn_implementation=impl) for impl in ("sdpa", "eager")}
-
-
-def dynamo_graph(fn, *args, dynamic=True, **kwargs):
-    """The graph Dynamo hands a backend for `fn(*args, **kwargs)`, and the inputs it would call it with."""
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return lambda *inputs: (graphs.append(inputs), gm(*inputs))[1]
-
-    with torch.no_grad():
-        torch.compile(fn, backend=record, dynamic=dynamic)(*args, **kwargs)
-    gm, inputs = graphs
-    return gm, list(inputs)
 
 
 def attention_nodes(gm):
@@ -56,7 +42,7 @@ def attention_nodes(gm):
 def test_split_at_attention_gives_the_same_results(models, impl):
     model = models[impl]
     ids = torch.randint(3, model.config.vocab_size, (2, 7))
-    gm, inputs = dynamo_graph(model, ids, use_cache=False)
+    gm, inputs = dynamo_graph(model, ids, use_cache=False, dynamic=True)
     split = split_graph(gm)
     layers = model.config.num_hidden_layers
     assert len(split.pieces) == 2 * layers + 1
@@ -102,7 +88,7 @@ def test_listed_splitting_ops_run_between_graphs_even_with_one_row(models):
     """An op the caller lists in `splitting_ops` runs between graphs wherever it is, YOCO's one-row calls too."""
     model = models["sdpa"]
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True)
+    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True, dynamic=True)
     gm = yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill")
     split = split_graph(gm, extra_ops=(torch.nn.functional.scaled_dot_product_attention,))
     layers = model.config.num_hidden_layers
@@ -124,7 +110,7 @@ def test_attention_called_with_keywords_runs_between_graphs():
         return torch.nn.functional.scaled_dot_product_attention(query=q.sin(), key=k, value=v).cos()
 
     q, k, v = (torch.randn(1, 2, rows, 8) for rows in (1, 5, 5))
-    gm, inputs = dynamo_graph(fn, q, k, v)
+    gm, inputs = dynamo_graph(fn, q, k, v, dynamic=True)
     split = split_graph(gm)
     assert [piece.captured for piece in split.pieces] == [True, False, True]
     torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
@@ -132,7 +118,7 @@ def test_attention_called_with_keywords_runs_between_graphs():
 
 def test_full_split_keeps_attention_inside():
     model = gemma4_fx.build_model(PRESET)
-    gm, inputs = dynamo_graph(model, torch.randint(3, 400, (1, 5)), use_cache=False)
+    gm, inputs = dynamo_graph(model, torch.randint(3, 400, (1, 5)), use_cache=False, dynamic=True)
     split = split_graph(gm, split_attention=False)
     assert [piece.captured for piece in split.pieces] == [True]
 
@@ -146,7 +132,7 @@ def test_data_dependent_ops_run_between_graphs():
         return torch.cos(picked) + y.sum(0)
 
     x = torch.randn(9, 4)
-    gm, inputs = dynamo_graph(fn, x)
+    gm, inputs = dynamo_graph(fn, x, dynamic=True)
     split = split_graph(gm)
     captured = [piece.captured for piece in split.pieces]
     assert captured == [True, False, True]
@@ -474,7 +460,7 @@ class Scaled(torch.nn.Module):
 
 def test_float_inputs_are_baked_in():
     module, x = Scaled(), torch.randn(3, 8)
-    gm, inputs = dynamo_graph(module, x, 0.5)
+    gm, inputs = dynamo_graph(module, x, 0.5, dynamic=True)
     floats = bake_float_inputs(gm, inputs)
     assert sorted(floats.values()) == [0.25, 0.5]
     assert not any(node.op == "call_method" and node.target == "item" for node in gm.graph.nodes)
@@ -500,7 +486,7 @@ def test_copies_to_the_device_run_between_graphs_from_the_top():
         window = torch.tensor(4)  # as HF's sliding cache makes its window size: on the CPU, then moved
         return y[keep:] + window.to(x.device)
 
-    gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"))
+    gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"), dynamic=True)
     split = split_graph(gm)
     assert [piece.captured for piece in split.pieces] == [False, True]
     assert any(node.target is operator.neg for node in split.pieces[0].module.graph.nodes)

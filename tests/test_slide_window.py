@@ -149,7 +149,7 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
     cache, new = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
     module = Update(how)
     report = Report((slide_window.NAME,))
-    gm = slide_window.apply(dynamo_graph(module, cache.clone(), new), report=report)
+    gm = slide_window.apply(dynamo_graph(module, cache.clone(), new)[0], report=report)
     ours, eager = cache.clone(), cache.clone()
     named = {"L_cache_": ours, "L_new_": new}
     got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))[0]
@@ -174,7 +174,7 @@ def test_cuda_windows_below_the_size_that_gains_are_left_alone(batch, taken):
     from gemma4_fx.passes import slide_window
     from gemma4_fx.report import Report
 
-    gm = dynamo_graph(Update("hf"), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 1, 4))
+    gm, _ = dynamo_graph(Update("hf"), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 1, 4))
     with FakeTensorMode():
         fakes = {"L_cache_": torch.empty(batch, 8, 1024, 256, dtype=torch.bfloat16, device="cuda"),
                  "L_new_": torch.empty(batch, 8, 1, 256, dtype=torch.bfloat16, device="cuda")}
