@@ -56,6 +56,13 @@ def test_split_at_attention_gives_the_same_results(models, impl):
         torch.testing.assert_close(split.module(*inputs), gm(*inputs), rtol=0, atol=0)
 
 
+def yoco_prefill_graph(model, dynamic: bool):
+    """Dynamo's graph of HF's prefill (a DynamicCache, the last row kept) after YOCO, and its inputs."""
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True, dynamic=dynamic)
+    return yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill"), inputs
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(monkeypatch, models, impl, dynamic):
@@ -63,9 +70,7 @@ def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(monkeypatch, models
     length: that adds no shape to capture, so only the layers with a whole prompt's queries are cut at attention.
     As HF's prefill calls it (a DynamicCache, the last row kept), and replayed from (simulated) graphs."""
     model = models[impl]
-    ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True, dynamic=dynamic)
-    gm = yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill")
+    gm, inputs = yoco_prefill_graph(model, dynamic)
     if impl == "sdpa":
         rows = attention_query_rows(gm)
         assert rows.count(1) == model.config.num_kv_shared_layers + 1 and len(rows) == model.config.num_hidden_layers
@@ -87,9 +92,7 @@ def test_prefill_keeps_yocos_one_row_attention_in_the_graphs(monkeypatch, models
 def test_listed_splitting_ops_run_between_graphs_even_with_one_row(models):
     """An op the caller lists in `splitting_ops` runs between graphs wherever it is, YOCO's one-row calls too."""
     model = models["sdpa"]
-    ids = torch.randint(3, model.config.vocab_size, (2, 9))
-    gm, inputs = dynamo_graph(model, ids, logits_to_keep=1, use_cache=True, dynamic=True)
-    gm = yoco.apply(gm, inputs, report=Report((yoco.NAME,)), graph_name="prefill")
+    gm, _ = yoco_prefill_graph(model, dynamic=True)
     split = split_graph(gm, extra_ops=(torch.nn.functional.scaled_dot_product_attention,))
     layers = model.config.num_hidden_layers
     assert [piece.captured for piece in split.pieces] == [index % 2 == 0 for index in range(2 * layers + 1)]
