@@ -3,6 +3,7 @@ the markdown tables they print, and the process pool that compiles benchmark var
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import os
@@ -25,6 +26,14 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """`--image-size HxW` of the multimodal benchmarks."""
+    height, _, width = text.partition("x")
+    if not (height.isdigit() and width.isdigit()) or int(height) < 1 or int(width) < 1:
+        raise argparse.ArgumentTypeError(f"image-size: expected HEIGHTxWIDTH such as 768x768, got {text!r}")
+    return int(height), int(width)
 
 
 def synchronize(device: torch.device) -> None:

@@ -18,7 +18,12 @@ left out), and beside it `gemma4_fx.generate`, our decode loop (each step one co
 through the backend. `--profile` prints, per job, the GPU's busy time against the wall time, the kernel families
 and where the GPU waits between kernels.
 `--multimodal` times each preset twice over the same weights: as `Gemma4ForConditionalGeneration` (with its encoders,
-on text tokens) and as `Gemma4ForCausalLM` made of its language model and LM head.
+on text tokens) and as `Gemma4ForCausalLM` made of its language model and LM head. With `--images N` the multimodal
+class generates from a prompt of N random images (`--image-size`) between the text, and its generate jobs also time the first
+token (a whole `generate` call of one new token: prefill, vision encoder and sampling). HF generate compiles the
+decode steps only and runs the prefill uncompiled; the `, compiled forward` variants compile `model.forward` itself
+(as a user who wants a compiled prefill does), so the prefill and the steps both run compiled. Image prompts run over
+one `StaticCache` held across calls and reset before each (README: the setup that keeps captured graphs).
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
 by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
@@ -27,6 +32,7 @@ by side, then time one at a time. `--deadline` bounds the whole run; unfinished 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -38,9 +44,10 @@ import torch  # noqa: E402
 from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
+from gemma4_fx.multimodal import capture_data_dependent_ops, image_inputs, prompt  # noqa: E402
 from gemma4_fx.presets import cache_kwargs  # noqa: E402
-from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, rebuild, run_jobs,  # noqa: E402
-                               shareable, synchronize)
+from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, parse_image_size, rebuild,  # noqa: E402
+                               run_jobs, shareable, synchronize)
 
 # "gemma4_fx auto, no <what>": the backend without these rewrites, to time what they gain
 LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("decode_attention",),
@@ -57,8 +64,13 @@ GUARDS_OFF = ", module guards off"
 # whole. Off by default in torch (a use-after-free risk before CPython 3.12's dict watchers, pytorch/pytorch#188103);
 # timed on request.
 DICT_TAGS = ", dict-tag guards"
-GENERATE_CHOICES = GENERATE_VARIANTS + tuple(variant + suffix for variant in ("reduce-overhead", "gemma4_fx auto")
-                                             for suffix in (GUARDS_OFF, DICT_TAGS))
+# HF generate over `model.forward` compiled by the variant (`disable_compile=True`): the prefill runs compiled too.
+COMPILED_FORWARD = ", compiled forward"
+GENERATE_CHOICES = (GENERATE_VARIANTS
+                    + tuple(variant + suffix for variant in ("reduce-overhead", "gemma4_fx auto")
+                            for suffix in (GUARDS_OFF, DICT_TAGS))
+                    + tuple(variant + COMPILED_FORWARD for variant in ("inductor", "reduce-overhead", "gemma4_fx auto")))
+FIRST_TOKEN = "first token ms"  # a generate row's column suffix: the time to the first token
 GENERATE_SHORT = 16  # new tokens left out of the per-token rate (the first steps: compile, capture)
 PROFILED_STEPS = 10  # decode steps under the profiler (`--profile`)
 WARMUP = 4  # steps before timing: compile, recompile with the cache's moving int dynamic, warm up, capture
@@ -163,7 +175,7 @@ def compile_config(variant: str, backend) -> CompileConfig | None:
         torch._dynamo.config.use_recursive_dict_tags_for_guards = True  # this job's process only
         variant = variant.removesuffix(DICT_TAGS)
     base = variant.removesuffix(GUARDS_OFF)
-    if base == "eager":
+    if base == "eager" or base.endswith(COMPILED_FORWARD):
         return None
     if not variant.endswith(GUARDS_OFF):
         return CompileConfig() if base == "reduce-overhead" else CompileConfig(backend=backend)
@@ -187,27 +199,51 @@ class TokenClock:
         return scores
 
 
+def image_prompt(model, batch: int, text_tokens: int, images: int, size) -> tuple[torch.Tensor, dict]:
+    """(input_ids, image inputs) of `batch` copies of a prompt of `images` random images of `size` (height, width)
+    between `text_tokens` words."""
+    generator = torch.Generator().manual_seed(images)
+    pixel_values, positions, soft_tokens = image_inputs(model.config.vision_config, [size] * images,
+                                                        generator=generator, device=model.device, dtype=model.dtype)
+    ids = prompt(model.config, text_tokens // 2, soft_tokens, generator=generator).to(model.device)
+    return ids.expand(batch, -1), dict(pixel_values=pixel_values.repeat(batch, 1, 1),
+                                       image_position_ids=positions.repeat(batch, 1, 1))
+
+
 def generate_job(variant: str, batch: int, model, args, turn) -> dict:
-    """Greedy decode through HF `generate` (`eager` uncompiled, the others through its `CompileConfig`), or our loop
-    (`gemma4_fx.generate`, through the backend), `--new-tokens` N new tokens. Per generated token: in HF generate,
-    the spacing of tokens 16 to N within a call (`TokenClock`); in ours, which keeps its cache and so captures once,
-    (t(N) - t(16)) / (N - 16) over two calls. Both leave the prefill and the first steps out, as a user sees the
-    decode rate. The prompt is at most a sliding window long (transformers 5.17's static sliding cache fails on
-    longer prefills)."""
-    prompt = min(args.prompt, text_config(model).sliding_window)
-    ids = words(model, (batch, prompt))
-    base = variant.removesuffix(GUARDS_OFF).removesuffix(DICT_TAGS)
+    """Greedy decode through HF `generate` (`eager` uncompiled, the `, compiled forward` ones over the compiled
+    `model.forward`, the others through its `CompileConfig`), or our loop (`gemma4_fx.generate`, through the
+    backend), `--new-tokens` N new tokens. Per generated token: in HF generate, the spacing of tokens 16 to N within a
+    call (`TokenClock`); in ours, which keeps its cache and so captures once, (t(N) - t(16)) / (N - 16) over two
+    calls. Both leave the prefill and the first steps out, as a user sees the decode rate. With `--images`, the
+    multimodal class's prompt holds images and the first token is timed too. The text prompt is at most a sliding
+    window long (transformers 5.17's static sliding cache fails on longer prefills)."""
+    prompt_tokens = min(args.prompt, text_config(model).sliding_window)
+    images = args.images and model.config is not text_config(model)
+    if images and variant == "gemma4_fx.generate":
+        return "left out: gemma4_fx.generate takes text prompts"
+    ids, pixels = image_prompt(model, batch, prompt_tokens, args.images, args.image_size) if images else \
+        (words(model, (batch, prompt_tokens)), {})
+    base = variant.removesuffix(GUARDS_OFF).removesuffix(DICT_TAGS).removesuffix(COMPILED_FORWARD)
     backend = ours("auto") if base in ("gemma4_fx auto", "gemma4_fx.generate") else None
     config = None if variant == "gemma4_fx.generate" else compile_config(variant, backend)
     if config is not None and model.device.type == "cpu":
         config._compile_all_devices = True  # HF compiles on CUDA only unless told (a private flag; for smoke runs)
+    held = StaticCache(config=model.config, max_cache_len=ids.shape[1] + args.new_tokens) if images else None
+    cache = {"cache_implementation": "static"} if held is None else cache_kwargs(model, held)
+    if variant.endswith(COMPILED_FORWARD):
+        model.forward = torch.compile(model.forward, backend=backend or "inductor",
+                                      mode="reduce-overhead" if base == "reduce-overhead" else None)
 
     def run(new_tokens: int, clock: TokenClock | None = None):
         kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
         if variant == "gemma4_fx.generate":
             return gemma4_fx.generate(model, ids, backend=backend, **kwargs)
-        return model.generate(ids, cache_implementation="static", disable_compile=config is None,
-                              compile_config=config, logits_processor=[clock] if clock else None, **kwargs)
+        if held is not None:
+            held.reset()
+        with capture_data_dependent_ops() if images else contextlib.nullcontext():
+            return model.generate(ids, **pixels, **cache, disable_compile=config is None, compile_config=config,
+                                  logits_processor=[clock] if clock else None, **kwargs)
 
     def hf_token_ms() -> float:
         clock = TokenClock()
@@ -217,13 +253,17 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     short, long = GENERATE_SHORT, args.new_tokens
     for new_tokens in (short, long):  # compile, capture: each length sizes its own static cache
         run(new_tokens)
-    result = {"prompt": prompt}
+    if images:
+        run(1)
+    result = {"prompt": ids.shape[1]}
     with turn():
         if variant == "gemma4_fx.generate":
             t_short, t_long = (median_block_ms(lambda: run(n), 1, args.repeats, model.device) for n in (short, long))
             result["value"] = (t_long - t_short) / (long - short)
         else:
             result["value"] = statistics.median(hf_token_ms() for _ in range(args.repeats))
+        if images:
+            result[FIRST_TOKEN] = median_block_ms(lambda: run(1), 1, args.repeats, model.device)
         if args.profile:  # the whole call, prefill included: how much of the wall time the GPU is busy
             _, result["profile"] = kernel_profile(lambda: run(long), top=args.profile)
     if backend is not None:
@@ -294,13 +334,16 @@ def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
             continue
         row = (steps if kind == "step" else generate)[(label, batch)]
         row[variant] = result["value"]
+        if FIRST_TOKEN in result:
+            row[f"{variant}, {FIRST_TOKEN}"] = result[FIRST_TOKEN]
         if "gpu busy" in result:
             row[f"{variant}, GPU busy"] = result["gpu busy"]
         if kind == "generate":
             row["prompt"] = result["prompt"]
     for rows in (steps, generate):
         for (label, batch), row in rows.items():
-            best = min((row[v] for v in row if str(v).startswith("gemma4_fx") and "busy" not in str(v)), default=None)
+            best = min((row[v] for v in row
+                        if str(v).startswith("gemma4_fx") and not str(v).endswith(("busy", FIRST_TOKEN))), default=None)
             for name in ("inductor", "reduce-overhead"):
                 if name in row and best:
                     row[f"{name} / gemma4_fx"] = row[name] / best
@@ -333,9 +376,16 @@ def main():
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--multimodal", action="store_true",
                         help="each preset as Gemma4ForConditionalGeneration and as Gemma4ForCausalLM, same weights")
+    parser.add_argument("--images", type=int, default=0,
+                        help="with --multimodal: images in the multimodal class's generate prompts")
+    parser.add_argument("--image-size", type=parse_image_size, default=(768, 768), metavar="HxW")
     args = parser.parse_args()
     if args.profile and args.device != "cuda":
         parser.error("--profile: needs --device cuda")
+    if args.images and not (args.multimodal and args.generate):
+        parser.error("--images: needs --multimodal and --generate (the multimodal class's generate prompts)")
+    if args.images < 0:
+        parser.error(f"--images: expected a count >= 0, got {args.images}")
     if args.generate and args.new_tokens <= GENERATE_SHORT:
         parser.error(f"--new-tokens: expected more than {GENERATE_SHORT} (the shorter run's), got {args.new_tokens}")
     start = time.perf_counter()

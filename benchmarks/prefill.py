@@ -51,7 +51,8 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
 from gemma4_fx.multimodal import capture_data_dependent_ops, image_inputs, prompt  # noqa: E402
-from benchmarks.common import cuda_graph, kernel_profile, rebuild, run_jobs, shareable, synchronize  # noqa: E402
+from benchmarks.common import (cuda_graph, kernel_profile, parse_image_size, rebuild, run_jobs, shareable,  # noqa: E402
+                               synchronize)
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
@@ -69,13 +70,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     if not (batch.isdigit() and tokens.isdigit()) or int(batch) < 1 or int(tokens) < 1:
         raise argparse.ArgumentTypeError(f"shape: expected BATCHxTOKENS such as 1x2048, got {text!r}")
     return int(batch), int(tokens)
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    height, _, width = text.partition("x")
-    if not (height.isdigit() and width.isdigit()) or int(height) < 1 or int(width) < 1:
-        raise argparse.ArgumentTypeError(f"image-size: expected HEIGHTxWIDTH such as 768x768, got {text!r}")
-    return int(height), int(width)
 
 
 def backend(variant: str, emulate_precision_casts: bool = True, cudagraphs: str | None = None):
