@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
-from gemma4_fx.multimodal import capture_data_dependent_ops, image_inputs, prompt  # noqa: E402
+from gemma4_fx.multimodal import (DEFAULT_SOFT_TOKENS, capture_data_dependent_ops, image_inputs,  # noqa: E402
+                                  prompt)
 from gemma4_fx.presets import cache_kwargs  # noqa: E402
 from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, parse_image_size, rebuild,  # noqa: E402
                                run_jobs, shareable, synchronize)
@@ -203,8 +204,9 @@ def image_prompt(model, batch: int, text_tokens: int, images: int, size) -> tupl
     """(input_ids, image inputs) of `batch` copies of a prompt of `images` random images of `size` (height, width)
     between `text_tokens` words."""
     generator = torch.Generator().manual_seed(images)
-    pixel_values, positions, soft_tokens = image_inputs(model.config.vision_config, [size] * images,
-                                                        generator=generator, device=model.device, dtype=model.dtype)
+    pixel_values, positions, soft_tokens = image_inputs(
+        model.config.vision_config, [size] * images, max_soft_tokens=DEFAULT_SOFT_TOKENS, generator=generator,
+        device=model.device, dtype=model.dtype)
     ids = prompt(model.config, text_tokens // 2, soft_tokens, generator=generator).to(model.device)
     return ids.expand(batch, -1), dict(pixel_values=pixel_values.repeat(batch, 1, 1),
                                        image_position_ids=positions.repeat(batch, 1, 1))

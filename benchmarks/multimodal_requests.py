@@ -37,7 +37,8 @@ import transformers  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.backend  # noqa: E402
-from gemma4_fx.multimodal import capture_data_dependent_ops, image_inputs, prompt  # noqa: E402
+from gemma4_fx.multimodal import (DEFAULT_SOFT_TOKENS, capture_data_dependent_ops, image_inputs,  # noqa: E402
+                                  prompt)
 from gemma4_fx.runtime.cudagraphs import CapturedPiece  # noqa: E402
 from benchmarks.common import TURN_LOCK  # noqa: E402
 
@@ -131,8 +132,9 @@ def requests(model, count: int, max_images: int, sizes, seed: int, device, dtype
     for picked, text in plan:
         inputs, soft_tokens = {}, []
         if picked:
-            pixel_values, positions, soft_tokens = image_inputs(model.config.vision_config, picked, max_soft_tokens=280,
-                                                                generator=generator, device=device, dtype=dtype)
+            pixel_values, positions, soft_tokens = image_inputs(
+                model.config.vision_config, picked, max_soft_tokens=DEFAULT_SOFT_TOKENS, generator=generator,
+                device=device, dtype=dtype)
             inputs = dict(pixel_values=pixel_values, image_position_ids=positions)
         out.append((prompt(model.config, text, soft_tokens, generator=generator).to(device), inputs, picked))
     return out

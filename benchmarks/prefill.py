@@ -50,7 +50,8 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
-from gemma4_fx.multimodal import capture_data_dependent_ops, image_inputs, prompt  # noqa: E402
+from gemma4_fx.multimodal import (DEFAULT_SOFT_TOKENS, capture_data_dependent_ops, image_inputs,  # noqa: E402
+                                  prompt)
 from benchmarks.common import (cuda_graph, kernel_profile, parse_image_size, rebuild, run_jobs, shareable,  # noqa: E402
                                synchronize)
 
@@ -151,8 +152,8 @@ def job(spec, turn) -> dict:
         if images_per_prompt:
             generator = torch.Generator().manual_seed(sum(shape))
             pixel_values, positions, soft_tokens = image_inputs(
-                model.config.vision_config, [args.image_size] * images_per_prompt, max_soft_tokens=280,
-                generator=generator, device=device, dtype=model.dtype)
+                model.config.vision_config, [args.image_size] * images_per_prompt,
+                max_soft_tokens=DEFAULT_SOFT_TOKENS, generator=generator, device=device, dtype=model.dtype)
             images = dict(pixel_values=pixel_values, image_position_ids=positions)
             input_ids = prompt(model.config, shape[1] // 2, soft_tokens, generator=generator).to(device)
             encode = model.model.get_image_features if compiler is None else \

@@ -12,6 +12,7 @@ import unittest.mock
 import torch
 
 MAX_SOFT_TOKENS = 70  # the image processor's smallest budget of soft tokens per image
+DEFAULT_SOFT_TOKENS = 280  # its default budget
 # Audio clips padded to a multiple of this many 16 kHz samples (2 s; the feature extractor's and processor's
 # `pad_to_multiple_of`) size the audio encoder by their bucket alone, so its CUDA graphs are captured once per bucket
 # (15 up to the extractor's 30 s) rather than per clip length. The padding is masked: the soft tokens and logits are
