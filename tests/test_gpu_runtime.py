@@ -47,6 +47,28 @@ def test_prefill_replays_equal_eager_and_held_outputs_survive(model, mode):
     assert list(backend.graph_reports) == ["graph_0"]  # one dynamic graph serves every length: no recompiles
 
 
+def test_a_piece_of_views_alone_is_captured_without_torchs_empty_graph_warning():
+    def attend_twice(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(out.view(q.shape), k, v)  # between: a view alone
+
+    backend = gemma4_fx.Gemma4Backend(cudagraphs="piecewise")
+    compiled = torch.compile(attend_twice, backend=backend)
+    q, k, v = (torch.randn(1, 2, 8, 16, device="cuda") for _ in range(3))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [compiled(q, k, v) for _ in range(3)]  # run, capture, replay
+    assert not [w for w in caught if "CUDA Graph is empty" in str(w.message)]
+    with warnings.catch_warnings(record=True) as control:  # torch's wording, as the runtime's filter has it
+        warnings.simplefilter("always")
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
+    assert [w for w in control if "CUDA Graph is empty" in str(w.message)]
+    assert backend.cudagraph_stats.captures > 0 and not backend.cudagraph_stats.failures
+    for out in outputs:
+        assert_close(out, attend_twice(q, k, v))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
     """As HF's prefill calls it: DynamicCache, logits_to_keep=1, lengths left dynamic (Dynamo passes float

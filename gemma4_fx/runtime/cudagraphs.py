@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -125,10 +126,13 @@ def sized_by(piece: torch.fx.GraphModule, inputs: list[ShapeInput]) -> tuple[Sha
 
 def _capture(fn, args: list, pool: GraphPool):
     """Record `fn(*args)` into a CUDA graph in `pool`; returns (replay, the outputs the graph writes).
-    Capturing runs nothing: the caller replays once for the values."""
+    Capturing runs nothing: the caller replays once for the values. A piece of views alone launches nothing, and
+    torch's warning about its empty graph ("captured on wrong device or stream?") would only alarm the user."""
     graph = torch.cuda.CUDAGraph()
-    with pool.capturing(graph) as handle, torch.cuda.graph(graph, pool=handle):
-        outputs = fn(*args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The CUDA Graph is empty", category=UserWarning)
+        with pool.capturing(graph) as handle, torch.cuda.graph(graph, pool=handle):
+            outputs = fn(*args)
     return graph.replay, outputs
 
 
