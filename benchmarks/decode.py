@@ -222,8 +222,6 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     window long (transformers 5.17's static sliding cache fails on longer prefills)."""
     prompt_tokens = min(args.prompt, text_config(model).sliding_window)
     images = args.images and model.config is not text_config(model)
-    if images and variant == "gemma4_fx.generate":
-        return "left out: gemma4_fx.generate takes text prompts"
     ids, pixels = image_prompt(model, batch, prompt_tokens, args.images, args.image_size) if images else \
         (words(model, (batch, prompt_tokens)), {})
     base = variant.removesuffix(GUARDS_OFF).removesuffix(DICT_TAGS).removesuffix(COMPILED_FORWARD)
@@ -240,7 +238,7 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     def run(new_tokens: int, clock: TokenClock | None = None):
         kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
         if variant == "gemma4_fx.generate":
-            return gemma4_fx.generate(model, ids, backend=backend, **kwargs)
+            return gemma4_fx.generate(model, ids, backend=backend, **pixels, **kwargs)
         if held is not None:
             held.reset()
         with capture_data_dependent_ops() if images else contextlib.nullcontext():

@@ -17,6 +17,8 @@ a seed gives the same tokens on every run and device.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .backend import gemma4_backend
+from .multimodal import capture_data_dependent_ops
 from .presets import cache_kwargs
 
 if TYPE_CHECKING:
@@ -39,6 +42,9 @@ _IGNORED = {"bos_token_id", "decoder_start_token_id", "use_cache", "length_penal
             "assistant_lookbehind", "target_lookbehind", "renormalize_logits", "transformers_version",
             "_from_model_config"}
 _ATTENTION = ("sdpa", "eager")  # the mask formats the step builds
+# The multimodal class's encoder inputs (and the vision tokens' type ids, for its bidirectional image masks): the
+# prefill takes them, as HF generate's first step does; the decode steps see text tokens only.
+PROMPT_INPUTS = ("pixel_values", "image_position_ids", "input_features", "input_features_mask", "mm_token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -168,10 +174,12 @@ def _emit(logits: torch.Tensor, sampler: Sampler, state: _State) -> None:
     state.step.add_(1)
 
 
-def _prefill(model, cache, cache_kw: str, sampler: Sampler, state: _State, input_ids, attention_mask, position_ids):
-    """The prompt through the model (the model makes the masks, as in HF generate), then the first token."""
+def _prefill(model, cache, cache_kw: str, sampler: Sampler, state: _State, input_ids, attention_mask, position_ids,
+             prompt_inputs: dict):
+    """The prompt (and its images or audio) through the model (the model makes the masks, as in HF generate), then
+    the first token."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                   logits_to_keep=1, **{cache_kw: cache}).logits
+                   logits_to_keep=1, **prompt_inputs, **{cache_kw: cache}).logits
     _emit(logits, sampler, state)
 
 
@@ -242,7 +250,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             attention.
         input_ids: (batch, prompt) token ids.
         attention_mask: (batch, prompt), 0 on left padding; absent, inferred from `pad_token_id` as HF does.
-        generation_config, **kwargs: HF's, merged over `model.generation_config` as HF merges them. Applied:
+        generation_config, **kwargs: HF's, merged over `model.generation_config` as HF merges them; the model's
+            `PROMPT_INPUTS` (images, audio, as its processor makes them) go to the prefill. Applied:
             `do_sample`, `temperature`, `top_k`, `top_p`, `max_new_tokens` / `max_length`, `min_new_tokens` /
             `min_length`, `eos_token_id` (int or list), `pad_token_id`, `max_cache_len` (a floor on the static
             cache's length: calls of one length share their compiled steps and CUDA graphs). Any other option set
@@ -263,6 +272,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if generation_config is None:  # HF warns of a `max_cache_len` without a static cache
         kwargs.setdefault("cache_implementation", "static")
     config, unused = model._prepare_generation_config(generation_config, **kwargs)
+    prompt_inputs = _prompt_inputs(model, unused)
     if unused:
         raise TypeError(f"generate: unsupported argument(s) {', '.join(sorted(unused))}")
     for name, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):  # None is off, as in HF's processors
@@ -300,7 +310,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                 temperature=float(config.temperature), top_p=float(config.top_p),
                                 min_new_tokens=min_new_tokens)
         padded = not attention_mask.all()  # HF drops an all-ones mask: the model then makes plain causal masks
-        prefill(model, cache, cache_kw, sampler, state, input_ids, attention_mask if padded else None, position_ids)
+        with capture_data_dependent_ops() if prompt_inputs else contextlib.nullcontext():  # as the class needs
+            prefill(model, cache, cache_kw, sampler, state, input_ids, attention_mask if padded else None,
+                    position_ids, prompt_inputs)
         steps, syncs = 1, 0
         with torch.compiler.config.patch(dynamic_sources=_dynamic_sources()):
             while steps < new_tokens:
@@ -313,6 +325,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         length = int(state.length) if eos else steps
     tokens = torch.cat([input_ids, state.out[:, :length]], dim=1)
     return (tokens, GenerateStats(length, steps, syncs + bool(eos))) if return_stats else tokens
+
+
+def _prompt_inputs(model, unused: dict) -> dict:
+    """The `PROMPT_INPUTS` among the call's arguments that the model's forward takes, moved to its device (popped
+    from `unused`; None ones dropped)."""
+    taken = inspect.signature(model.forward).parameters
+    inputs = {name: unused.pop(name) for name in PROMPT_INPUTS if name in unused and name in taken}
+    for name, value in inputs.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: expected a tensor, as the model's processor makes it, got {_describe(value)}")
+    return {name: value.to(model.device) for name, value in inputs.items() if value is not None}
 
 
 def _dynamic_sources() -> str:

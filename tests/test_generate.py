@@ -116,16 +116,19 @@ def test_hf_generate_with_a_kept_cache_captures_once():
     assert captures[0] > 0 and captures[1:] == [0, 0, 0] and runtime.stats.replays > 0, captures
 
 
-def test_multimodal_class_takes_text_prompts_only():
+def test_multimodal_class_with_a_text_prompt_and_images_where_the_model_takes_them():
     """`Gemma4ForConditionalGeneration` with a text prompt: HF's greedy tokens (the masks come from the nested text
-    config); images or audio are not taken, and the error names them."""
+    config). Images go to a model whose forward takes them, as tensors (prompts with images:
+    `test_multimodal.py`); anything else is refused by name."""
     model = build_model("tiny-e2b", multimodal=True)
     ids = torch.randint(3, model.config.boi_token_id, (2, 9), generator=torch.Generator().manual_seed(0))  # words
     mask = torch.ones_like(ids)
     expected = hf_generate(model, ids, mask, max_new_tokens=5)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=5, backend="eager"), expected)
+    with pytest.raises(ValueError, match="pixel_values: expected a tensor"):
+        generate(model, ids, mask, max_new_tokens=5, backend="eager", pixel_values=[[0.0]])
     with pytest.raises(TypeError, match="pixel_values"):
-        generate(model, ids, mask, max_new_tokens=5, backend="eager", pixel_values=torch.zeros(1, 3))
+        generate(build_model("tiny-e2b"), ids, mask, max_new_tokens=5, backend="eager", pixel_values=torch.zeros(1))
 
 
 def test_sampling_is_seeded_and_its_limits_are_greedy():

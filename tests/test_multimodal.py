@@ -176,6 +176,23 @@ def test_greedy_generate_matches_eager():
     assert backend.report.counts["yoco"] >= 1 and {m.graph for m in backend.report.matches} == {"graph_0"}
 
 
+def test_our_generate_with_images_and_audio_gives_hf_generates_tokens():
+    """`gemma4_fx.generate` from a prompt with images of two sizes and an audio clip (E2B), and from one with an image
+    (31B, whose vision pooler splits by a data-dependent size): HF generate's greedy tokens. Its prefill takes the
+    encoders' inputs as one graph (YOCO cuts it), the decode steps the text tokens."""
+    backend = YocoOnly()
+    for preset, images, audio in (("tiny-e2b", [(48, 72), (36, 24)], [1.3]), ("tiny-31b", [(36, 24)], [])):
+        model = build_model(preset, multimodal=True)
+        input_ids, inputs = model_inputs(model, images=images, audio=audio, seed=2)
+        expected = model.generate(input_ids, **inputs, max_new_tokens=5, do_sample=False,
+                                  cache_implementation="static", disable_compile=True)
+        tokens = gemma4_fx.generate(model, input_ids, **inputs, max_new_tokens=5, backend=backend)
+        assert torch.equal(tokens, expected)
+    cut = {match.graph for match in backend.report.matches if match.location.startswith("model.language_model.")}
+    assert len(cut) == 2  # each prompt's prefill
+    assert not [skip for skip in backend.report.skipped if skip.reason.startswith("kept rows are selected")]
+
+
 def test_piecewise_generate_with_images_compiles_every_piece_with_the_passes():
     """HF generate with two images, prefill and decode through the backend's CUDA-graph split (on CPU nothing is
     captured; the pieces run plainly): every piece compiles with the passes, and the tokens are eager's. (Run on
