@@ -193,6 +193,24 @@ def test_our_generate_with_images_and_audio_gives_hf_generates_tokens():
     assert not [skip for skip in backend.report.skipped if skip.reason.startswith("kept rows are selected")]
 
 
+def test_our_generate_takes_a_left_padded_batch_of_image_prompts():
+    """Two prompts of different lengths, an image each (of two sizes), left-padded: HF generate's greedy tokens."""
+    model = build_model("tiny-e2b", multimodal=True)
+    generator = torch.Generator().manual_seed(4)
+    pixel_values, positions, soft_tokens = image_inputs(model.config.vision_config, [(48, 72), (24, 24)],
+                                                        generator=generator)
+    rows = [prompt(model.config, words, [count], generator=generator)[0]
+            for words, count in zip((5, 2), soft_tokens)]
+    width, pad = max(len(row) for row in rows), model.generation_config.pad_token_id
+    input_ids = torch.stack([torch.cat([row.new_full((width - len(row),), pad), row]) for row in rows])
+    mask = torch.stack([(torch.arange(width) >= width - len(row)).long() for row in rows])
+    inputs = dict(pixel_values=pixel_values, image_position_ids=positions)
+    expected = model.generate(input_ids, attention_mask=mask, **inputs, max_new_tokens=4, do_sample=False,
+                              cache_implementation="static", disable_compile=True)
+    tokens = gemma4_fx.generate(model, input_ids, mask, **inputs, max_new_tokens=4, backend="eager")
+    assert mask[1, 0] == 0 and torch.equal(tokens, expected)
+
+
 def test_piecewise_generate_with_images_compiles_every_piece_with_the_passes():
     """HF generate with two images, prefill and decode through the backend's CUDA-graph split (on CPU nothing is
     captured; the pieces run plainly): every piece compiles with the passes, and the tokens are eager's. (Run on
