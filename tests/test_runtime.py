@@ -5,6 +5,7 @@ CUDA itself is exercised in test_gpu_runtime.py.
 """
 
 import gc
+import logging
 import operator
 import weakref
 from functools import partial
@@ -212,11 +213,11 @@ def test_captured_outputs_are_not_kept_alive(monkeypatch, models):
     assert len(made) >= model.config.num_hidden_layers and not [ref for ref in made if ref() is not None]
 
 
-def test_least_recently_used_shape_is_evicted(monkeypatch, models):
+def test_least_recently_used_shape_is_evicted(monkeypatch, models, caplog):
     monkeypatch.setattr(cudagraphs, "_capture", fake_capture)
     model, runtime = models["sdpa"], CUDAGraphRuntime(max_shapes=2)
     compiled = torch.compile(model, backend=runner_backend(runtime), dynamic=True)
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="gemma4_fx"):
         for length in [4, 4, 6, 6, 4, 8, 8, 6]:  # 8 evicts 6 (4 was used since); 6 then evicts 4
             ids = torch.randint(3, model.config.vocab_size, (1, length))
             torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
@@ -225,6 +226,8 @@ def test_least_recently_used_shape_is_evicted(monkeypatch, models):
     assert runtime.stats.evicted_shapes == 2
     assert runtime.stats.captures == 3 * pieces  # 4, 6, 8
     assert runtime.stats.graphs == pieces  # 8's; 6 came back after its eviction and ran its warm-up again
+    warned = [r.getMessage() for r in caplog.records if "max_captured_shapes=2" in r.getMessage()]
+    assert len(warned) == 1 and "pieces sized by s" in warned[0]  # once, naming the sizes (s0, ...) and the cap
 
 
 @pytest.mark.compat

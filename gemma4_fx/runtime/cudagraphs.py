@@ -34,6 +34,7 @@ domain's outputs from buffers of its own, as it reads the caller's tensors.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 import warnings
 import weakref
@@ -47,6 +48,8 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 from ..fx_utils import method_name, writes_in_place
 from ..report import Report, describe_error, record_fallback
 from .split import SplitGraph, host_value_symbols
+
+log = logging.getLogger("gemma4_fx")
 
 
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "select",
@@ -246,6 +249,7 @@ class _Domain:
         self.inputs, self.pool = inputs, pool
         self.shapes: OrderedDict[tuple, _Shape] = OrderedDict()
         self.active: _Shape | None = None
+        self.evicted = False  # warned of evictions
 
     def enter(self, args, stats: CUDAGraphStats, max_shapes: int) -> None:
         """Make the shape of `args` the active one, and count the call."""
@@ -257,6 +261,13 @@ class _Domain:
                 _, evicted = self.shapes.popitem(last=False)
                 stats.graphs -= len(evicted.graphs)
                 stats.evicted_shapes += 1
+                if not self.evicted:
+                    self.evicted = True
+                    sizes = sorted({str(symbol) for shape_input in self.inputs for symbol in shape_input.symbols})
+                    log.warning("gemma4_fx CUDA graphs: pieces sized by %s met more than max_captured_shapes=%d "
+                                "shapes; the least recently used shape's graphs are dropped, and a shape that comes "
+                                "back runs without graphs until it is captured again. Pad such inputs to buckets, "
+                                "or raise max_captured_shapes.", ", ".join(sizes), max_shapes)
         else:
             self.shapes.move_to_end(key)
         shape.calls += 1
