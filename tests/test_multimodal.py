@@ -164,9 +164,9 @@ def test_without_capture_the_break_costs_yoco():
 
 @pytest.mark.compat
 def test_greedy_generate_matches_eager():
-    """Prefill (two images of different sizes) and decode steps compiled; the prefill is cut."""
+    """Prefill (two images of different sizes and an audio clip) and decode steps compiled; the prefill is cut."""
     model, backend = build_model("tiny-e2b", multimodal=True), YocoOnly()
-    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)], seed=1)
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)], audio=[0.9], seed=1)
     kwargs = dict(max_new_tokens=4, do_sample=False)
     expected = model.generate(input_ids, **inputs, **kwargs)
     model.forward = torch.compile(model.forward, backend=backend)  # prefill too: generate compiles decode only
