@@ -71,6 +71,7 @@ GENERATE_CHOICES = (GENERATE_VARIANTS
                     + tuple(variant + suffix for variant in ("reduce-overhead", "gemma4_fx auto")
                             for suffix in (GUARDS_OFF, DICT_TAGS))
                     + tuple(variant + COMPILED_FORWARD for variant in ("inductor", "reduce-overhead", "gemma4_fx auto")))
+MULTIMODAL = ", multimodal class"  # the label suffix of `--multimodal`'s Gemma4ForConditionalGeneration
 FIRST_TOKEN = "first token ms"  # a generate row's column suffix: the time to the first token
 GENERATE_SHORT = 16  # new tokens left out of the per-token rate (the first steps: compile, capture)
 PROFILED_STEPS = 10  # decode steps under the profiler (`--profile`)
@@ -277,7 +278,7 @@ def job(spec, turn) -> dict:
     torch._dynamo.config.recompile_limit = 64
     model = rebuild(shared)
     begin = time.perf_counter()
-    label = f"{text_config(model).num_hidden_layers} layers{', multimodal class' * (model.config is not text_config(model))}" \
+    label = f"{text_config(model).num_hidden_layers} layers{MULTIMODAL * (model.config is not text_config(model))}" \
             f", {kind} {variant}, batch {batch}"
 
     def noted_turn():
@@ -326,8 +327,8 @@ def text_only(shared: dict) -> dict:
 
 def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
     steps = {(label, batch): {"model": label, "batch": batch} for label in models for batch in args.batch}
-    generate = {(label, batch): {"model": label, "batch": batch, "prompt": ""} for label in models
-                for batch in args.generate}
+    generate = {(label, batch): {"model": label, "batch": batch, "prompt": ""} for label, kind, _, batch in jobs
+                if kind == "generate"}
     for (label, kind, variant, batch), result in zip(jobs, results):
         if isinstance(result, str):
             print(f"{label} {kind} {variant} batch {batch}: {result}")
@@ -377,7 +378,8 @@ def main():
     parser.add_argument("--multimodal", action="store_true",
                         help="each preset as Gemma4ForConditionalGeneration and as Gemma4ForCausalLM, same weights")
     parser.add_argument("--images", type=int, default=0,
-                        help="with --multimodal: images in the multimodal class's generate prompts")
+                        help="with --multimodal: images in the multimodal class's generate prompts (generate "
+                             "jobs for that class alone)")
     parser.add_argument("--image-size", type=parse_image_size, default=(768, 768), metavar="HxW")
     args = parser.parse_args()
     if args.profile and args.device != "cuda":
@@ -402,13 +404,14 @@ def main():
         model = build(spec, device, dtype, args.multimodal)
         label = f"{spec.partition(':')[0]} ({text_config(model).num_hidden_layers} layers)"
         if args.multimodal:
-            models[f"{label}, multimodal class"], shared[f"{label}, multimodal class"] = model, shareable(model)
-            shared[label] = text_only(shared[f"{label}, multimodal class"])
+            models[label + MULTIMODAL], shared[label + MULTIMODAL] = model, shareable(model)
+            shared[label] = text_only(shared[label + MULTIMODAL])
             models[label] = rebuild(shared[label])
         else:
             models[label], shared[label] = model, shareable(model)
     jobs = [(label, "step", variant, batch) for label in models for variant in args.variants for batch in args.batch]
-    jobs += [(label, "generate", variant, batch) for label in models for variant in args.generate_variants
+    generating = [label for label in models if not args.images or label.endswith(MULTIMODAL)]  # images: that class
+    jobs += [(label, "generate", variant, batch) for label in generating for variant in args.generate_variants
              for batch in args.generate]
     results = run_jobs(job, [(kind, variant, batch, shared[label], args) for label, kind, variant, batch in jobs],
                        deadline_s=args.deadline - (time.perf_counter() - start))
