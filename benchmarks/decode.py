@@ -19,11 +19,12 @@ through the backend. `--profile` prints, per job, the GPU's busy time against th
 and where the GPU waits between kernels.
 `--multimodal` times each preset twice over the same weights: as `Gemma4ForConditionalGeneration` (with its encoders,
 on text tokens) and as `Gemma4ForCausalLM` made of its language model and LM head. With `--images N` the multimodal
-class generates from a prompt of N random images (`--image-size`) between the text, and its generate jobs also time the first
-token (a whole `generate` call of one new token: prefill, vision encoder and sampling). HF generate compiles the
-decode steps only and runs the prefill uncompiled; the `, compiled forward` variants compile `model.forward` itself
-(as a user who wants a compiled prefill does), so the prefill and the steps both run compiled. Image prompts run over
-one `StaticCache` held across calls and reset before each (README: the setup that keeps captured graphs).
+class alone generates, from a prompt of N random images (`--image-size`) between the text, and its generate jobs
+also time the first token (a whole `generate` call of one new token: prefill, vision encoder and sampling). HF
+generate compiles the decode steps only and runs the prefill uncompiled; the `, compiled forward` variants compile
+`model.forward` itself (as a user who wants a compiled prefill does), so the prefill and the steps both run
+compiled. Image prompts run over one `StaticCache` held across calls and reset before each (README: the setup that
+keeps captured graphs).
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
 by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
