@@ -71,7 +71,8 @@ COMPILED_FORWARD = ", compiled forward"
 GENERATE_CHOICES = (GENERATE_VARIANTS
                     + tuple(variant + suffix for variant in ("reduce-overhead", "gemma4_fx auto")
                             for suffix in (GUARDS_OFF, DICT_TAGS))
-                    + tuple(variant + COMPILED_FORWARD for variant in ("inductor", "reduce-overhead", "gemma4_fx auto")))
+                    + tuple(variant + COMPILED_FORWARD
+                            for variant in ("inductor", "reduce-overhead", "gemma4_fx auto")))
 MULTIMODAL = ", multimodal class"  # the label suffix of `--multimodal`'s Gemma4ForConditionalGeneration
 FIRST_TOKEN = "first token ms"  # a generate row's column suffix: the time to the first token
 GENERATE_SHORT = 16  # new tokens left out of the per-token rate (the first steps: compile, capture)
