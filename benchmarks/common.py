@@ -17,6 +17,8 @@ import traceback
 import torch
 import triton.testing
 
+from gemma4_fx.multimodal import DEFAULT_SOFT_TOKENS, image_inputs, prompt
+
 TURN_LOCK = os.path.join(tempfile.gettempdir(), "gemma4_fx-benchmark-turn.lock")
 
 
@@ -34,6 +36,18 @@ def parse_image_size(text: str) -> tuple[int, int]:
     if not (height.isdigit() and width.isdigit()) or int(height) < 1 or int(width) < 1:
         raise argparse.ArgumentTypeError(f"image-size: expected HEIGHTxWIDTH such as 768x768, got {text!r}")
     return int(height), int(width)
+
+
+def image_prompt(model, batch: int, text_tokens: int, images: int, size, seed: int) -> tuple[torch.Tensor, dict]:
+    """(input_ids, image inputs) of `batch` copies of a prompt of `images` random images of `size` (height, width)
+    between `text_tokens` words, laid out for the image processor's default budget."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values, positions, soft_tokens = image_inputs(
+        model.config.vision_config, [size] * images, max_soft_tokens=DEFAULT_SOFT_TOKENS, generator=generator,
+        device=model.device, dtype=model.dtype)
+    ids = prompt(model.config, text_tokens // 2, soft_tokens, generator=generator).to(model.device)
+    return ids.expand(batch, -1), dict(pixel_values=pixel_values.repeat(batch, 1, 1),
+                                       image_position_ids=positions.repeat(batch, 1, 1))
 
 
 def synchronize(device: torch.device) -> None:

@@ -45,11 +45,10 @@ import torch  # noqa: E402
 from transformers import CompileConfig, StaticCache  # noqa: E402
 
 import gemma4_fx  # noqa: E402
-from gemma4_fx.multimodal import (DEFAULT_SOFT_TOKENS, capture_data_dependent_ops, image_inputs,  # noqa: E402
-                                  prompt)
+from gemma4_fx.multimodal import capture_data_dependent_ops  # noqa: E402
 from gemma4_fx.presets import cache_kwargs  # noqa: E402
-from benchmarks.common import (copy_bandwidth, kernel_profile, markdown, parse_image_size, rebuild,  # noqa: E402
-                               run_jobs, shareable, synchronize)
+from benchmarks.common import (copy_bandwidth, image_prompt, kernel_profile, markdown, parse_image_size,  # noqa: E402
+                               rebuild, run_jobs, shareable, synchronize)
 
 # "gemma4_fx auto, no <what>": the backend without these rewrites, to time what they gain
 LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("decode_attention",),
@@ -203,18 +202,6 @@ class TokenClock:
         return scores
 
 
-def image_prompt(model, batch: int, text_tokens: int, images: int, size) -> tuple[torch.Tensor, dict]:
-    """(input_ids, image inputs) of `batch` copies of a prompt of `images` random images of `size` (height, width)
-    between `text_tokens` words."""
-    generator = torch.Generator().manual_seed(images)
-    pixel_values, positions, soft_tokens = image_inputs(
-        model.config.vision_config, [size] * images, max_soft_tokens=DEFAULT_SOFT_TOKENS, generator=generator,
-        device=model.device, dtype=model.dtype)
-    ids = prompt(model.config, text_tokens // 2, soft_tokens, generator=generator).to(model.device)
-    return ids.expand(batch, -1), dict(pixel_values=pixel_values.repeat(batch, 1, 1),
-                                       image_position_ids=positions.repeat(batch, 1, 1))
-
-
 def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     """Greedy decode through HF `generate` (`eager` uncompiled, the `, compiled forward` ones over the compiled
     `model.forward`, the others through its `CompileConfig`), or our loop (`gemma4_fx.generate`, through the
@@ -225,14 +212,15 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     window long (transformers 5.17's static sliding cache fails on longer prefills)."""
     prompt_tokens = min(args.prompt, text_config(model).sliding_window)
     images = args.images and model.config is not text_config(model)
-    ids, pixels = image_prompt(model, batch, prompt_tokens, args.images, args.image_size) if images else \
-        (words(model, (batch, prompt_tokens)), {})
+    ids, pixels = image_prompt(model, batch, prompt_tokens, args.images, args.image_size, seed=args.images) \
+        if images else (words(model, (batch, prompt_tokens)), {})
     base = variant.removesuffix(GUARDS_OFF).removesuffix(DICT_TAGS).removesuffix(COMPILED_FORWARD)
     backend = ours("auto") if base in ("gemma4_fx auto", "gemma4_fx.generate") else None
     config = None if variant == "gemma4_fx.generate" else compile_config(variant, backend)
     if config is not None and model.device.type == "cpu":
         config._compile_all_devices = True  # HF compiles on CUDA only unless told (a private flag; for smoke runs)
-    held = StaticCache(config=model.config, max_cache_len=ids.shape[1] + args.new_tokens) if images else None
+    held = StaticCache(config=model.config, max_cache_len=ids.shape[1] + args.new_tokens) \
+        if images and variant != "gemma4_fx.generate" else None  # ours keeps its own
     cache = {"cache_implementation": "static"} if held is None else cache_kwargs(model, held)
     if variant.endswith(COMPILED_FORWARD):
         model.forward = torch.compile(model.forward, backend=backend or "inductor",

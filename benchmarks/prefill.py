@@ -27,11 +27,12 @@ and where the GPU waits between kernels: up to ~2k tokens a prefill without grap
 wall time varies between processes.
 
 `--images N` prefills `Gemma4ForConditionalGeneration` (the preset with its vision encoder) on N random images of
-`--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens,
-compiled and run under `gemma4_fx.capture_data_dependent_ops()` (one graph), except reduce-overhead: on the one
-graph Inductor's CUDA graph trees fail (torch 2.11: an `AssertionError`, a graph input neither tensor nor int), so it
-gets Dynamo's default graph breaks (with which it ran at 1 image; 4 images failed either way). The vision encoder alone (`get_image_features`, compiled by
-the same variant) is timed too, for its share of the prefill. The floor counts the language model only.
+`--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens, in
+each sequence, compiled and run under `gemma4_fx.capture_data_dependent_ops()` (one graph), except reduce-overhead:
+on the one graph Inductor's CUDA graph trees fail (torch 2.11: an `AssertionError`, a graph input neither tensor nor
+int), so it gets Dynamo's default graph breaks (with which it ran at 1 image; 4 images failed either way). The
+vision encoder alone (`get_image_features`, compiled by the same variant) is timed too, for its share of the
+prefill. The floor counts the language model only.
 Several counts (`--images 1 4`) pair with the shapes, one each; every (variant, count) is a job of its own.
 """
 
@@ -53,10 +54,9 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
-from gemma4_fx.multimodal import (DEFAULT_SOFT_TOKENS, capture_data_dependent_ops, image_inputs,  # noqa: E402
-                                  prompt)
-from benchmarks.common import (cuda_graph, kernel_profile, parse_image_size, rebuild, run_jobs, shareable,  # noqa: E402
-                               synchronize)
+from gemma4_fx.multimodal import capture_data_dependent_ops  # noqa: E402
+from benchmarks.common import (cuda_graph, image_prompt, kernel_profile, parse_image_size, rebuild,  # noqa: E402
+                               run_jobs, shareable, synchronize)
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
@@ -154,12 +154,7 @@ def job(spec, turn) -> dict:
     traced_sizes = contextlib.nullcontext if variant == "reduce-overhead" else capture_data_dependent_ops
     for shape in shapes:
         if images_per_prompt:
-            generator = torch.Generator().manual_seed(sum(shape))
-            pixel_values, positions, soft_tokens = image_inputs(
-                model.config.vision_config, [args.image_size] * images_per_prompt,
-                max_soft_tokens=DEFAULT_SOFT_TOKENS, generator=generator, device=device, dtype=model.dtype)
-            images = dict(pixel_values=pixel_values, image_position_ids=positions)
-            input_ids = prompt(model.config, shape[1] // 2, soft_tokens, generator=generator).to(device)
+            input_ids, images = image_prompt(model, *shape, images_per_prompt, args.image_size, seed=sum(shape))
             encode = model.model.get_image_features if compiler is None else \
                 torch.compile(model.model.get_image_features, backend=compiler, mode=mode)
         else:
