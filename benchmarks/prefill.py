@@ -23,8 +23,8 @@ Our variants run without our CUDA graphs unless `--cudagraphs auto` (the backend
 `--cuda-graph` instead captures each whole compiled call, and needs `--no-cache` (HF's DynamicCache copies a CPU
 tensor in prefill, which a whole-call graph cannot hold; our runtime runs that copy between its graphs).
 `--profile` prints, per variant and shape, the GPU's busy time against the wall time, the top kernels and host ops,
-and where the GPU waits between kernels: up to ~2k tokens a prefill without graphs is bound by the host, and its
-wall time varies between processes.
+and where the GPU waits between kernels (and the same for the vision encoder alone, with `--images`): up to ~2k
+tokens a prefill without graphs is bound by the host, and its wall time varies between processes.
 
 `--images N` prefills `Gemma4ForConditionalGeneration` (the preset with its vision encoder) on N random images of
 `--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens, in
@@ -193,6 +193,8 @@ def job(spec, turn) -> dict:
                 out["encoder_ms"] = median_ms(encoders[shape], device, args.warmup, args.repeats)
             if args.profile and device.type == "cuda":
                 out["gpu_busy_ms"], out["profile"] = kernel_profile(run, top=args.profile)
+                if shape in encoders:
+                    out["profile"] += "\n vision encoder alone: " + kernel_profile(encoders[shape], top=args.profile)[1]
     result["images"] = images_per_prompt
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
         result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
