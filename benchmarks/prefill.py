@@ -60,7 +60,8 @@ from benchmarks.common import (cuda_graph, image_prompt, kernel_profile, parse_i
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
-VARIANTS = ("eager", "graph", "graph+yoco", "inductor", "reduce-overhead", "gemma4_fx", "gemma4_fx+yoco")
+VARIANTS = ("eager", "graph", "graph+yoco", "inductor", "reduce-overhead", "gemma4_fx", "gemma4_fx+yoco",
+            "gemma4_fx, no prefill_attention", "gemma4_fx+yoco, no prefill_attention")
 # A variant's logits are checked against its partner without YOCO where that ran (same kernels), else eager's:
 # random bf16 weights at full depth amplify any change of kernel (Inductor's, SDPA's) into large logit differences.
 REFERENCE = {"graph+yoco": "graph", "gemma4_fx+yoco": "gemma4_fx"}
@@ -82,8 +83,9 @@ def backend(variant: str, emulate_precision_casts: bool = True, cudagraphs: str 
         return "inductor"
     if variant.startswith("graph"):
         return gemma4_fx.passes.yoco.apply if variant == "graph+yoco" else lambda gm, example_inputs: gm
+    ours, _, without = variant.partition(", no ")
     names = [name for name in (*gemma4_fx.GRAPH_PASSES, *gemma4_fx.PATTERNS)
-             if variant == "gemma4_fx+yoco" or name != "yoco"]
+             if (ours == "gemma4_fx+yoco" or name != "yoco") and name != without]
     return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=cudagraphs, emulate_precision_casts=emulate_precision_casts)
 
 

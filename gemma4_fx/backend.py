@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-from .passes import decode_attention, slide_window, yoco
+from .passes import decode_attention, prefill_attention, slide_window, yoco
 from .passes.pipeline import Gemma4Passes
 from .report import Report, describe_error, paths_from_the_model, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
@@ -25,8 +25,10 @@ log = logging.getLogger("gemma4_fx")
 
 _VERIFY_ACTIONS = ("warn", "raise")
 # Rewrites of Dynamo's graph, before it is split or lowered, in this order: YOCO first, since it leaves KV-shared
-# layers one query row that decode_attention then takes; slide_window's cache updates are apart from both.
-GRAPH_PASSES = {yoco.NAME: yoco, decode_attention.NAME: decode_attention, slide_window.NAME: slide_window}
+# layers one query row that decode_attention then takes, and prefill_attention the attentions of more rows;
+# slide_window's cache updates are apart from them.
+GRAPH_PASSES = {yoco.NAME: yoco, decode_attention.NAME: decode_attention,
+                prefill_attention.NAME: prefill_attention, slide_window.NAME: slide_window}
 CUDAGRAPH_MODES = ("auto", "piecewise", "full", None)
 _DYNAMO_CONTROL_FLOW = (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame)
 

@@ -65,19 +65,21 @@ def _arguments(node: torch.fx.Node) -> dict:
     return args
 
 
-def _unsupported(args: dict, k_cache, v_cache) -> str | None:
-    if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False):
+def _unsupported(args: dict, k_cache, v_cache, check_inputs, causal_ok: bool) -> str | None:
+    if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False) and not causal_ok:
         return "dropout or is_causal"
     mask = args.get("attn_mask")
     if mask is not None and not isinstance(mask, torch.fx.Node):
         return f"an attention mask that is not a tensor ({mask!r})"
+    if mask is not None and args.get("is_causal", False):
+        return "both a mask and is_causal"
     q, k, v, m = (value(n) for n in (args["query"], k_cache, v_cache, mask))
-    if any(not isinstance(size, int) for size in (*q.shape[1:], k.shape[1])):
+    if any(not isinstance(size, int) for size in (q.shape[1], q.shape[3], k.shape[1])):
         return "symbolic heads or head dim"
     if not isinstance(args.get("scale"), (float, int, type(None))):
         return "a scale computed in the graph (the kernels take a constant)"
     try:
-        ops.check_inputs(q, k, v, m)
+        check_inputs(q, k, v, m)
     except ValueError as error:
         return str(error)
     return None
@@ -86,32 +88,43 @@ def _unsupported(args: dict, k_cache, v_cache) -> str | None:
 def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,
           graph_name: str = "graph") -> torch.fx.GraphModule:
     """Rewrite every one-query-row SDPA the kernels take, in place; matches and reasons go to `report`."""
+    return rewrite_sdpa(gm, NAME, torch.ops.gemma4_fx.decode_attention.default, ops.check_inputs,
+                        takes=lambda rows: rows == 1, causal_ok=False, report=report, graph_name=graph_name)
+
+
+def rewrite_sdpa(gm: torch.fx.GraphModule, name: str, op, check_inputs, *, takes, causal_ok: bool,
+                 report: Report | None, graph_name: str) -> torch.fx.GraphModule:
+    """Replace each SDPA call whose query rows `takes` (an int, or a symbol for a prompt's length) by
+    `op(q, k_cache, v_cache, mask, scale[, is_causal])` where `check_inputs` takes its tensors; the others that
+    `takes` are left alone with the reason in `report` under `name`. Shared by the decode and prefill passes."""
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _SDPA]:
         args = _arguments(node)
         q = value(args["query"])
-        if not (isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] == 1):
-            continue  # not decode-shaped: not a candidate
+        if not (isinstance(q, torch.Tensor) and q.dim() == 4 and takes(q.shape[2])):
+            continue  # not this pass's shape: not a candidate
         k_cache, v_cache = _cache(args["key"]), _cache(args["value"])
         if value(k_cache).shape[1] != value(v_cache).shape[1]:
             k_cache, v_cache = args["key"], args["value"]
-        reason = _unsupported(args, k_cache, v_cache)
+        reason = _unsupported(args, k_cache, v_cache, check_inputs, causal_ok)
         if reason is not None:
             if report is not None:
-                report.add_skip(NAME, graph_name, node_location(node), reason, [node.name])
+                report.add_skip(name, graph_name, node_location(node), reason, [node.name])
             continue
         scale = args.get("scale")
         scale = value(args["query"]).shape[-1] ** -0.5 if scale is None else scale
+        op_args = (args["query"], k_cache, v_cache, args.get("attn_mask"), scale)
+        if causal_ok:
+            op_args += (bool(args.get("is_causal", False)),)
         with graph.inserting_before(node):
-            fused = graph.call_function(torch.ops.gemma4_fx.decode_attention.default,
-                                        (args["query"], k_cache, v_cache, args.get("attn_mask"), scale))
+            fused = graph.call_function(op, op_args)
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
         for repeated in {args["key"], args["value"]}:
             _erase_unused(graph, repeated)
         if report is not None:
-            report.add_match(NAME, graph_name, node_location(fused), [node.name])
+            report.add_match(name, graph_name, node_location(fused), [node.name])
     gm.recompile()
     return gm
 

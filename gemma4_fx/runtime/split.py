@@ -28,7 +28,7 @@ from ..fx_utils import MATMULS, is_op, method_name, on_host, op_name, qualified_
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
-_ATTENTION_OPS = ("gemma4_fx::decode_attention",)  # ours (gemma4_fx::post_attn_norm is a norm)
+_ATTENTION_OPS = ("gemma4_fx::decode_attention", "gemma4_fx::prefill_attention")  # ours (not post_attn_norm)
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.ops.aten._softmax.default,
               torch.ops.aten.softmax.int}
 # Between the scores matmul and the softmax (scale, softcap, mask) and between the softmax and the value matmul

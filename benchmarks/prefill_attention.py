@@ -1,0 +1,115 @@
+"""Prefill attention at Gemma-4 widths: gemma4_fx's block-skipping `prefill_attention` against SDPA as transformers
+calls it (sliding layers: the cache repeated per query head and a materialised bool mask; global layers:
+`is_causal` with `enable_gqa`), and against that SDPA compiled by Inductor.
+
+    python benchmarks/prefill_attention.py              # the table (a minute on an H200)
+    python benchmarks/prefill_attention.py --tiles      # also each candidate tile config of ours
+    python benchmarks/prefill_attention.py --smoke      # tiny widths on CPU under the Triton interpreter
+
+Shapes: one prompt of 4096 tokens (and 1024) through the sliding (window 512 or 1024, head dim 256) and global
+(causal, head dim 512) layers of E4B and 26B-A4B, bf16. Each variant is one call captured in a CUDA graph, median
+replay. "TFLOP/s" counts the FLOPs of the visible scores only (4 * heads * dim per visible (row, key) pair), so it
+reads the same for every variant; "max err" is |out - float64| over max |float64| for ours and for SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "--smoke" in sys.argv:  # Triton picks the interpreter when the kernels are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import graph_replay_us, markdown  # noqa: E402
+from gemma4_fx.replacements import prefill_attention as ops  # noqa: E402
+
+# (name, query heads, kv heads, head dim, window or None for a causal global layer)
+LAYERS = [("E4B sliding", 8, 2, 256, 512), ("E4B global", 8, 2, 512, None),
+          ("26B-A4B sliding", 16, 8, 256, 1024), ("26B-A4B global", 16, 2, 512, None)]
+SMOKE_LAYERS = [("tiny sliding", 4, 2, 32, 6), ("tiny global", 4, 1, 48, None)]
+TILES = {256: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+               dict(BLOCK_DV=256, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+               dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+               dict(BLOCK_DV=128, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)],
+         512: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+               dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
+               dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+               dict(BLOCK_DV=512, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)]}
+
+
+def hf_sdpa(q, k, v, mask, scale, causal):
+    """transformers' sdpa_attention_forward: with a mask, the cache repeated per query head; causal with GQA."""
+    if causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = (t[:, :, None].expand(t.shape[0], t.shape[1], group, *t.shape[2:]).reshape(
+        t.shape[0], -1, *t.shape[2:]) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def case(tokens, heads, kv_heads, dim, window, device, dtype):
+    g = torch.Generator(device=device).manual_seed(tokens + dim)
+    q = torch.randn((1, heads, tokens, dim), generator=g, device=device).to(dtype)
+    k, v = (torch.randn((1, kv_heads, tokens, dim), generator=g, device=device).to(dtype) for _ in range(2))
+    mask = None
+    if window:  # transformers' sliding-window causal mask: key j visible to row i when i - window < j <= i
+        i, j = torch.arange(tokens, device=device)[:, None], torch.arange(tokens, device=device)[None, :]
+        mask = ((j <= i) & (j > i - window)).view(1, 1, tokens, tokens)
+        visible = int(mask.sum())
+    else:
+        visible = tokens * (tokens + 1) // 2
+    return (q, k, v, mask, 1.0, window is None), 4 * heads * dim * visible
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--tiles", action="store_true", help="time each candidate tile config of ours too")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, one call each, no timing")
+    args = parser.parse_args()
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    if not args.smoke:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    compiled = torch.compile(hf_sdpa)
+    rows = []
+    for (name, heads, kv_heads, dim, window), tokens in (
+            (layer, t) for layer in (SMOKE_LAYERS if args.smoke else LAYERS) for t in ([20] if args.smoke else args.tokens)):
+        inputs, flops = case(tokens, heads, kv_heads, dim, window, device, dtype)
+        q, k, v, mask, scale, causal = inputs
+        exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, scale, causal)
+        scale_of = exact.abs().max().item()
+        ours = ops.prefill_attention_triton(*inputs)
+        row = {"layer": name, "tokens": tokens,
+               "ours max err": (ours.double() - exact).abs().max().item() / scale_of,
+               "SDPA max err": (hf_sdpa(*inputs).double() - exact).abs().max().item() / scale_of}
+        if not args.smoke:
+            times = {variant: graph_replay_us(fn, *inputs) for variant, fn in (
+                ("ours", ops.prefill_attention_triton), ("hf sdpa", hf_sdpa), ("compiled hf sdpa", compiled))}
+            row.update({**{f"{variant} us": t for variant, t in times.items()},
+                        "ours TFLOP/s": flops / times["ours"] / 1e6,
+                        "sdpa / ours": min(times["hf sdpa"], times["compiled hf sdpa"]) / times["ours"]})
+            if args.tiles:
+                for index, tiles in enumerate(TILES.get(triton_dim(dim), [])):
+                    try:
+                        row[f"tiles {index} us"] = graph_replay_us(
+                            lambda *a, tiles=tiles: ops.prefill_attention_triton(*a, tiles=tiles), *inputs)
+                    except Exception as error:  # noqa: BLE001 (a config that does not fit: said in the table)
+                        row[f"tiles {index} us"] = type(error).__name__
+        rows.append(row)
+    print(markdown(rows))
+    if args.tiles:
+        print("tiles:", {dim: list(enumerate(configs)) for dim, configs in TILES.items()})
+
+
+def triton_dim(dim: int) -> int:
+    return 1 << (dim - 1).bit_length()
+
+
+if __name__ == "__main__":
+    main()

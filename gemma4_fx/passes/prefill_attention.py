@@ -1,0 +1,34 @@
+"""Attention of many query rows: SDPA in a prefill becomes `gemma4_fx::prefill_attention`.
+
+Matched on Dynamo's graph, as `decode_attention` is (and through its `rewrite_sdpa`), where attention is still one
+`scaled_dot_product_attention` call:
+
+    k = repeat_kv(k_cache, n)    # or k itself (enable_gqa)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)  # q: [B, H, M, D]
+
+becomes `prefill_attention(q, k_cache, v_cache, mask, scale, causal)` (replacements/prefill_attention.py), which
+walks only the key blocks the mask or causality leaves visible: transformers materialises its sliding-window masks,
+so SDPA computes every score of a 4096-token prompt for a window of 1024, and Gemma-4's global layers (head dim 512)
+get SDPA's memory-efficient kernel. The repeat of the cache is looked through, as in decode.
+
+Left alone (with the reason): one query row (`decode_attention`'s), dropout, a mask with `is_causal`, a mask that is
+not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..replacements import prefill_attention as ops
+from ..report import Report
+from .decode_attention import rewrite_sdpa
+
+NAME = "prefill_attention"
+
+
+def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,
+          graph_name: str = "graph") -> torch.fx.GraphModule:
+    """Rewrite every SDPA of more than one query row the kernels take, in place; matches and reasons to `report`."""
+    return rewrite_sdpa(gm, NAME, torch.ops.gemma4_fx.prefill_attention.default, ops.check_inputs,
+                        takes=lambda rows: not isinstance(rows, int) or rows > 1, causal_ok=True, report=report,
+                        graph_name=graph_name)

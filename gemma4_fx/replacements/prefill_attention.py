@@ -1,0 +1,247 @@
+"""Attention of many query rows that skips the key blocks its mask hides: `gemma4_fx::prefill_attention`.
+
+For q: [B, H, M, D], k and v: [B, Hkv, N, D] (H a multiple of Hkv: query head h reads kv head h // (H / Hkv)), and
+either `mask`: [B or 1, 1, M, N], True where a key may be attended (a bool mask, as transformers passes SDPA), or
+`causal` (SDPA's `is_causal`: key j visible to row i when j <= i), or neither (every key visible):
+
+    s_ij = scale * (q_i . k_j)          # fp32
+    p_i = softmax(s_i over the keys j visible to row i)
+    out_i = sum_j p_ij v_j              # p rounded to q.dtype for the product, as flash kernels do; fp32 sums
+
+which is what SDPA's fused kernels compute, up to the order of the fp32 sums.
+
+Why: transformers materialises its causal and sliding-window masks, so SDPA's kernels walk every key block of every
+query block. At 26B-A4B widths and 4096 tokens a sliding layer (window 1024) computes all 4096 x 4096 scores, and a
+global layer (head dim 512, which flash and cuDNN do not take) gets the memory-efficient kernel: attention was 45%
+of the prefill's GPU time (BENCHMARKS.md, prefill). Here a first launch (`_visible_key_blocks`) reads the mask once
+and finds, per block of BLOCK_M query rows, the first and last key block with a visible key; the attention launch
+(flash attention: a running max, sum and weighted sum of v over key blocks) walks only those, reading the mask tile
+by tile inside them. Head dims above 256 split the output dims over programs (D_SPLITS): each computes the scores
+over the whole head dim and accumulates its share of v, so the accumulator fits in registers.
+
+A query row with no visible key gets zeros (SDPA leaves it undefined: its math kernel gives NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .eager_math import INTERPRET
+from .gemm import dot
+from .launch import launcher
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 512
+
+
+def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                                causal: bool = False) -> Tensor:
+    """The math above in float64 (tests) or fp32, GQA by repeating k and v, rounded once to q.dtype; rows with no
+    visible key give zeros."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.to(work).repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.to(work) @ k.transpose(-1, -2)) * scale
+    visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril()
+    if mask is not None:
+        visible = visible & mask
+    scores = scores.masked_fill(~visible, -float("inf"))
+    weights = scores.softmax(-1).nan_to_num(0.0)  # no visible key: -inf everywhere, NaN, then zeros
+    return (weights @ v).to(q.dtype)
+
+
+def config(dim: int) -> dict:
+    """Tile sizes per head dim (output dims per program, query and key rows per tile, warps), picked so that q, a
+    key tile and a value tile of two pipeline stages fit in an H100/H200's shared memory."""
+    block_d = triton.next_power_of_2(dim)
+    if block_d <= 64:
+        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if block_d <= 256:
+        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+@triton.jit
+def _visible_key_blocks(mask_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_stride_m,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_N: tl.constexpr):
+    """ranges[b, i] = (first, last + 1): the key blocks holding a key visible to a row of query block i.
+    (`BLOCKS_N`: the key blocks, for the interpreter alone, whose loops take no bound computed at run time.)"""
+    b = tl.program_id(0)
+    block_m = tl.program_id(1)
+    blocks_m = tl.num_programs(1)
+    blocks_n = tl.cdiv(keys, BLOCK_N)
+    m_idx = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = blocks_n
+    last = 0
+    for block_n in range(BLOCKS_N if INTERPRET else blocks_n):
+        n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
+                       mask=(m_idx < rows)[:, None] & (n_idx < keys)[None, :], other=0)
+        seen = tl.max(tl.max((tile != 0).to(tl.int32), 1), 0)
+        first = tl.minimum(first, tl.where(seen > 0, block_n, blocks_n))
+        last = tl.maximum(last, tl.where(seen > 0, block_n + 1, 0))
+    tl.store(ranges_ptr + (b * blocks_m + block_m) * 2, first)
+    tl.store(ranges_ptr + (b * blocks_m + block_m) * 2 + 1, last)
+
+
+@triton.jit
+def _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, in_rows, d, in_d, dv, in_dv, scale,
+            keys, b, kv_head, k_stride_b, k_stride_h, k_stride_n, v_stride_b, v_stride_h, v_stride_n, mask_stride_b,
+            mask_stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+            CAUSAL: tl.constexpr):
+    """One key block of the online softmax: (m, l, acc) updated with the keys of block `block_n` visible to the
+    rows, and only with those in [first, last)."""
+    n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_keys = (n_idx < keys) & (block_n >= first) & (block_n < last)
+    k = tl.load(k_ptr + b * k_stride_b + kv_head * k_stride_h + n_idx[:, None] * k_stride_n + d[None, :],
+                mask=in_keys[:, None] & in_d[None, :], other=0.0)
+    scores = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), "ieee") * scale
+    visible = in_rows[:, None] & in_keys[None, :]
+    if HAS_MASK:
+        visible = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
+                          mask=visible, other=0) != 0
+    if CAUSAL:
+        visible = visible & (n_idx[None, :] <= m_idx[:, None])
+    scores = tl.where(visible, scores, -float("inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no visible key yet: nothing to rescale
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + n_idx[:, None] * v_stride_n + dv[None, :],
+                mask=in_keys[:, None] & in_dv[None, :], other=0.0)
+    l = l * alpha + tl.sum(p, 1)
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], "ieee")
+    return m_new, l, acc
+
+
+@triton.jit
+def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale, rows, keys, heads, kv_heads,
+                       q_stride_b, q_stride_h, q_stride_m, k_stride_b, k_stride_h, k_stride_n,
+                       v_stride_b, v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, ranges_stride_b,
+                       out_stride_b, out_stride_h, out_stride_m,
+                       GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                       BLOCKS_N: tl.constexpr):
+    """Query rows [block_m * BLOCK_M, +BLOCK_M) of one (sequence, head), output dims [split * BLOCK_DV, +BLOCK_DV),
+    over the key blocks `ranges` names (all of them without a mask; up to the diagonal when causal). Under the
+    interpreter, whose loops take no bound computed at run time, every block (`BLOCKS_N`) with the others hidden."""
+    block_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // heads
+    head = bh % heads
+    kv_head = head // GROUP
+    m_idx = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = m_idx < rows
+    d = tl.arange(0, BLOCK_D)
+    in_d = d < D  # dims past D load zeros: they add nothing to the scores
+    dv = split * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    in_dv = dv < D
+    q = tl.load(q_ptr + b * q_stride_b + head * q_stride_h + m_idx[:, None] * q_stride_m + d[None, :],
+                mask=in_rows[:, None] & in_d[None, :], other=0.0)
+    first = 0
+    last = tl.cdiv(keys, BLOCK_N)
+    if HAS_MASK:  # the pair loaded as a vector and summed out to scalars
+        pair = tl.load(ranges_ptr + b * ranges_stride_b + block_m * 2 + tl.arange(0, 2))
+        first = tl.sum(tl.where(tl.arange(0, 2) == 0, pair, 0), 0)
+        last = tl.sum(tl.where(tl.arange(0, 2) == 1, pair, 0), 0)
+    if CAUSAL:
+        last = tl.minimum(last, tl.cdiv((block_m + 1) * BLOCK_M, BLOCK_N))
+    m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if INTERPRET:
+        for block_n in range(BLOCKS_N):
+            m, l, acc = _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, in_rows, d, in_d,
+                                dv, in_dv, scale, keys, b, kv_head, k_stride_b, k_stride_h, k_stride_n, v_stride_b,
+                                v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, BLOCK_M, BLOCK_N, HAS_MASK,
+                                CAUSAL)
+    else:
+        for block_n in range(first, last):
+            m, l, acc = _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, in_rows, d, in_d,
+                                dv, in_dv, scale, keys, b, kv_head, k_stride_b, k_stride_h, k_stride_n, v_stride_b,
+                                v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, BLOCK_M, BLOCK_N, HAS_MASK,
+                                CAUSAL)
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # no visible key: acc is 0
+    tl.store(out_ptr + b * out_stride_b + head * out_stride_h + m_idx[:, None] * out_stride_m + dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=in_rows[:, None] & in_dv[None, :])
+
+
+def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                             causal: bool = False, *, tiles: dict | None = None) -> Tensor:
+    """Launch the two kernels into a new tensor like q; `tiles` overrides `config(dim)` (tests, tuning)."""
+    check_inputs(q, k, v, mask)
+    batch, heads, rows, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    tiles = tiles or config(dim)
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    blocks_m = triton.cdiv(rows, block_m)
+    blocks_n = triton.cdiv(keys, block_n) if INTERPRET else 0  # a constant only where the interpreter needs it
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    ranges = q  # unused without a mask
+    if mask is not None:
+        mask = mask.expand(mask.shape[0], 1, rows, keys)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        ranges = torch.empty((mask.shape[0], blocks_m, 2), dtype=torch.int32, device=q.device)
+        launcher(_visible_key_blocks)[(mask.shape[0], blocks_m)](
+            mask, ranges, rows, keys, mask.stride(0), mask.stride(2), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCKS_N=blocks_n, num_warps=4)
+    broadcast = mask is None or mask.shape[0] == 1  # one mask for every sequence
+    block_d = triton.next_power_of_2(dim)
+    launcher(_prefill_attention)[(blocks_m, batch * heads, triton.cdiv(dim, tiles["BLOCK_DV"]))](
+        q, k, v, q if mask is None else mask, ranges, out, float(scale), rows, keys, heads, kv_heads,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), 0 if broadcast else mask.stride(0), 0 if mask is None else mask.stride(2),
+        0 if broadcast else ranges.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d, BLOCK_DV=tiles["BLOCK_DV"], BLOCK_M=block_m,
+        BLOCK_N=block_n, HAS_MASK=mask is not None, CAUSAL=causal, BLOCKS_N=blocks_n, num_warps=tiles["num_warps"],
+        num_stages=tiles["num_stages"])
+    return out
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    """A ValueError naming the first argument the kernels cannot take."""
+    if q.dim() != 4 or q.dtype not in DTYPES or q.stride(-1) != 1:
+        raise ValueError(f"prefill_attention: q must be [batch, heads, rows, dim] with unit last stride, dtype in "
+                         f"{DTYPES}; got shape {tuple(q.shape)}, stride {q.stride()}, dtype {q.dtype}")
+    batch, heads, rows, dim = q.shape
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"prefill_attention: q's head dim must be at most {MAX_HEAD_DIM}, got {dim}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[0] != batch or t.shape[3] != dim or t.dtype != q.dtype or t.stride(-1) != 1:
+            raise ValueError(f"prefill_attention: {name} must be [{batch}, kv_heads, keys, {dim}] {q.dtype} with "
+                             f"unit last stride; got shape {tuple(t.shape)}, stride {t.stride()}, dtype {t.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"prefill_attention: v's shape {tuple(v.shape)} differs from k's {tuple(k.shape)}")
+    if heads % k.shape[1]:
+        raise ValueError(f"prefill_attention: q's {heads} heads must be a multiple of k's {k.shape[1]}")
+    keys = k.shape[2]
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, batch)
+                             or mask.shape[1] != 1 or mask.shape[2] not in (1, rows) or mask.shape[3] != keys):
+        raise ValueError(f"prefill_attention: mask must be None or a bool [{batch} or 1, 1, {rows} or 1, {keys}] "
+                         f"tensor; got {mask.dtype} {tuple(mask.shape)}")
+
+
+@torch.library.custom_op("gemma4_fx::prefill_attention", mutates_args=())
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                      causal: bool = False) -> Tensor:
+    """softmax(scale * q k^T over the visible keys) v for many query rows: on CUDA the block-skipping Triton
+    launches, elsewhere the reference."""
+    check_inputs(q, k, v, mask)
+    if q.is_cuda:
+        return prefill_attention_triton(q, k, v, mask, scale, causal)
+    return prefill_attention_reference(q, k, v, mask, scale, causal)
+
+
+@prefill_attention.register_fake
+def _(q, k, v, mask, scale, causal=False):
+    check_inputs(q, k, v, mask)
+    return q.new_empty(q.shape)

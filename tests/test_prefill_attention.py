@@ -1,0 +1,165 @@
+"""The block-skipping prefill attention: its kernels under TRITON_INTERPRET=1 (CPU) against float64 and SDPA, and its
+pass on Dynamo's graph and through the backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gemma4_fx.replacements import prefill_attention as ops
+from helpers import DEVICES, dynamo_graph
+
+SMALL_TILES = dict(BLOCK_DV=64, BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+CASES = {  # (batch, heads, kv_heads, rows, keys, dim, mask kind): the tiles are SMALL_TILES but for the head dim
+    "sliding-gqa": (2, 4, 2, 40, 40, 32, "sliding"),  # a ragged last block, key blocks skipped both sides
+    "causal": (1, 4, 1, 33, 33, 48, "causal"),
+    "full": (1, 2, 2, 20, 37, 24, None),  # more keys than rows, every key visible
+    "cached-prefix": (2, 2, 1, 17, 45, 16, "sliding"),  # rows at the end of the keys, a mask per sequence
+    "empty-row": (1, 2, 1, 24, 24, 16, "empty-row"),  # a row that sees no key
+    "wide-head": (1, 2, 1, 18, 18, 80, "sliding"),  # the output dims split over programs (BLOCK_DV 64 < 80)
+}
+
+
+def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0):
+    """q [B, H, M, D], k, v [B, Hkv, N, D], the mask (bool [B or 1, 1, M, N] or None) and `causal`: "sliding" is
+    transformers' sliding-window mask (window 9) with the rows at the end of the keys, shared by the batch unless
+    the batch differs in what it sees; "empty-row" hides every key from row 3."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype).to(device) for shape in
+               ((batch, heads, rows, dim), (batch, kv_heads, keys, dim), (batch, kv_heads, keys, dim)))
+    i = torch.arange(rows)[:, None] + keys - rows
+    j = torch.arange(keys)[None, :]
+    mask = None
+    if kind in ("sliding", "empty-row"):
+        mask = ((j <= i) & (j > i - 9)).view(1, 1, rows, keys).repeat(batch, 1, 1, 1)
+        if batch > 1:
+            mask[1:, :, :, :3] = False  # the later sequences left-padded: a mask per sequence
+        else:
+            mask = mask[:1]
+        if kind == "empty-row":
+            mask[:, :, 3] = False
+        mask = mask.to(device)
+    return q, k, v, mask, kind == "causal"
+
+
+def check_against_float64(case, dtype, device):
+    batch, heads, kv_heads, rows, keys, dim, kind = CASES[case]
+    q, k, v, mask, causal = inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device)
+    scale = dim ** -0.5
+    out = ops.prefill_attention_triton(q, k, v, mask, scale, causal, tiles=SMALL_TILES)
+    exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, scale, causal)
+    group = heads // kv_heads
+    sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask, is_causal=causal, scale=scale)
+    seen = torch.ones(batch, heads, rows, dtype=torch.bool, device=device)
+    if mask is not None:
+        seen = seen & mask.any(-1)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out[~seen] == 0).all()  # no visible key: zeros (SDPA leaves such a row undefined)
+    # no further from float64 than SDPA's own result, beyond a rounding of the output
+    ours, theirs = ((x.double()[seen] - exact[seen]).abs().max().item() for x in (out, sdpa))
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert ours <= theirs + ulp, (ours, theirs, ulp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernels_match_float64(case, dtype, device):
+    check_against_float64(case, dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", [(16, 8, 256, 1024), (16, 2, 512, None), (8, 2, 256, 512), (8, 2, 512, None)],
+                         ids=["26b-sliding", "26b-global", "e4b-sliding", "e4b-global"])
+def test_kernels_at_gemma4_widths(layer):
+    """The default tiles at Gemma-4's head dims, 1000 tokens (a ragged last block), against float64 and SDPA."""
+    heads, kv_heads, dim, window = layer
+    g = torch.Generator().manual_seed(dim)
+    rows = 1000
+    q, k, v = (torch.randn(shape, generator=g).to(torch.bfloat16).cuda() for shape in
+               ((1, heads, rows, dim), (1, kv_heads, rows, dim), (1, kv_heads, rows, dim)))
+    i, j = torch.arange(rows)[:, None], torch.arange(rows)[None, :]
+    mask = ((j <= i) & (j > i - window)).view(1, 1, rows, rows).cuda() if window else None
+    out = ops.prefill_attention_triton(q, k, v, mask, 1.0, window is None)
+    exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, 1.0, window is None)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=window is None, scale=1.0,
+                                          enable_gqa=True)
+    ours, theirs = ((x.double() - exact).abs().max().item() for x in (out, sdpa))
+    assert ours <= theirs + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (ours, theirs)
+
+
+def test_op_checks_its_inputs():
+    q, k, v, mask, _ = inputs(1, 4, 2, 8, 8, 16, "sliding", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="mask must be None or a bool"):
+        ops.prefill_attention(q, k, v, mask.float(), 1.0)
+    with pytest.raises(ValueError, match="multiple of k's 3"):
+        ops.prefill_attention(q, k.repeat(1, 3, 1, 1)[:, :3], v.repeat(1, 3, 1, 1)[:, :3], None, 1.0)
+    with pytest.raises(ValueError, match="head dim must be at most 512"):
+        ops.prefill_attention(*(t.repeat(1, 1, 1, 33) for t in (q, k, v)), None, 1.0)
+
+
+class Attention(torch.nn.Module):
+    """SDPA as transformers calls it in a prefill: the cache repeated to the query heads, a bool mask; or
+    `is_causal` with GQA, as its global layers call it with no mask; or a float mask (not taken)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, mask):
+        if self.how == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * 2
+        group = q.shape[1] // k.shape[1]
+        k, v = (t[:, :, None].expand(t.shape[0], t.shape[1], group, *t.shape[2:]).reshape(
+            t.shape[0], t.shape[1] * group, *t.shape[2:]) for t in (k, v))
+        if self.how == "float":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, -1e9)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5) * 2
+
+
+@pytest.mark.parametrize("how, reason", [("bool", None), ("causal", None), ("float", "mask must be None or a bool")])
+def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
+    """Each candidate is rewritten (the repeat of the cache looked through) or left alone with its reason; the
+    outputs stay SDPA's. One query row is decode_attention's, not a candidate."""
+    from gemma4_fx.passes import prefill_attention
+    from gemma4_fx.report import Report
+
+    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    module = Attention(how)
+    for rows in (20, 1):
+        report = Report((prefill_attention.NAME,))
+        gm = prefill_attention.apply(dynamo_graph(module, q[:, :, :rows], k, v, mask[:, :, :rows])[0], report=report)
+        named = {"L_q_": q[:, :, :rows], "L_k_": k, "L_v_": v, "L_mask_": mask[:, :, :rows]}
+        got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))[0]
+        torch.testing.assert_close(got, module(q[:, :, :rows], k, v, mask[:, :, :rows]), rtol=1e-5, atol=1e-6)
+        fused = [n for n in gm.graph.nodes if n.target is torch.ops.gemma4_fx.prefill_attention.default]
+        if rows == 1:
+            assert not fused and not report.skipped, report
+        elif reason is None:
+            assert report.counts[prefill_attention.NAME] == 1 and len(fused) == 1, report
+            assert all(arg.op == "placeholder" for arg in fused[0].args[1:3]), gm.code  # the cache read as is
+        else:
+            assert not fused and reason in report.skipped[0].reason, report
+
+
+@pytest.mark.parametrize("preset", ["tiny-26b-a4b", "tiny-e4b"])
+def test_prefill_through_the_backend(preset):
+    """A prefill through the backend: every attention of the prompt rewritten (sliding layers' masks, global layers'
+    is_causal), the logits and the cache eager's (fp32)."""
+    from transformers import DynamicCache
+
+    import gemma4_fx
+
+    model = gemma4_fx.build_model(preset)
+    ids = torch.randint(3, 400, (2, 30), generator=torch.Generator().manual_seed(1))
+    backend = gemma4_fx.Gemma4Backend(patterns=["prefill_attention"], cudagraphs=None)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        got_cache, expected_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        got = compiled(ids, past_key_values=got_cache, use_cache=True).logits
+        expected = model(ids, past_key_values=expected_cache, use_cache=True).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    shared = model.config.num_kv_shared_layers
+    assert backend.report.counts["prefill_attention"] == model.config.num_hidden_layers, backend.report
+    for layer in range(model.config.num_hidden_layers - shared):
+        torch.testing.assert_close(got_cache.layers[layer].keys, expected_cache.layers[layer].keys)
