@@ -86,7 +86,8 @@ def backend(variant: str, emulate_precision_casts: bool = True, cudagraphs: str 
     ours, _, without = variant.partition(", no ")
     names = [name for name in (*gemma4_fx.GRAPH_PASSES, *gemma4_fx.PATTERNS)
              if (ours == "gemma4_fx+yoco" or name != "yoco") and name != without]
-    return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=cudagraphs, emulate_precision_casts=emulate_precision_casts)
+    return gemma4_fx.Gemma4Backend(patterns=names, cudagraphs=cudagraphs,
+                                   emulate_precision_casts=emulate_precision_casts)
 
 
 def median_ms(fn, device, warmup: int, repeats: int) -> float:

@@ -78,8 +78,8 @@ def main() -> None:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     compiled = torch.compile(hf_sdpa)
     rows = []
-    for (name, heads, kv_heads, dim, window), tokens in (
-            (layer, t) for layer in (SMOKE_LAYERS if args.smoke else LAYERS) for t in ([20] if args.smoke else args.tokens)):
+    layers, token_counts = (SMOKE_LAYERS, [20]) if args.smoke else (LAYERS, args.tokens)
+    for (name, heads, kv_heads, dim, window), tokens in ((layer, t) for layer in layers for t in token_counts):
         inputs, flops = case(tokens, heads, kv_heads, dim, window, device, dtype)
         q, k, v, mask, scale, causal = inputs
         exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, scale, causal)

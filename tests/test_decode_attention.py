@@ -46,9 +46,10 @@ def check_against_float64(batch, heads, kv_heads, keys, dim, visible, block_s, s
     exact = ops.decode_attention_reference(q.double(), k.double(), v.double(), mask, scale)
     sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 1),
                                           v.repeat_interleave(heads // kv_heads, 1), attn_mask=mask, scale=scale)
-    # no further from float64 than SDPA's own result, beyond a rounding of the output
+    # no further from float64 than SDPA's own result, beyond two ulps of the largest output: the fp32 sums run in
+    # another order (the interpreter's numpy dot blocks them as its version likes), and the output is rounded
     ours, theirs = ((x.double() - exact).abs().max().item() for x in (out, sdpa))
-    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    ulp = 2 * torch.finfo(dtype).eps * exact.abs().max().item()
     assert out.dtype == dtype and out.shape == q.shape
     assert ours <= theirs + ulp, (ours, theirs, ulp)
 

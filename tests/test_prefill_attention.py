@@ -55,9 +55,10 @@ def check_against_float64(case, dtype, device):
         seen = seen & mask.any(-1)
     assert out.dtype == dtype and out.shape == q.shape
     assert (out[~seen] == 0).all()  # no visible key: zeros (SDPA leaves such a row undefined)
-    # no further from float64 than SDPA's own result, beyond a rounding of the output
+    # no further from float64 than SDPA's own result, beyond two ulps of the largest output: the fp32 sums run in
+    # another order (the interpreter's numpy dot blocks them as its version likes), and the output is rounded
     ours, theirs = ((x.double()[seen] - exact[seen]).abs().max().item() for x in (out, sdpa))
-    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    ulp = 2 * torch.finfo(dtype).eps * exact.abs().max().item()
     assert ours <= theirs + ulp, (ours, theirs, ulp)
 
 

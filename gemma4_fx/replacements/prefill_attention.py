@@ -12,11 +12,11 @@ which is what SDPA's fused kernels compute, up to the order of the fp32 sums.
 
 Why: transformers materialises its causal and sliding-window masks, so SDPA's kernels walk every key block of every
 query block. At 26B-A4B widths and 4096 tokens a sliding layer (window 1024) computes all 4096 x 4096 scores, and a
-global layer (head dim 512, which flash and cuDNN do not take) gets the memory-efficient kernel: attention was 45%
-of the prefill's GPU time (BENCHMARKS.md, prefill). Here a first launch (`_visible_key_blocks`) reads the mask once
+global layer (head dim 512, which flash and cuDNN do not take) gets the memory-efficient kernel: attention took the
+largest share of the prefill's GPU time (BENCHMARKS.md, prefill). Here a first launch (`_visible_key_blocks`) reads the mask once
 and finds, per block of BLOCK_M query rows, the first and last key block with a visible key; the attention launch
 (flash attention: a running max, sum and weighted sum of v over key blocks) walks only those, reading the mask tile
-by tile inside them. Head dims above 256 split the output dims over programs (D_SPLITS): each computes the scores
+by tile inside them. Head dims above 256 split the output dims over programs (the grid's third axis): each computes the scores
 over the whole head dim and accumulates its share of v, so the accumulator fits in registers.
 
 A query row with no visible key gets zeros (SDPA leaves it undefined: its math kernel gives NaN).
