@@ -16,19 +16,23 @@ CASES = {  # (batch, heads, kv_heads, rows, keys, dim, mask kind): the tiles are
     "cached-prefix": (2, 2, 1, 17, 45, 16, "sliding"),  # rows at the end of the keys, a mask per sequence
     "empty-row": (1, 2, 1, 24, 24, 16, "empty-row"),  # a row that sees no key
     "wide-head": (1, 2, 1, 18, 18, 80, "sliding"),  # the output dims split over programs (BLOCK_DV 64 < 80)
+    "2d-mask": (2, 2, 1, 20, 20, 16, "sliding-2d"),  # [M, N]: SDPA broadcasts it over batch and heads
 }
 
 
 def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0):
     """q [B, H, M, D], k, v [B, Hkv, N, D], the mask (bool [B or 1, 1, M, N] or None) and `causal`: "sliding" is
     transformers' sliding-window mask (window 9) with the rows at the end of the keys, shared by the batch unless
-    the batch differs in what it sees; "empty-row" hides every key from row 3."""
+    the batch differs in what it sees ("sliding-2d": one [M, N] mask for all); "empty-row" hides every key from row
+    3."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=g).to(dtype).to(device) for shape in
                ((batch, heads, rows, dim), (batch, kv_heads, keys, dim), (batch, kv_heads, keys, dim)))
     i = torch.arange(rows)[:, None] + keys - rows
     j = torch.arange(keys)[None, :]
     mask = None
+    if kind == "sliding-2d":
+        return q, k, v, ((j <= i) & (j > i - 9)).to(device), False
     if kind in ("sliding", "empty-row"):
         mask = ((j <= i) & (j > i - 9)).view(1, 1, rows, keys).repeat(batch, 1, 1, 1)
         if batch > 1:

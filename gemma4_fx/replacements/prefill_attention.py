@@ -187,6 +187,7 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ranges = q  # unused without a mask
     if mask is not None:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
         mask = mask.expand(mask.shape[0], 1, rows, keys)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
@@ -224,10 +225,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     if heads % k.shape[1]:
         raise ValueError(f"prefill_attention: q's {heads} heads must be a multiple of k's {k.shape[1]}")
     keys = k.shape[2]
-    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, batch)
-                             or mask.shape[1] != 1 or mask.shape[2] not in (1, rows) or mask.shape[3] != keys):
+    if mask is None:
+        return
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)  # SDPA broadcasts a mask of fewer dims from the left
+    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or shape[0] not in (1, batch) or shape[1] != 1 \
+            or shape[2] not in (1, rows) or shape[3] != keys:
         raise ValueError(f"prefill_attention: mask must be None or a bool [{batch} or 1, 1, {rows} or 1, {keys}] "
-                         f"tensor; got {mask.dtype} {tuple(mask.shape)}")
+                         f"tensor (leading dims may be left out); got {mask.dtype} {tuple(mask.shape)}")
 
 
 @torch.library.custom_op("gemma4_fx::prefill_attention", mutates_args=())
