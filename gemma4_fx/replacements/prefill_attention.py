@@ -64,8 +64,8 @@ def config(dim: int) -> dict:
     if block_d <= 128:
         return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if block_d <= 256:
-        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
