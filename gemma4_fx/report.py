@@ -103,15 +103,17 @@ class Report:
     def __str__(self) -> str:
         lines = [f"gemma4_fx report: {len(self.graphs)} graph(s)"]
         matches = sorted(self.matches, key=lambda m: (m.graph, _natural(m.location)))
-        lines += ["", f"{'pattern':<16}{'matches':>8}"]
-        lines += [f"{name:<16}{count:>8}" for name, count in self.counts.items()]
+        width = max([14, *(len(name) for name in self.counts)])  # the longest pattern name
+        lines += ["", f"{'pattern':<{width + 2}}{'matches':>8}"]
+        lines += [f"{name:<{width + 2}}{count:>8}" for name, count in self.counts.items()]
         if self.matches:
             lines += ["", "matched:"]
-            lines += [f"  {m.pattern:<14} {m.graph:<10} {m.location or '?':<40} {', '.join(m.nodes)}"
+            lines += [f"  {m.pattern:<{width}} {m.graph:<10} {m.location or '?':<40} {', '.join(m.nodes)}"
                       for m in matches]
         if self.skipped:
             lines += ["", "left alone:"]
-            lines += [f"  {s.pattern:<14} {s.graph:<10} {s.location or '?':<40} {s.reason}" for s in self.skipped]
+            lines += [f"  {s.pattern:<{width}} {s.graph:<10} {s.location or '?':<40} {s.reason}"
+                      for s in self.skipped]
         if self.fallbacks:
             lines += ["", "compiled without gemma4_fx passes:"] + [f"  {f}" for f in self.fallbacks]
         if self.uncaptured:

@@ -166,7 +166,11 @@ def test_other_models_are_untouched(name, tmp_path):
     model = model_class(config_class(**{**_SMALL, **extra})).eval()
     backend = Gemma4Backend(dump_dir=tmp_path)
     logits, expected = compile_and_run(model, backend, random_ids(model))
-    assert not any(backend.report.counts.values()), backend.report.counts
+    # Attention is the same math in any model: the attention passes take every layer's SDPA (and must keep eager's
+    # logits, below); no Gemma-4 rewrite fires.
+    sdpa = model.config._attn_implementation == "sdpa"
+    attention = {"prefill_attention": model.config.num_hidden_layers} if sdpa else {}
+    assert {name: count for name, count in backend.report.counts.items() if count} == attention, backend.report
     assert not backend.report.fallbacks
     assert_close_to_eager(logits, expected)
     befores = sorted(tmp_path.glob("*.post_grad.before.py"))

@@ -19,7 +19,7 @@ and finds, per block of BLOCK_M query rows, the first and last key block with a 
 by tile inside them. Head dims above 256 split the output dims over programs (the grid's third axis): each computes the scores
 over the whole head dim and accumulates its share of v, so the accumulator fits in registers.
 
-A query row with no visible key gets zeros (SDPA leaves it undefined: its math kernel gives NaN).
+A query row with no visible key gets zeros from the kernels (SDPA leaves it undefined: its math kernel gives NaN).
 """
 
 from __future__ import annotations
@@ -238,11 +238,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                       causal: bool = False) -> Tensor:
     """softmax(scale * q k^T over the visible keys) v for many query rows: on CUDA the block-skipping Triton
-    launches, elsewhere the reference."""
+    launches; elsewhere SDPA itself, which is what the graph computed there, to the bit (the fp32 reference would
+    move bf16 results by an ulp, enough to flip a tiny MoE model's experts on a CPU test)."""
     check_inputs(q, k, v, mask)
     if q.is_cuda:
         return prefill_attention_triton(q, k, v, mask, scale, causal)
-    return prefill_attention_reference(q, k, v, mask, scale, causal)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                            enable_gqa=True).contiguous()  # as the fake says
 
 
 @prefill_attention.register_fake
