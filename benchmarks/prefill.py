@@ -271,7 +271,8 @@ def table(rows) -> str:
                      + f" | {any_row['floor_ms']:.2f} / {any_row['floor_yoco_ms']:.2f} |")
     if encoders:  # the vision encoder alone, compiled by each variant, and its share of that variant's prefill
         lines += ["", "vision encoder alone, ms (share of the prefill):", "",
-                  "| model | shape | " + " | ".join(f"{v}" for v in variants) + " |", "|---" * (2 + len(variants)) + "|"]
+                  "| model | shape | " + " | ".join(f"{v}" for v in variants) + " |",
+                  "|---" * (2 + len(variants)) + "|"]
         for key in dict.fromkeys((r["preset"], r["layers"], r["batch"], r["tokens"], r["images"]) for r in rows
                                  if r.get("encoder_ms") is not None):
             by = {r["variant"]: r for r in rows

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gemm import dot
+from .gemm import dot, online_softmax_step
 from .launch import launcher, sm_count
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -81,15 +81,9 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, s
                     mask=inside[:, None] & in_d[None, :], other=0.0)
         scores = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_S], tl.float32), "ieee") * scale
         scores = tl.where(visible[None, :], scores, -float("inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no visible key yet: nothing to rescale
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
         v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + s_idx[:, None] * v_stride_s + d[None, :],
                     mask=inside[:, None] & in_d[None, :], other=0.0)
-        l = l * alpha + tl.sum(p, 1)
-        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], "ieee")
-        m = m_new
+        m, l, acc = online_softmax_step(scores, v, m, l, acc)
     row = (bh * SPLITS + split) * BLOCK_G + g
     tl.store(acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc)
     tl.store(stats_ptr + row * 2, m)

@@ -1,5 +1,6 @@
-"""What the GEMM kernels (`moe_experts.py`, `skinny_linear.py`) share: a `tl.dot` that the Triton interpreter gets
-right, and eager's gelu-tanh gate as an epilogue on fp32 accumulators."""
+"""What the GEMM and attention kernels (`moe_experts.py`, `skinny_linear.py`, `decode_attention.py`,
+`prefill_attention.py`) share: a `tl.dot` that the Triton interpreter gets right, eager's gelu-tanh gate as an
+epilogue on fp32 accumulators, and flash attention's online softmax step."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ def gelu_tanh_mul(acc_gate, acc_up, dtype: tl.constexpr):
     output rounded to `dtype`, the gelu in fp32 and rounded, the product in fp32 and rounded."""
     gate = acc_gate.to(dtype).to(tl.float32)
     return (gelu_tanh(gate).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def online_softmax_step(scores, v, m, l, acc):
+    """One block of keys in flash attention's online softmax: `scores` [R, S] (fp32, -inf where a key is hidden) and
+    `v` [S, D] update the running max `m` [R], sum `l` [R] and weighted sum of v `acc` [R, D] (fp32):
+    m' = max(m, max_j s_j), l' = l e^(m - m') + sum_j e^(s_j - m'), acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j,
+    with p = e^(s_j - m') rounded to v's dtype for the product, as flash kernels do. A row with no visible key so far
+    keeps m = -inf, l = 0, acc = 0."""
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no visible key yet: nothing to rescale
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), dot(p.to(v.dtype), v, acc * alpha[:, None], "ieee")

@@ -13,11 +13,12 @@ which is what SDPA's fused kernels compute, up to the order of the fp32 sums.
 Why: transformers materialises its causal and sliding-window masks, so SDPA's kernels walk every key block of every
 query block. At 26B-A4B widths and 4096 tokens a sliding layer (window 1024) computes all 4096 x 4096 scores, and a
 global layer (head dim 512, which flash and cuDNN do not take) gets the memory-efficient kernel: attention took the
-largest share of the prefill's GPU time (BENCHMARKS.md, prefill). Here a first launch (`_visible_key_blocks`) reads the mask once
-and finds, per block of BLOCK_M query rows, the first and last key block with a visible key; the attention launch
-(flash attention: a running max, sum and weighted sum of v over key blocks) walks only those, reading the mask tile
-by tile inside them. Head dims above 256 split the output dims over programs (the grid's third axis): each computes the scores
-over the whole head dim and accumulates its share of v, so the accumulator fits in registers.
+largest share of the prefill's GPU time (BENCHMARKS.md, prefill attention). Here a first launch
+(`_visible_key_blocks`) reads the mask once and finds, per block of BLOCK_M query rows, the first and last key block
+with a visible key; the attention launch (flash attention: a running max, sum and weighted sum of v over key blocks)
+walks only those, reading the mask tile by tile inside them. Head dims above 256 split the output dims over programs
+(the grid's third axis): each computes the scores over the whole head dim and accumulates its share of v, so the
+accumulator fits in registers.
 
 A query row with no visible key gets zeros from the kernels (SDPA leaves it undefined: its math kernel gives NaN).
 """
@@ -30,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager_math import INTERPRET
-from .gemm import dot
+from .gemm import dot, online_softmax_step
 from .launch import launcher
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -110,15 +111,9 @@ def _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, i
     if CAUSAL:
         visible = visible & (n_idx[None, :] <= m_idx[:, None])
     scores = tl.where(visible, scores, -float("inf"))
-    m_new = tl.maximum(m, tl.max(scores, 1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no visible key yet: nothing to rescale
-    alpha = tl.exp(m - m_safe)
-    p = tl.exp(scores - m_safe[:, None])
     v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + n_idx[:, None] * v_stride_n + dv[None, :],
                 mask=in_keys[:, None] & in_dv[None, :], other=0.0)
-    l = l * alpha + tl.sum(p, 1)
-    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], "ieee")
-    return m_new, l, acc
+    return online_softmax_step(scores, v, m, l, acc)
 
 
 @triton.jit
