@@ -104,8 +104,10 @@ def test_op_checks_its_inputs():
 
 
 class Attention(torch.nn.Module):
-    """SDPA as transformers calls it in a prefill: the cache repeated to the query heads, a bool mask; or
-    `is_causal` with GQA, as its global layers call it with no mask; or a float mask (not taken)."""
+    """SDPA as transformers calls it in a prefill: the cache repeated to the query heads, a bool mask (an input;
+    "causal-made": made in the graph from key and query positions, as transformers does; "padding-made": made in
+    the graph from the input mask alone); or `is_causal` with GQA, as its global layers call it with no mask; or a
+    float mask (not taken)."""
 
     def __init__(self, how):
         super().__init__()
@@ -119,10 +121,17 @@ class Attention(torch.nn.Module):
             t.shape[0], t.shape[1] * group, *t.shape[2:]) for t in (k, v))
         if self.how == "float":
             mask = torch.zeros(mask.shape).masked_fill(~mask, -1e9)
+        elif self.how == "causal-made":
+            rows, keys = q.shape[2], k.shape[2]
+            mask = torch.arange(keys)[None, :] <= torch.arange(rows)[:, None] + keys - rows
+        elif self.how == "padding-made":
+            mask = mask.float() > 0.5
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5) * 2
 
 
-@pytest.mark.parametrize("how, reason", [("bool", None), ("causal", None), ("float", "mask must be None or a bool")])
+@pytest.mark.parametrize("how, reason", [("bool", None), ("causal", None), ("causal-made", None),
+                                         ("padding-made", "no key/query ordering"),
+                                         ("float", "mask must be None or a bool")])
 def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
     """Each candidate is rewritten (the repeat of the cache looked through) or left alone with its reason; the
     outputs stay SDPA's. One query row is decode_attention's, not a candidate."""

@@ -12,18 +12,40 @@ so SDPA computes every score of a 4096-token prompt for a window of 1024, and Ge
 get SDPA's memory-efficient kernel. The repeat of the cache is looked through, as in decode.
 
 Left alone (with the reason): one query row (`decode_attention`'s), dropout, a mask with `is_causal`, a mask that is
-not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`).
+not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`), and
+a mask built in the graph without ordering a query position against a key position (`key <= query`, `key > query -
+window`): such a mask (bidirectional, padding: the vision encoder's) hides no block of keys as a rule, and there
+SDPA's flash kernels are faster than ours (BENCHMARKS.md). A mask the graph gets as an input is taken.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..fx_utils import op_name
 from ..replacements import prefill_attention as ops
 from ..report import Report
 from .decode_attention import rewrite_sdpa
 
 NAME = "prefill_attention"
+_ORDERINGS = ("le", "lt", "ge", "gt")
+
+
+def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
+    """Why a mask made in the graph is left to SDPA: none of the ops it is made of orders one tensor against
+    another (transformers' causal and sliding-window masks compare key and query positions)."""
+    seen, stack = set(), [mask]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if op_name(node) in _ORDERINGS and sum(isinstance(arg, torch.fx.Node) for arg in node.args[:2]) == 2:
+            return None
+        stack.extend(node.all_input_nodes)
+    if mask.op == "placeholder":
+        return None  # made outside the graph: nothing says what it hides
+    return "a mask with no key/query ordering (bidirectional or padding): no key block to skip, SDPA is faster"
 
 
 def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,
@@ -31,4 +53,4 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
     """Rewrite every SDPA of more than one query row the kernels take, in place; matches and reasons to `report`."""
     return rewrite_sdpa(gm, NAME, torch.ops.gemma4_fx.prefill_attention.default, ops.check_inputs,
                         takes=lambda rows: not isinstance(rows, int) or rows > 1, causal_ok=True, report=report,
-                        graph_name=graph_name)
+                        graph_name=graph_name, mask_reason=_dense_mask_reason)
