@@ -113,7 +113,7 @@ def plain_call_us(fns: dict, *args, calls: int = 50, repeats: int = 9) -> dict:
 # Kernel families for `kernel_profile`, first match wins (names as the profiler prints them): attention before
 # GEMMs, since PyTorch's memory-efficient attention is a CUTLASS kernel ("fmha_cutlassF_...").
 KERNEL_FAMILIES = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "_visible_key_blocks")),
     ("gemm (cuBLAS/CUTLASS)", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "cublas")),
     ("gemma4_fx kernels", ("_router", "_moe", "moe_", "_gate_up", "_down", "_combine", "_route", "post_attn",
                            "ple_", "_norm_kernel", "_rows", "_skinny", "_reduce_kernel", "_slide_window")),

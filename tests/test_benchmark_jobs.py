@@ -1,7 +1,14 @@
 """The benchmarks' process pool: a model rebuilt in another process over the sender's tensors computes the same
-logits, jobs keep their order and their failures, and timed turns never overlap."""
+logits, jobs keep their order and their failures, and timed turns never overlap; the attention benchmarks' smoke
+runs."""
 
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 import torch
 
@@ -48,6 +55,22 @@ def test_kernel_families_of_names_the_h200_profiles_show():
         "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35_16x128x256_1x4x1_cga1x1x1_k": "attention",
         "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "gemm (cuBLAS/CUTLASS)",
         "_skinny_kernel": "gemma4_fx kernels",
+        "_visible_key_blocks": "attention",
+        "_prefill_attention": "attention",
         "triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_13": "inductor triton",
     }
     assert {name: kernel_family(name) for name in names} == names
+
+
+@pytest.mark.parametrize("script", ["decode_attention.py", "prefill_attention.py"])
+def test_attention_benchmark_smoke_runs(script):
+    """`--smoke`: tiny widths on CPU under the interpreter, a table row per layer with ours and SDPA's error against
+    float64, both at fp32 rounding."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    out = subprocess.run([sys.executable, str(path), "--smoke"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| tiny")]
+    assert rows, out
+    for row in rows:
+        errors = [float(cell) for cell in re.findall(r"\| ([0-9.e+-]+) ", row + " ")[-2:]]
+        assert len(errors) == 2 and max(errors) < 1e-5, row
