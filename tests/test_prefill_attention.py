@@ -106,7 +106,7 @@ def test_op_checks_its_inputs():
 class Attention(torch.nn.Module):
     """SDPA as transformers calls it in a prefill: the cache repeated to the query heads, a bool mask (an input;
     "causal-made": made in the graph from key and query positions, as transformers does; "padding-made": made in
-    the graph from the input mask alone); or `is_causal` with GQA, as its global layers call it with no mask; or a
+    the graph from per-key data alone, as the vision encoder's from its patch positions); or `is_causal` with GQA, as its global layers call it with no mask; or a
     float mask (not taken)."""
 
     def __init__(self, how):
@@ -124,8 +124,8 @@ class Attention(torch.nn.Module):
         elif self.how == "causal-made":
             rows, keys = q.shape[2], k.shape[2]
             mask = torch.arange(keys)[None, :] <= torch.arange(rows)[:, None] + keys - rows
-        elif self.how == "padding-made":
-            mask = mask.float() > 0.5
+        elif self.how == "padding-made":  # a padding mask from the keys alone: every key visible here
+            mask = k[:, :1, None, :, 0] > -100.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5) * 2
 
 

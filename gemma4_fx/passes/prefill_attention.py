@@ -15,14 +15,15 @@ Left alone (with the reason): one query row (`decode_attention`'s), dropout, a m
 not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`), and
 a mask built in the graph without ordering a query position against a key position (`key <= query`, `key > query -
 window`): such a mask (bidirectional, padding: the vision encoder's) hides no block of keys as a rule, and there
-SDPA's flash kernels are faster than ours (BENCHMARKS.md). A mask the graph gets as an input is taken.
+SDPA's flash kernels are faster than ours (BENCHMARKS.md). A mask made from a bool mask the graph gets as an input
+is taken.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..fx_utils import op_name
+from ..fx_utils import op_name, value
 from ..replacements import prefill_attention as ops
 from ..report import Report
 from .decode_attention import rewrite_sdpa
@@ -33,7 +34,8 @@ _ORDERINGS = ("le", "lt", "ge", "gt")
 
 def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
     """Why a mask made in the graph is left to SDPA: none of the ops it is made of orders one tensor against
-    another (transformers' causal and sliding-window masks compare key and query positions)."""
+    another (transformers' causal and sliding-window masks compare key and query positions), and it comes from no
+    bool mask the graph gets as an input (an engine's, whose structure the graph does not show)."""
     seen, stack = set(), [mask]
     while stack:
         node = stack.pop()
@@ -42,9 +44,9 @@ def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
         seen.add(node)
         if op_name(node) in _ORDERINGS and sum(isinstance(arg, torch.fx.Node) for arg in node.args[:2]) == 2:
             return None
+        if node.op == "placeholder" and getattr(value(node), "dtype", None) == torch.bool:
+            return None
         stack.extend(node.all_input_nodes)
-    if mask.op == "placeholder":
-        return None  # made outside the graph: nothing says what it hides
     return "a mask with no key/query ordering (bidirectional or padding): no key block to skip, SDPA is faster"
 
 
