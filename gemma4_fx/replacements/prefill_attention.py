@@ -1,8 +1,9 @@
 """Attention of many query rows that skips the key blocks its mask hides: `gemma4_fx::prefill_attention`.
 
 For q: [B, H, M, D], k and v: [B, Hkv, N, D] (H a multiple of Hkv: query head h reads kv head h // (H / Hkv)), and
-either `mask`: [B or 1, 1, M, N], True where a key may be attended (a bool mask, as transformers passes SDPA), or
-`causal` (SDPA's `is_causal`: key j visible to row i when j <= i), or neither (every key visible):
+either `mask`: [B or 1, 1, M or 1, N] (or fewer leading dims, as SDPA broadcasts), True where a key may be attended
+(a bool mask, as transformers passes SDPA), or `causal` (SDPA's `is_causal`: key j visible to row i when j <= i), or
+neither (every key visible):
 
     s_ij = scale * (q_i . k_j)          # fp32
     p_i = softmax(s_i over the keys j visible to row i)
@@ -57,8 +58,9 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
 
 
 def config(dim: int) -> dict:
-    """Tile sizes per head dim (output dims per program, query and key rows per tile, warps), picked so that q, a
-    key tile and a value tile of two pipeline stages fit in an H100/H200's shared memory."""
+    """Tile sizes per head dim (output dims per program, query and key rows per tile, warps, pipeline stages): for
+    Gemma-4's head dims 256 and 512 the fastest of `benchmarks/prefill_attention.py --tiles` on an H200; for the
+    smaller ones (other models, tests) a rule, not measured."""
     block_d = triton.next_power_of_2(dim)
     if block_d <= 64:
         return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
