@@ -49,7 +49,9 @@ def check_against_float64(case, dtype, device):
     batch, heads, kv_heads, rows, keys, dim, kind = CASES[case]
     q, k, v, mask, causal = inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device)
     scale = dim ** -0.5
-    out = ops.prefill_attention_triton(q, k, v, mask, scale, causal, tiles=SMALL_TILES)
+    poisoned = torch.full_like(q, float("nan"))
+    out = ops.prefill_attention_triton(q, k, v, mask, scale, causal, tiles=SMALL_TILES, out=poisoned)
+    assert out is poisoned and not out.isnan().any()  # every element written
     exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, scale, causal)
     group = heads // kv_heads
     sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),

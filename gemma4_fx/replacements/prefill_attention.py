@@ -172,8 +172,9 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
 
 
 def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                             causal: bool = False, *, tiles: dict | None = None) -> Tensor:
-    """Launch the two kernels into a new tensor like q; `tiles` overrides `config(dim)` (tests, tuning)."""
+                             causal: bool = False, *, tiles: dict | None = None, out: Tensor | None = None) -> Tensor:
+    """Launch the two kernels into `out` (a new tensor like q by default); `tiles` overrides `config(dim)` (tests,
+    tuning)."""
     check_inputs(q, k, v, mask)
     batch, heads, rows, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
@@ -181,7 +182,7 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
     blocks_m = triton.cdiv(rows, block_m)
     blocks_n = triton.cdiv(keys, block_n) if INTERPRET else 0  # a constant only where the interpreter needs it
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     ranges = q  # unused without a mask
     if mask is not None:
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
