@@ -108,8 +108,8 @@ def test_op_checks_its_inputs():
 class Attention(torch.nn.Module):
     """SDPA as transformers calls it in a prefill: the cache repeated to the query heads, a bool mask (an input;
     "causal-made": made in the graph from key and query positions, as transformers does; "padding-made": made in
-    the graph from per-key data alone, as the vision encoder's from its patch positions); or `is_causal` with GQA, as its global layers call it with no mask; or a
-    float mask (not taken)."""
+    the graph from per-key data alone, as the vision encoder's from its patch positions); or `is_causal` with GQA,
+    as its global layers call it with no mask; or a float mask (not taken)."""
 
     def __init__(self, how):
         super().__init__()
