@@ -95,30 +95,6 @@ def _visible_key_blocks(mask_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_st
 
 
 @triton.jit
-def _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, in_rows, d, in_d, dv, in_dv, scale,
-            keys, b, kv_head, k_stride_b, k_stride_h, k_stride_n, v_stride_b, v_stride_h, v_stride_n, mask_stride_b,
-            mask_stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-            CAUSAL: tl.constexpr):
-    """One key block of the online softmax: (m, l, acc) updated with the keys of block `block_n` visible to the
-    rows, and only with those in [first, last)."""
-    n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_keys = (n_idx < keys) & (block_n >= first) & (block_n < last)
-    k = tl.load(k_ptr + b * k_stride_b + kv_head * k_stride_h + n_idx[:, None] * k_stride_n + d[None, :],
-                mask=in_keys[:, None] & in_d[None, :], other=0.0)
-    scores = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), "ieee") * scale
-    visible = in_rows[:, None] & in_keys[None, :]
-    if HAS_MASK:
-        visible = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
-                          mask=visible, other=0) != 0
-    if CAUSAL:
-        visible = visible & (n_idx[None, :] <= m_idx[:, None])
-    scores = tl.where(visible, scores, -float("inf"))
-    v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + n_idx[:, None] * v_stride_n + dv[None, :],
-                mask=in_keys[:, None] & in_dv[None, :], other=0.0)
-    return online_softmax_step(scores, v, m, l, acc)
-
-
-@triton.jit
 def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale, rows, keys, heads, kv_heads,
                        q_stride_b, q_stride_h, q_stride_m, k_stride_b, k_stride_h, k_stride_n,
                        v_stride_b, v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, ranges_stride_b,
@@ -154,18 +130,22 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
     m = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if INTERPRET:
-        for block_n in range(BLOCKS_N):
-            m, l, acc = _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, in_rows, d, in_d,
-                                dv, in_dv, scale, keys, b, kv_head, k_stride_b, k_stride_h, k_stride_n, v_stride_b,
-                                v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, BLOCK_M, BLOCK_N, HAS_MASK,
-                                CAUSAL)
-    else:
-        for block_n in range(first, last):
-            m, l, acc = _attend(q, k_ptr, v_ptr, mask_ptr, m, l, acc, block_n, first, last, m_idx, in_rows, d, in_d,
-                                dv, in_dv, scale, keys, b, kv_head, k_stride_b, k_stride_h, k_stride_n, v_stride_b,
-                                v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, BLOCK_M, BLOCK_N, HAS_MASK,
-                                CAUSAL)
+    for block_n in range(0 if INTERPRET else first, BLOCKS_N if INTERPRET else last):
+        n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_keys = (n_idx < keys) & (block_n >= first) & (block_n < last)
+        k = tl.load(k_ptr + b * k_stride_b + kv_head * k_stride_h + n_idx[:, None] * k_stride_n + d[None, :],
+                    mask=in_keys[:, None] & in_d[None, :], other=0.0)
+        scores = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), "ieee") * scale
+        visible = in_rows[:, None] & in_keys[None, :]
+        if HAS_MASK:
+            visible = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
+                              mask=visible, other=0) != 0
+        if CAUSAL:
+            visible = visible & (n_idx[None, :] <= m_idx[:, None])
+        scores = tl.where(visible, scores, -float("inf"))
+        v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + n_idx[:, None] * v_stride_n + dv[None, :],
+                    mask=in_keys[:, None] & in_dv[None, :], other=0.0)
+        m, l, acc = online_softmax_step(scores, v, m, l, acc)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # no visible key: acc is 0
     tl.store(out_ptr + b * out_stride_b + head * out_stride_h + m_idx[:, None] * out_stride_m + dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_rows[:, None] & in_dv[None, :])
