@@ -72,8 +72,8 @@ def test_a_piece_of_views_alone_is_captured_without_torchs_empty_graph_warning()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
     """As HF's prefill calls it: DynamicCache, logits_to_keep=1, lengths left dynamic (Dynamo passes float
-    attributes as CPU tensors then, baked in as guarded constants; the cache's CPU-made window size is copied to the
-    GPU between graphs)."""
+    attributes as CPU tensors then, baked in as guarded constants; the cache's window size, which it makes on the CPU
+    and copies over, is made on the GPU inside a graph)."""
     model = gemma4_fx.build_model("tiny-e2b", dtype=dtype, device="cuda")
     backend = gemma4_fx.Gemma4Backend()  # "auto": piecewise for prefill
     compiled = torch.compile(model, backend=backend, dynamic=True)
@@ -87,6 +87,11 @@ def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
             expected = model(ids, logits_to_keep=1, use_cache=True).logits
             tolerance = 1e-4 if dtype == torch.float32 else 5e-2
             torch.testing.assert_close(runs[0], expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+        torch.cuda.set_sync_debug_mode("error")  # the window size made on the device: the host never waits
+        try:
+            compiled(ids, logits_to_keep=1, use_cache=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     stats = backend.cudagraph_stats
     assert stats.replays > 0 and not stats.failures
     assert not [w for w in caught if "CUDA Graph is empty" in str(w.message)]  # no piece that launches nothing

@@ -486,18 +486,35 @@ def test_float_inputs_end_as_guarded_constants():
 
 
 def test_copies_to_the_device_run_between_graphs_from_the_top():
-    def layer(x):  # "meta" stands in for the GPU
+    def layer(x, window):  # "meta" stands in for the GPU; `window` a CPU tensor
         y = torch.relu(x) * 2
         keep = -x.shape[0] + 1  # int arithmetic, hoisted beside the copy: no graph of its own (it launches nothing)
-        window = torch.tensor(4)  # as HF's sliding cache makes its window size: on the CPU, then moved
         return y[keep:] + window.to(x.device)
 
-    gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"), dynamic=True)
+    gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"), torch.tensor(4), dynamic=True)
     split = split_graph(gm)
     assert [piece.captured for piece in split.pieces] == [False, True]
     assert any(node.target is operator.neg for node in split.pieces[0].module.graph.nodes)
     moved = [node for node in split.pieces[0].module.graph.nodes if node.op == "call_method" and node.target == "to"]
     assert len(moved) == 1 and not any(node.op == "call_method" for node in split.pieces[1].module.graph.nodes)
+
+
+def test_numbers_copied_to_the_device_become_fills_in_the_graph():
+    def layer(x):  # "meta" stands in for the GPU
+        window = torch.tensor(4)  # as HF's sliding cache makes its window size: on the CPU, then moved
+        scale = torch.tensor(0.5, dtype=torch.float64).to(x.device)
+        return torch.relu(x) * scale + window.to(x.device), torch.tensor([1, 2]).to(x.device)
+
+    gm, inputs = dynamo_graph(layer, torch.randn(3, 4, device="meta"))
+    split = split_graph(gm)
+    [fills] = [[node for piece in split.pieces for node in piece.module.graph.nodes if node.target is torch.full]]
+    assert sorted((node.args, node.kwargs["dtype"]) for node in fills) == [(((), 0.5), torch.float64),
+                                                                          (((), 4), torch.int64)]
+    assert all(node.kwargs["device"].type == "meta" for node in fills)
+    pieces = {piece.module: piece.captured for piece in split.pieces}
+    assert all(pieces[next(m for m in pieces if node in m.graph.nodes)] for node in fills)  # inside a graph
+    # not a number: a list made on the CPU is still copied over between graphs
+    assert [piece.captured for piece in split.pieces] == [False, True]
 
 
 @torch.library.custom_op("gemma4_fx_test::column_major", mutates_args=())

@@ -4,10 +4,10 @@ Attention is left out of the graphs (its cost depends on context length, and ser
 kernels), except one-row attention in a prefill whose keys are no longer than the prompt's (what YOCO leaves the
 layers that share a KV cache): it adds no shape to capture, and run between graphs it would cost a launch from the
 host and two cuts per layer (ops the caller lists as `extra_ops` still run between graphs). So is anything a graph
-cannot hold: host syncs, copies between host and device, tensors whose shapes come from data, and uses of int inputs
-that size no tensor (a graph would keep the value it was captured with). The cut follows graph order: every piece
-is a contiguous run of nodes, so the pieces always form a chain; work on host values alone moves to the top first,
-so that it does not cut a layer in two.
+cannot hold: host syncs, copies between host and device (but a number copied over becomes a fill on the device),
+tensors whose shapes come from data, and uses of int inputs that size no tensor (a graph would keep the value it was
+captured with). The cut follows graph order: every piece is a contiguous run of nodes, so the pieces always form a
+chain; work on host values alone moves to the top first, so that it does not cut a layer in two.
 """
 
 from __future__ import annotations
@@ -215,6 +215,24 @@ def is_decode_shaped(graph: torch.fx.Graph, extra_ops=()) -> bool:
     return bool(attentions) and all(_one_row(a.rows) for a in attentions)
 
 
+def _fill_constants_on_device(graph: torch.fx.Graph) -> None:
+    """A number made a tensor on the CPU and copied to the device (HF's sliding cache makes its window size so, once
+    per layer and prefill) becomes a fill on the device: the same value, no blocking copy, and a graph holds it."""
+    for node in list(graph.nodes):
+        made = node.args[0] if method_name(node) == "to" and node.args else node
+        out = example_value(node)
+        if not (isinstance(out, torch.Tensor) and not on_host(out) and out.ndim == 0 and made.op == "call_function"
+                and made.target is torch.tensor and len(made.args) == 1 and type(made.args[0]) in (bool, int, float)):
+            continue
+        with graph.inserting_before(node):
+            fill = graph.call_function(torch.full, ((), made.args[0]), {"dtype": out.dtype, "device": out.device})
+        fill.meta.update(node.meta)
+        node.replace_all_uses_with(fill)
+        graph.erase_node(node)
+        if made is not node and not made.users:
+            graph.erase_node(made)
+
+
 def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
     """Move what is computed from host values alone to the top of the graph, so that where it must run between
     graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and tensors made on
@@ -271,6 +289,7 @@ def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, flo
 def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra_ops=()) -> SplitGraph:
     """Cut `gm` into alternating captured and uncaptured pieces (see the module docstring)."""
     on_device = _on_device(gm.graph)
+    _fill_constants_on_device(gm.graph)
     _hoist_host_work(gm.graph, on_device)
     gm.recompile()
     marked = splitting_nodes(gm.graph, split_attention=split_attention, host_work=on_device, extra_ops=extra_ops)
