@@ -7,9 +7,10 @@ calls it (sliding layers: the cache repeated per query head and a materialised b
     python benchmarks/prefill_attention.py --smoke      # tiny widths on CPU under the Triton interpreter
 
 Shapes: one prompt of 4096 tokens (and 1024) through the sliding (window 512 or 1024, head dim 256) and global
-(causal, head dim 512) layers of E4B and 26B-A4B, bf16. Each variant is one call captured in a CUDA graph, median
-replay. "TFLOP/s" counts the FLOPs of the visible scores only (4 * heads * dim per visible (row, key) pair), so it
-reads the same for every variant; "max err" is |out - float64| over max |float64| for ours and for SDPA.
+(causal, head dim 512; with an image, a mask) layers of E4B and 26B-A4B, bf16. Each variant is one call captured in a
+CUDA graph, median replay. "TFLOP/s" counts the FLOPs of the visible scores only (4 * heads * dim per visible (row,
+key) pair), so it reads the same for every variant; "max err" is |out - float64| over max |float64| for ours and for
+SDPA.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.common import graph_replay_us, markdown  # noqa: E402
 from gemma4_fx.replacements import prefill_attention as ops  # noqa: E402
 
-# (name, query heads, kv heads, head dim, window or None for a causal global layer)
-LAYERS = [("E4B sliding", 8, 2, 256, 512), ("E4B global", 8, 2, 512, None),
+# (name, query heads, kv heads, head dim, window; None: a causal global layer; "image": a global layer's mask with
+# an image in the prompt, causal but for the image's 256 tokens, which see each other)
+LAYERS = [("E4B sliding", 8, 2, 256, 512), ("E4B global", 8, 2, 512, None), ("E4B global, image", 8, 2, 512, "image"),
           ("26B-A4B sliding", 16, 8, 256, 1024), ("26B-A4B global", 16, 2, 512, None)]
 SMOKE_LAYERS = [("tiny sliding", 4, 2, 32, 6), ("tiny global", 4, 1, 48, None)]
 TILES = {256: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -40,7 +42,9 @@ TILES = {256: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stage
          512: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
                dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1),
                dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-               dict(BLOCK_DV=512, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)]}
+               dict(BLOCK_DV=512, BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+               dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+               dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]}
 
 
 def hf_sdpa(q, k, v, mask, scale, causal):
@@ -58,9 +62,14 @@ def case(tokens, heads, kv_heads, dim, window, device, dtype):
     q = torch.randn((1, heads, tokens, dim), generator=g, device=device).to(dtype)
     k, v = (torch.randn((1, kv_heads, tokens, dim), generator=g, device=device).to(dtype) for _ in range(2))
     mask = None
-    if window:  # transformers' sliding-window causal mask: key j visible to row i when i - window < j <= i
-        i, j = torch.arange(tokens, device=device)[:, None], torch.arange(tokens, device=device)[None, :]
-        mask = ((j <= i) & (j > i - window)).view(1, 1, tokens, tokens)
+    i, j = torch.arange(tokens, device=device)[:, None], torch.arange(tokens, device=device)[None, :]
+    if window == "image":  # the image's tokens start a quarter into the prompt
+        start = tokens // 4
+        mask = ((j <= i) | ((i >= start) & (i < start + 256) & (j >= start) & (j < start + 256)))
+    elif window:  # transformers' sliding-window causal mask: key j visible to row i when i - window < j <= i
+        mask = (j <= i) & (j > i - window)
+    if mask is not None:
+        mask = mask.view(1, 1, tokens, tokens)
         visible = int(mask.sum())
     else:
         visible = tokens * (tokens + 1) // 2

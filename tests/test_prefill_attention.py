@@ -75,24 +75,72 @@ def test_kernels_match_float64(case, dtype, device):
     check_against_float64(case, dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["sliding-gqa", "cached-prefix", "empty-row"])
+def test_mask_read_in_several_steps(case, device, monkeypatch):
+    """The mask's key blocks found over several steps of the scan (two 16-key blocks a step, not 256 keys)."""
+    monkeypatch.setattr(ops, "_SCAN_KEYS", 32)
+    check_against_float64(case, torch.float32, device)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("layer", [(16, 8, 256, 1024), (16, 2, 512, None), (8, 2, 256, 512), (8, 2, 512, None)],
-                         ids=["26b-sliding", "26b-global", "e4b-sliding", "e4b-global"])
+@pytest.mark.parametrize("layer", [(16, 8, 256, 1024), (16, 2, 512, None), (16, 2, 512, "image"), (8, 2, 256, 512),
+                                   (8, 2, 512, None), (8, 2, 512, "image")],
+                         ids=["26b-sliding", "26b-global", "26b-global-image", "e4b-sliding", "e4b-global",
+                              "e4b-global-image"])
 def test_kernels_at_gemma4_widths(layer):
-    """The default tiles at Gemma-4's head dims, 1000 tokens (a ragged last block), against float64 and SDPA."""
+    """The default tiles at Gemma-4's head dims, 1000 tokens (a ragged last block), against float64 and SDPA. A
+    window: transformers' sliding mask; None: `is_causal`; "image": the global mask of a prompt with an image, causal
+    but for the image's 256 tokens, which see each other (it takes the 512-dim kernel's shared memory furthest)."""
     heads, kv_heads, dim, window = layer
     g = torch.Generator().manual_seed(dim)
     rows = 1000
     q, k, v = (torch.randn(shape, generator=g).to(torch.bfloat16).cuda() for shape in
                ((1, heads, rows, dim), (1, kv_heads, rows, dim), (1, kv_heads, rows, dim)))
     i, j = torch.arange(rows)[:, None], torch.arange(rows)[None, :]
-    mask = ((j <= i) & (j > i - window)).view(1, 1, rows, rows).cuda() if window else None
+    image = (i >= 300) & (i < 556) & (j >= 300) & (j < 556)
+    mask = None if window is None else (j <= i) | image if window == "image" else (j <= i) & (j > i - window)
+    mask = None if mask is None else mask.view(1, 1, rows, rows).cuda()
     out = ops.prefill_attention_triton(q, k, v, mask, 1.0, window is None)
     exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, 1.0, window is None)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=window is None, scale=1.0,
                                           enable_gqa=True)
     ours, theirs = ((x.double() - exact).abs().max().item() for x in (out, sdpa))
     assert ours <= theirs + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (ours, theirs)
+
+
+def test_tiles_that_do_not_fit_give_way(monkeypatch):
+    """Where the GPU's shared memory is too small for the tiles (Triton raises at launch), smaller ones are tried and
+    remembered; if none fits, SDPA computes the call, with a warning. Here the interpreter stands in for a GPU that
+    fits key blocks of 16 rows alone."""
+    q, k, v, mask, _ = inputs(1, 4, 2, 40, 40, 32, "sliding", torch.float32, "cpu")
+    launch, tried = ops._launch, []
+    monkeypatch.setattr(ops, "_FITTING", {})
+
+    def fits_16(*args):
+        tried.append(args[6])
+        if args[6]["BLOCK_N"] > 16:
+            raise ops.OutOfResources(245760, 232448, "shared memory")
+        return launch(*args)
+
+    monkeypatch.setattr(ops, "_launch", fits_16)
+    out = ops.prefill_attention_triton(q, k, v, mask, 0.25)
+    first = ops.config(32, masked=True)
+    assert tried == [first, {**first, "BLOCK_N": 32}, {**first, "BLOCK_N": 16}]  # first: 64 key rows
+    torch.testing.assert_close(out, launch(q, k, v, mask, 0.25, False, tried[-1], None), rtol=0, atol=0)
+    tried.clear()
+    ops.prefill_attention_triton(q, k, v, mask, 0.25)
+    assert tried == [{**first, "BLOCK_N": 16}]  # remembered: no second failure
+
+    def fits_none(*args):
+        raise ops.OutOfResources(245760, 232448, "shared memory")
+
+    monkeypatch.setattr(ops, "_launch", fits_none)
+    monkeypatch.setattr(ops, "_FITTING", {})
+    with pytest.warns(UserWarning, match="no tiles fit"):
+        out = ops.prefill_attention_triton(q, k, v, mask, 0.25)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_op_checks_its_inputs():

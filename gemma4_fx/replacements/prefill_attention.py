@@ -26,10 +26,13 @@ A query row with no visible key gets zeros from the kernels (SDPA leaves it unde
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from .eager_math import INTERPRET
 from .gemm import dot, online_softmax_step
@@ -37,6 +40,9 @@ from .launch import launcher
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 512
+_SCAN_KEYS = 256  # keys per step of `_visible_key_blocks`
+_MASK_ALIGN = 16  # bytes: where the mask's rows start
+_FITTING: dict = {}  # (device, dtype, head dim, masked, causal) -> the tiles that launched on that device
 
 
 def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
@@ -57,10 +63,11 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
     return (weights @ v).to(q.dtype)
 
 
-def config(dim: int) -> dict:
+def config(dim: int, masked: bool = False) -> dict:
     """Tile sizes per head dim (output dims per program, query and key rows per tile, warps, pipeline stages): for
     Gemma-4's head dims 256 and 512 the fastest of `benchmarks/prefill_attention.py --tiles` on an H200; for the
-    smaller ones (other models, tests) a rule, not measured."""
+    smaller ones (other models, tests) a rule, not measured. With a mask, head dim 512 takes half the key rows and
+    one stage more (the mask's tiles take 64 key rows past the H200's 227 KiB of shared memory)."""
     block_d = triton.next_power_of_2(dim)
     if block_d <= 64:
         return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
@@ -68,14 +75,27 @@ def config(dim: int) -> dict:
         return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if block_d <= 256:
         return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    if masked:
+        return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
     return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def smaller_tiles(tiles: dict) -> dict | None:
+    """The next tiles to try where `tiles` need more shared memory than the GPU has: half the key rows down to 16,
+    then one pipeline stage fewer; None past the smallest."""
+    if tiles["BLOCK_N"] > 16:
+        return {**tiles, "BLOCK_N": tiles["BLOCK_N"] // 2}
+    if tiles["num_stages"] > 1:
+        return {**tiles, "num_stages": tiles["num_stages"] - 1}
+    return None
 
 
 @triton.jit
 def _visible_key_blocks(mask_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_stride_m,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_N: tl.constexpr):
-    """ranges[b, i] = (first, last + 1): the key blocks holding a key visible to a row of query block i.
-    (`BLOCKS_N`: the key blocks, for the interpreter alone, whose loops take no bound computed at run time.)"""
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """ranges[b, i] = (first, last + 1): the key blocks holding a key visible to a row of query block i. Each step
+    reads CHUNK key blocks at once: a program per query block walks the keys alone, so it takes few, wide steps.
+    (`CHUNKS`: the steps, for the interpreter alone, whose loops take no bound computed at run time.)"""
     b = tl.program_id(0)
     block_m = tl.program_id(1)
     blocks_m = tl.num_programs(1)
@@ -83,13 +103,14 @@ def _visible_key_blocks(mask_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_st
     m_idx = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     first = blocks_n
     last = 0
-    for block_n in range(BLOCKS_N if INTERPRET else blocks_n):
-        n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    for chunk in range(CHUNKS if INTERPRET else tl.cdiv(blocks_n, CHUNK)):
+        n_idx = chunk * CHUNK * BLOCK_N + tl.arange(0, CHUNK * BLOCK_N)
         tile = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
                        mask=(m_idx < rows)[:, None] & (n_idx < keys)[None, :], other=0)
-        seen = tl.max(tl.max((tile != 0).to(tl.int32), 1), 0)
-        first = tl.minimum(first, tl.where(seen > 0, block_n, blocks_n))
-        last = tl.maximum(last, tl.where(seen > 0, block_n + 1, 0))
+        seen = tl.max(tl.max(tl.reshape((tile != 0).to(tl.int32), (BLOCK_M, CHUNK, BLOCK_N)), 2), 0)  # per block
+        block_n = chunk * CHUNK + tl.arange(0, CHUNK)
+        first = tl.minimum(first, tl.min(tl.where(seen > 0, block_n, blocks_n), 0))
+        last = tl.maximum(last, tl.max(tl.where(seen > 0, block_n + 1, 0), 0))
     tl.store(ranges_ptr + (b * blocks_m + block_m) * 2, first)
     tl.store(ranges_ptr + (b * blocks_m + block_m) * 2 + 1, last)
 
@@ -154,11 +175,36 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
 def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                              causal: bool = False, *, tiles: dict | None = None, out: Tensor | None = None) -> Tensor:
     """Launch the two kernels into `out` (a new tensor like q by default); `tiles` overrides `config(dim)` (tests,
-    tuning)."""
+    tuning). Without `tiles`, tiles that do not fit the GPU's shared memory give way to `smaller_tiles` (once per
+    kind of call: what fits is remembered); if none fits, SDPA computes it, with a warning."""
     check_inputs(q, k, v, mask)
+    if tiles is not None:
+        return _launch(q, k, v, mask, scale, causal, tiles, out)
+    kind = (q.device, q.dtype, q.shape[-1], mask is not None, causal)
+    tiles = _FITTING.get(kind) or config(q.shape[-1], mask is not None)
+    while tiles is not None:
+        try:
+            result = _launch(q, k, v, mask, scale, causal, tiles, out)
+        except OutOfResources:
+            tiles = smaller_tiles(tiles)
+            continue
+        _FITTING[kind] = tiles
+        return result
+    warnings.warn(f"prefill_attention: no tiles fit {q.device}'s shared memory for head dim {q.shape[-1]}; SDPA "
+                  "computes this call")
+    result = _sdpa(q, k, v, mask, scale, causal)
+    return result if out is None else out.copy_(result)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                            enable_gqa=True).contiguous()  # as the fake says
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool, tiles: dict,
+            out: Tensor | None) -> Tensor:
     batch, heads, rows, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
-    tiles = tiles or config(dim)
     block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
     blocks_m = triton.cdiv(rows, block_m)
     blocks_n = triton.cdiv(keys, block_n) if INTERPRET else 0  # a constant only where the interpreter needs it
@@ -166,13 +212,12 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     ranges = q  # unused without a mask
     if mask is not None:
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask = mask.expand(mask.shape[0], 1, rows, keys)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
+        mask = _aligned_rows(mask.expand(mask.shape[0], 1, rows, keys))
         ranges = torch.empty((mask.shape[0], blocks_m, 2), dtype=torch.int32, device=q.device)
+        chunk = max(1, _SCAN_KEYS // block_n)
         launcher(_visible_key_blocks)[(mask.shape[0], blocks_m)](
-            mask, ranges, rows, keys, mask.stride(0), mask.stride(2), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCKS_N=blocks_n, num_warps=4)
+            mask, ranges, rows, keys, mask.stride(0), mask.stride(2), BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk,
+            CHUNKS=triton.cdiv(blocks_n, chunk), num_warps=4)
     broadcast = mask is None or mask.shape[0] == 1  # one mask for every sequence
     block_d = triton.next_power_of_2(dim)
     launcher(_prefill_attention)[(blocks_m, batch * heads, triton.cdiv(dim, tiles["BLOCK_DV"]))](
@@ -184,6 +229,16 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
         BLOCK_N=block_n, HAS_MASK=mask is not None, CAUSAL=causal, BLOCKS_N=blocks_n, num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"])
     return out
+
+
+def _aligned_rows(mask: Tensor) -> Tensor:
+    """`mask` with unit last stride and rows that start 16-byte aligned (a copy where they do not: rows of 772 keys
+    would have the kernels read the mask byte by byte, outside the pipelined loads)."""
+    if mask.stride(-1) == 1 and mask.stride(2) % _MASK_ALIGN == 0 and mask.data_ptr() % _MASK_ALIGN == 0:
+        return mask
+    keys = mask.shape[-1]
+    padded = mask.new_empty(*mask.shape[:-1], triton.cdiv(keys, _MASK_ALIGN) * _MASK_ALIGN)[..., :keys]
+    return padded.copy_(mask)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -221,8 +276,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
     check_inputs(q, k, v, mask)
     if q.is_cuda:
         return prefill_attention_triton(q, k, v, mask, scale, causal)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                                            enable_gqa=True).contiguous()  # as the fake says
+    return _sdpa(q, k, v, mask, scale, causal)
 
 
 @prefill_attention.register_fake
