@@ -22,7 +22,8 @@ from gemma4_fx.presets import cache_kwargs
 from gemma4_fx.passes import yoco
 from gemma4_fx.report import Report
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, GraphRunner, mutated_inputs, shape_inputs
-from gemma4_fx.runtime.split import bake_float_inputs, is_attention, is_decode_shaped, split_graph
+from gemma4_fx.replacements.launch import BETWEEN_GRAPHS
+from gemma4_fx.runtime.split import bake_float_inputs, call_ops_directly, is_attention, is_decode_shaped, split_graph
 from helpers import attention_query_rows, dynamo_graph, fake_capture, runner_backend
 
 PRESET = "tiny-e2b"  # 7 layers
@@ -515,6 +516,26 @@ def test_numbers_copied_to_the_device_become_fills_in_the_graph():
     assert all(pieces[next(m for m in pieces if node in m.graph.nodes)] for node in fills)  # inside a graph
     # not a number: a list made on the CPU is still copied over between graphs
     assert [piece.captured for piece in split.pieces] == [False, True]
+
+
+def test_attention_between_graphs_is_called_without_the_dispatcher():
+    def layer(x, k, v):
+        q = torch.relu(x)
+        attended = torch.ops.gemma4_fx.prefill_attention.default(q, k, v, None, 0.5, True)  # as the passes put it
+        return torch.ops.gemma4_fx.decode_attention.default(attended[:, :, -1:], k, v, None, 0.5) * 2
+
+    args = (torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+    gm, _ = dynamo_graph(layer, *args)
+    split = split_graph(gm)
+    call_ops_directly(split)
+    prefill, decode = torch.ops.gemma4_fx.prefill_attention.default, torch.ops.gemma4_fx.decode_attention.default
+    called = {captured: [node.target for piece in split.pieces if piece.captured == captured
+                         for node in piece.module.graph.nodes if node.op == "call_function"]
+              for captured in (False, True)}
+    assert BETWEEN_GRAPHS[prefill] in called[False] and prefill not in called[False]
+    assert decode in called[True]  # one row over the prompt's keys: inside a graph, where the op stays
+    with torch.no_grad():
+        torch.testing.assert_close(split.module(*args)[0], layer(*args), rtol=0, atol=0)
 
 
 @torch.library.custom_op("gemma4_fx_test::column_major", mutates_args=())

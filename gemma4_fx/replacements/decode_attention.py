@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .gemm import dot, online_softmax_step
-from .launch import launcher, sm_count
+from .launch import between_graphs_op, launcher, sm_count
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUP = 16  # query heads per kv head: one tl.dot tile of rows
@@ -168,7 +168,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
                          f"{mask.dtype} {tuple(mask.shape)}")
 
 
-@torch.library.custom_op("gemma4_fx::decode_attention", mutates_args=())
+@between_graphs_op("gemma4_fx::decode_attention")
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """softmax(scale * q k^T over the visible keys) v for one query token per sequence: on CUDA the split-KV Triton
     launches, elsewhere the reference."""

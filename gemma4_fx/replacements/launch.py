@@ -17,6 +17,7 @@ import torch
 from torch.library import wrap_triton
 
 CUDA_KERNELS: dict = {}  # op overload -> its CUDA implementation (what `inductor_launch` traces)
+BETWEEN_GRAPHS: dict = {}  # op overload -> its Python function, for the runtime's pieces between graphs
 OVERWRITABLE: dict = {}  # Triton kernel -> {output argument: the input arguments it may be stored over}
 
 _tracing = contextvars.ContextVar("gemma4_fx_tracing_launches", default=False)
@@ -44,6 +45,18 @@ def cuda_kernel(op):
         CUDA_KERNELS[op._opoverload] = fn
         return fn
     return register
+
+
+def between_graphs_op(name: str):
+    """`torch.library.custom_op(name, mutates_args=())` for an op the runtime runs between CUDA graphs (attention):
+    there it calls the decorated function itself (`runtime.split.call_ops_directly`), since torch.library's
+    custom-op layers (autograd, device dispatch, Dynamo's disable) cost as much host time per call as the launches
+    of the op's kernels, and the pieces between graphs run without autograd."""
+    def define(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        BETWEEN_GRAPHS[op._opoverload] = fn
+        return op
+    return define
 
 
 def may_overwrite(kernel, **outputs: tuple[str, ...]) -> None:

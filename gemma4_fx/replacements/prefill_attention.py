@@ -36,7 +36,7 @@ from triton.runtime.errors import OutOfResources
 
 from .eager_math import INTERPRET
 from .gemm import dot, online_softmax_step
-from .launch import launcher
+from .launch import between_graphs_op, launcher
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 512
@@ -267,7 +267,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
                          f"tensor (leading dims may be left out); got {mask.dtype} {tuple(mask.shape)}")
 
 
-@torch.library.custom_op("gemma4_fx::prefill_attention", mutates_args=())
+@between_graphs_op("gemma4_fx::prefill_attention")
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                       causal: bool = False) -> Tensor:
     """softmax(scale * q k^T over the visible keys) v for many query rows: on CUDA the block-skipping Triton

@@ -25,6 +25,7 @@ from torch.fx.passes.split_module import split_module
 
 from ..fx_utils import MATMULS, is_op, method_name, on_host, op_name, qualified_name, value as example_value, \
     writes_in_place
+from ..replacements.launch import BETWEEN_GRAPHS
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
@@ -405,4 +406,20 @@ def compile_pieces(split: SplitGraph, gm: torch.fx.GraphModule, example_inputs, 
     compiler = _PieceCompiler(split, compile_piece, getattr(fake_mode, "shape_env", None))
     with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
         compiler.run(*inputs)  # the python dispatcher runs composite ops (linear, matmul) on symbolic shapes
+    call_ops_directly(split)  # after the fake run: the functions take real tensors
     return [compiler.compiled[piece.name] for piece in split.captured]
+
+
+def call_ops_directly(split: SplitGraph) -> None:
+    """The pieces between graphs call our ops that run there as the Python functions they are
+    (`replacements.launch.between_graphs_op`): torch.library's custom-op layers would cost each call as much host
+    time as the launches of its kernels (a prefill's attention layers run there, one call each)."""
+    for piece in split.pieces:
+        if piece.captured:
+            continue
+        nodes = [node for node in piece.module.graph.nodes
+                 if node.op == "call_function" and node.target in BETWEEN_GRAPHS]
+        for node in nodes:
+            node.target = BETWEEN_GRAPHS[node.target]
+        if nodes:
+            piece.module.recompile()
