@@ -222,8 +222,9 @@ def _fill_constants_on_device(graph: torch.fx.Graph) -> None:
     for node in list(graph.nodes):
         made = node.args[0] if method_name(node) == "to" and node.args else node
         out = example_value(node)
-        if not (isinstance(out, torch.Tensor) and not on_host(out) and out.ndim == 0 and made.op == "call_function"
-                and made.target is torch.tensor and len(made.args) == 1 and type(made.args[0]) in (bool, int, float)):
+        if not (isinstance(out, torch.Tensor) and not on_host(out) and out.ndim == 0
+                and isinstance(made, torch.fx.Node) and made.op == "call_function" and made.target is torch.tensor
+                and len(made.args) == 1 and type(made.args[0]) in (bool, int, float)):
             continue
         with graph.inserting_before(node):
             fill = graph.call_function(torch.full, ((), made.args[0]), {"dtype": out.dtype, "device": out.device})
