@@ -172,9 +172,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """softmax(scale * q k^T over the visible keys) v for one query token per sequence: on CUDA the split-KV Triton
     launches, elsewhere the reference."""
-    check_inputs(q, k, v, mask)
     if q.is_cuda:
-        return decode_attention_triton(q, k, v, mask, scale)
+        return decode_attention_triton(q, k, v, mask, scale)  # checks its inputs
+    check_inputs(q, k, v, mask)
     return decode_attention_reference(q, k, v, mask, scale)
 
 

@@ -273,9 +273,9 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
     """softmax(scale * q k^T over the visible keys) v for many query rows: on CUDA the block-skipping Triton
     launches; elsewhere SDPA itself, which is what the graph computed there, to the bit (the fp32 reference would
     move bf16 results by an ulp, enough to flip a tiny MoE model's experts on a CPU test)."""
-    check_inputs(q, k, v, mask)
     if q.is_cuda:
-        return prefill_attention_triton(q, k, v, mask, scale, causal)
+        return prefill_attention_triton(q, k, v, mask, scale, causal)  # checks its inputs
+    check_inputs(q, k, v, mask)
     return _sdpa(q, k, v, mask, scale, causal)
 
 
