@@ -237,8 +237,9 @@ def _fill_constants_on_device(graph: torch.fx.Graph) -> None:
 
 def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
     """Move what is computed from host values alone to the top of the graph, so that where it must run between
-    graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and tensors made on
-    the CPU (HF's sliding cache makes one of its window size) with their copies to the device."""
+    graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and CPU tensors with
+    their copies to the device (a number made a tensor there is a fill on the device by then:
+    `_fill_constants_on_device`)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
     hoisted = {node for node in placeholders if on_host(example_value(node)) and node not in written}
