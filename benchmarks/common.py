@@ -113,7 +113,7 @@ def plain_call_us(fns: dict, *args, calls: int = 50, repeats: int = 9) -> dict:
 # Kernel families for `kernel_profile`, first match wins (names as the profiler prints them): attention before
 # GEMMs, since PyTorch's memory-efficient attention is a CUTLASS kernel ("fmha_cutlassF_...").
 KERNEL_FAMILIES = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "_visible_key_blocks")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn", "_mask_key_ranges")),
     ("gemm (cuBLAS/CUTLASS)", ("nvjet", "gemm", "gemv", "cutlass", "sm90_xmma", "cublas")),
     ("gemma4_fx kernels", ("_router", "_moe", "moe_", "_gate_up", "_down", "_combine", "_route", "post_attn",
                            "ple_", "_norm_kernel", "_rows", "_skinny", "_reduce_kernel", "_slide_window")),
@@ -235,7 +235,9 @@ def run_jobs(worker, jobs: list, *, deadline_s: float) -> list:
     warms up side by side, then calls `turn()`, a context manager that waits until every job has arrived (or 80% of
     the deadline has passed: the rest is for timing) and then lets the jobs time their runs one at a time (one at a
     time on the whole host, a file lock: two benchmark scripts may share a machine), the GPU otherwise idle. It
-    gives True if every job had arrived: else others may still be compiling, and host-bound timings suffer."""
+    gives True if every job had arrived: else others may still be compiling, and host-bound timings suffer. A job may
+    take several turns (timing rounds that interleave with the other jobs', so that a host that drifts over the run
+    falls on every job alike)."""
     if torch.cuda.is_initialized():  # what this process freed stays cached (the weights' random draw: gigabytes)
         torch.cuda.empty_cache()
     context = torch.multiprocessing.get_context("spawn")
@@ -287,19 +289,21 @@ def _wait_for_peers(index: int, release: float) -> bool:
 
 
 def _run_job(worker, index, job, barrier, results, release: float):
-    arrived = False
+    arrived, alone = False, True
 
     @contextlib.contextmanager
     def turn():
-        nonlocal arrived
-        arrived = True
-        try:
-            barrier.wait(max(0.0, release - time.time()))
-            alone = True
-        except threading.BrokenBarrierError:  # a job is slow or dead: time anyway, still one at a time
-            alone = False
-            print(f"job {index}: timed while other jobs may still compile (host contention)", flush=True)
-        alone = _wait_for_peers(index, release) and alone
+        nonlocal arrived, alone
+        if not arrived:  # the first turn waits for the others to arrive
+            arrived = True
+            try:
+                barrier.wait(max(0.0, release - time.time()))
+            except threading.BrokenBarrierError:  # a job is slow or dead: time anyway, still one at a time
+                alone = False
+                print(f"job {index}: timed while other jobs may still compile (host contention)", flush=True)
+            alone = _wait_for_peers(index, release) and alone
+        else:
+            time.sleep(0.2)  # a job waiting for the lock gets it before this one takes it again
         with open(TURN_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
             yield alone

@@ -55,7 +55,7 @@ def test_kernel_families_of_names_the_h200_profiles_show():
         "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35_16x128x256_1x4x1_cga1x1x1_k": "attention",
         "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_splitK_TNT": "gemm (cuBLAS/CUTLASS)",
         "_skinny_kernel": "gemma4_fx kernels",
-        "_visible_key_blocks": "attention",
+        "_mask_key_ranges": "attention",
         "_prefill_attention": "attention",
         "triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_13": "inductor triton",
     }

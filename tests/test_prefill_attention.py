@@ -17,6 +17,7 @@ CASES = {  # (batch, heads, kv_heads, rows, keys, dim, mask kind): the tiles are
     "empty-row": (1, 2, 1, 24, 24, 16, "empty-row"),  # a row that sees no key
     "wide-head": (1, 2, 1, 18, 18, 80, "sliding"),  # the output dims split over programs (BLOCK_DV 64 < 80)
     "2d-mask": (2, 2, 1, 20, 20, 16, "sliding-2d"),  # [M, N]: SDPA broadcasts it over batch and heads
+    "one-row-mask": (2, 2, 1, 20, 37, 16, "padding"),  # [B, 1, 1, N]: one row for every query row
 }
 
 
@@ -24,7 +25,7 @@ def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0)
     """q [B, H, M, D], k, v [B, Hkv, N, D], the mask (bool [B or 1, 1, M, N] or None) and `causal`: "sliding" is
     transformers' sliding-window mask (window 9) with the rows at the end of the keys, shared by the batch unless
     the batch differs in what it sees ("sliding-2d": one [M, N] mask for all); "empty-row" hides every key from row
-    3."""
+    3; "padding" is one row per sequence, its first keys hidden (3 of them, 20 in the second sequence)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=g).to(dtype).to(device) for shape in
                ((batch, heads, rows, dim), (batch, kv_heads, keys, dim), (batch, kv_heads, keys, dim)))
@@ -33,6 +34,8 @@ def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0)
     mask = None
     if kind == "sliding-2d":
         return q, k, v, ((j <= i) & (j > i - 9)).to(device), False
+    if kind == "padding":
+        return q, k, v, (j >= torch.tensor([3, 20]).view(2, 1, 1, 1)[:batch]).to(device), False
     if kind in ("sliding", "empty-row"):
         mask = ((j <= i) & (j > i - 9)).view(1, 1, rows, keys).repeat(batch, 1, 1, 1)
         if batch > 1:
@@ -45,12 +48,12 @@ def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0)
     return q, k, v, mask, kind == "causal"
 
 
-def check_against_float64(case, dtype, device):
+def check_against_float64(case, dtype, device, tiles=SMALL_TILES):
     batch, heads, kv_heads, rows, keys, dim, kind = CASES[case]
     q, k, v, mask, causal = inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device)
     scale = dim ** -0.5
     poisoned = torch.full_like(q, float("nan"))
-    out = ops.prefill_attention_triton(q, k, v, mask, scale, causal, tiles=SMALL_TILES, out=poisoned)
+    out = ops.prefill_attention_triton(q, k, v, mask, scale, causal, tiles=tiles, out=poisoned)
     assert out is poisoned and not out.isnan().any()  # every element written
     exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, scale, causal)
     group = heads // kv_heads
@@ -78,9 +81,37 @@ def test_kernels_match_float64(case, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["sliding-gqa", "cached-prefix", "empty-row"])
 def test_mask_read_in_several_steps(case, device, monkeypatch):
-    """The mask's key blocks found over several steps of the scan (two 16-key blocks a step, not 256 keys)."""
+    """The mask's key ranges found over several steps of the scan (32 keys a step, not 256)."""
     monkeypatch.setattr(ops, "_SCAN_KEYS", 32)
     check_against_float64(case, torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["sliding-gqa", "cached-prefix", "empty-row", "one-row-mask"])
+def test_query_blocks_of_several_row_groups(case, device):
+    """Query blocks of 32 rows over key blocks of 32: each block walks the keys its two groups of 16 rows see."""
+    check_against_float64(case, torch.float32, device, tiles={**SMALL_TILES, "BLOCK_M": 32, "BLOCK_N": 32})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["sliding-gqa", "cached-prefix", "empty-row", "2d-mask", "one-row-mask"])
+def test_mask_made_ready(case, device, monkeypatch):
+    """`prefill_attention_mask`: the mask in rows padded to 16 bytes and, per 16 query rows, the first key one of
+    them sees and one past the last, as the reference finds them (in two steps of the scan); the op on CPU
+    computes the same."""
+    monkeypatch.setattr(ops, "_SCAN_KEYS", 32)
+    batch, heads, kv_heads, rows, keys, dim, kind = CASES[case]
+    mask = inputs(batch, heads, kv_heads, rows, keys, dim, kind, torch.float32, device)[3]
+    full = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    expected = ops.mask_key_ranges_reference(full)
+    assert expected.shape == (full.shape[0], -(-full.shape[2] // 16), 2)
+    assert (expected[..., 1] > 0).any() and (expected[..., 0] > 0).any()  # key blocks to skip, below and above
+    for ready, ranges in (ops.prefill_attention_mask_triton(mask), ops.prefill_attention_mask(mask.cpu())):
+        assert ready.shape == full.shape[:3] + (-(-keys // 16) * 16,) and ready.is_contiguous()
+        assert torch.equal(ready[..., :keys].cpu(), full.cpu())
+        assert torch.equal(ranges.cpu(), expected.cpu())
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        ops.prefill_attention_mask(full.float())
 
 
 @pytest.mark.gpu
@@ -118,8 +149,8 @@ def test_tiles_that_do_not_fit_give_way(monkeypatch):
     monkeypatch.setattr(ops, "_FITTING", {})
 
     def fits_16(*args):
-        tried.append(args[6])
-        if args[6]["BLOCK_N"] > 16:
+        tried.append(args[7])
+        if args[7]["BLOCK_N"] > 16:
             raise ops.OutOfResources(245760, 232448, "shared memory")
         return launch(*args)
 
@@ -127,7 +158,8 @@ def test_tiles_that_do_not_fit_give_way(monkeypatch):
     out = ops.prefill_attention_triton(q, k, v, mask, 0.25)
     first = ops.config(32, masked=True)
     assert tried == [first, {**first, "BLOCK_N": 32}, {**first, "BLOCK_N": 16}]  # first: 64 key rows
-    torch.testing.assert_close(out, launch(q, k, v, mask, 0.25, False, tried[-1], None), rtol=0, atol=0)
+    ready, ranges = ops.prefill_attention_mask_triton(mask)
+    torch.testing.assert_close(out, launch(q, k, v, ready, ranges, 0.25, False, tried[-1], None), rtol=0, atol=0)
     tried.clear()
     ops.prefill_attention_triton(q, k, v, mask, 0.25)
     assert tried == [{**first, "BLOCK_N": 16}]  # remembered: no second failure
@@ -204,6 +236,32 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
             assert all(arg.op == "placeholder" for arg in fused[0].args[1:3]), gm.code  # the cache read as is
         else:
             assert not fused and reason in report.skipped[0].reason, report
+
+
+def test_a_mask_is_made_ready_once():
+    """Three attentions over one mask and one over another: two `prefill_attention_mask` calls, each before the first
+    attention over its mask, which every attention over it reads; the outputs stay SDPA's."""
+    from gemma4_fx.passes import prefill_attention
+
+    def layers(q, k, v, mask, other):
+        for layer_mask in (mask, other, mask, mask):
+            q = F.scaled_dot_product_attention(q, k, v, attn_mask=layer_mask, enable_gqa=True) + q
+        return q
+
+    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    other = torch.ones_like(mask).tril()
+    gm, example = dynamo_graph(layers, q, k, v, mask, other)
+    gm = prefill_attention.apply(gm)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    made = [n for n in nodes if n.target is torch.ops.gemma4_fx.prefill_attention_mask.default]
+    attentions = [n for n in nodes if n.target is torch.ops.gemma4_fx.prefill_attention.default]
+    assert len(made) == 2 and len(attentions) == 4, gm.code
+    for attention, index in zip(attentions, (0, 1, 0, 0)):
+        ready, ranges = attention.args[3], attention.args[6]
+        assert ready.args == (made[index], 0) and ranges.args == (made[index], 1), gm.code
+        assert nodes.index(made[index]) < nodes.index(attention)
+    assert all("example_value" in n.meta for n in made)
+    torch.testing.assert_close(gm(*example)[0], layers(q, k, v, mask, other), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("preset", ["tiny-26b-a4b", "tiny-e4b"])

@@ -9,7 +9,14 @@ Matched on Dynamo's graph, as `decode_attention` is (and through its `rewrite_sd
 becomes `prefill_attention(q, k_cache, v_cache, mask, scale, causal)` (replacements/prefill_attention.py), which
 walks only the key blocks the mask or causality leaves visible: transformers materialises its sliding-window masks,
 so SDPA computes every score of a 4096-token prompt for a window of 1024, and Gemma-4's global layers (head dim 512)
-get SDPA's memory-efficient kernel. The repeat of the cache is looked through, as in decode.
+get SDPA's memory-efficient kernel. The repeat of the cache is looked through, as in decode. Each mask is made ready
+for the kernel (rows aligned, the keys each block of rows sees) once, before its first attention:
+
+    ready, ranges = prefill_attention_mask(mask)                       # one per mask node
+    out = prefill_attention(q, k_cache, v_cache, ready, scale, causal, ranges)
+
+a prompt's sliding layers read one mask, and its global layers another: made ready per call instead, each layer
+would read its mask twice and, between CUDA graphs, launch two kernels more from the host.
 
 Left alone (with the reason): one query row (`decode_attention`'s), dropout, a mask with `is_causal`, a mask that is
 not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`), and
@@ -20,6 +27,8 @@ is taken.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -53,6 +62,30 @@ def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
 def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,
           graph_name: str = "graph") -> torch.fx.GraphModule:
     """Rewrite every SDPA of more than one query row the kernels take, in place; matches and reasons to `report`."""
-    return rewrite_sdpa(gm, NAME, torch.ops.gemma4_fx.prefill_attention.default, ops.check_inputs,
-                        takes=lambda rows: not isinstance(rows, int) or rows > 1, causal_ok=True, report=report,
-                        graph_name=graph_name, mask_reason=_dense_mask_reason)
+    rewrite_sdpa(gm, NAME, torch.ops.gemma4_fx.prefill_attention.default, ops.check_inputs,
+                 takes=lambda rows: not isinstance(rows, int) or rows > 1, causal_ok=True, report=report,
+                 graph_name=graph_name, mask_reason=_dense_mask_reason)
+    _ready_masks_once(gm.graph)
+    gm.recompile()
+    return gm
+
+
+def _ready_masks_once(graph: torch.fx.Graph) -> None:
+    """One `prefill_attention_mask` per mask node, before the first attention over it; every attention over the
+    mask reads what it made."""
+    over: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.prefill_attention.default):
+        if isinstance(node.args[3], torch.fx.Node):
+            over.setdefault(node.args[3], []).append(node)
+    for mask, attentions in over.items():
+        with graph.inserting_before(attentions[0]):
+            made = graph.call_function(torch.ops.gemma4_fx.prefill_attention_mask.default, (mask,))
+            ready, ranges = (graph.call_function(operator.getitem, (made, index)) for index in range(2))
+        fake_mode = getattr(value(mask), "fake_mode", None)
+        if fake_mode is not None:  # example values, as Dynamo's nodes carry them (the runtime's split reads them)
+            with fake_mode:
+                outputs = torch.ops.gemma4_fx.prefill_attention_mask.default(value(mask))
+            made.meta["example_value"] = outputs
+            ready.meta["example_value"], ranges.meta["example_value"] = outputs
+        for attention in attentions:
+            attention.args = (*attention.args[:3], ready, *attention.args[4:6], ranges)

@@ -14,11 +14,14 @@ which is what SDPA's fused kernels compute, up to the order of the fp32 sums.
 Why: transformers materialises its causal and sliding-window masks, so SDPA's kernels walk every key block of every
 query block. At 26B-A4B widths and 4096 tokens a sliding layer (window 1024) computes all 4096 x 4096 scores, and a
 global layer (head dim 512, which flash and cuDNN do not take) gets the memory-efficient kernel: attention took the
-largest share of the prefill's GPU time (BENCHMARKS.md, prefill attention). Here a first launch
-(`_visible_key_blocks`) reads the mask once and finds, per block of BLOCK_M query rows, the first and last key block
-with a visible key; the attention launch (flash attention: a running max, sum and weighted sum of v over key blocks)
-walks only those, reading the mask tile by tile inside them. Head dims above 256 split the output dims over programs
-(the grid's third axis): each computes the scores over the whole head dim and accumulates its share of v, so the
+largest share of the prefill's GPU time (BENCHMARKS.md, prefill attention). Here
+`gemma4_fx::prefill_attention_mask` reads the mask once, copies it into rows that start 16-byte aligned (rows of 772
+keys would have the attention read it byte by byte, outside its pipelined loads) and finds, per 16 query rows, the
+first and last visible key; the attention launch (flash attention: a running max, sum and weighted sum of v over key
+blocks) walks only the key blocks between them, reading the mask tile by tile inside them. The pass makes the mask
+ready once per mask node, so that a prompt's layers of one kind share it (and, between CUDA graphs, each attention
+is one launch); a call without it makes it first. Head dims above 256 split the output dims over programs (the
+grid's third axis): each computes the scores over the whole head dim and accumulates its share of v, so the
 accumulator fits in registers.
 
 A query row with no visible key gets zeros from the kernels (SDPA leaves it undefined: its math kernel gives NaN).
@@ -36,12 +39,13 @@ from triton.runtime.errors import OutOfResources
 
 from .eager_math import INTERPRET
 from .gemm import dot, online_softmax_step
-from .launch import between_graphs_op, launcher
+from .launch import between_graphs_op, cuda_kernel, launcher
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 512
-_SCAN_KEYS = 256  # keys per step of `_visible_key_blocks`
-_MASK_ALIGN = 16  # bytes: where the mask's rows start
+RANGE_ROWS = 16  # query rows per entry of a mask's key ranges
+_SCAN_KEYS = 256  # keys per step of `_mask_key_ranges` (a power of 2)
+_MASK_ALIGN = 16  # bytes: where the ready mask's rows start
 _FITTING: dict = {}  # (device, dtype, head dim, masked, causal) -> the tiles that launched on that device
 
 
@@ -61,6 +65,20 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
     scores = scores.masked_fill(~visible, -float("inf"))
     weights = scores.softmax(-1).nan_to_num(0.0)  # no visible key: -inf everywhere, NaN, then zeros
     return (weights @ v).to(q.dtype)
+
+
+def mask_key_ranges_reference(mask: Tensor) -> Tensor:
+    """The key ranges of a bool [B, 1, M, N] mask: int32 [B, ceil(M / RANGE_ROWS), 2], per group of RANGE_ROWS query
+    rows the first key any of them sees and one past the last ((N, 0) where none sees one)."""
+    batch, _, rows, keys = mask.shape
+    groups = triton.cdiv(rows, RANGE_ROWS)
+    grouped = mask.new_zeros(batch, groups * RANGE_ROWS, keys)
+    grouped[:, :rows] = mask[:, 0]
+    seen = grouped.view(batch, groups, RANGE_ROWS, keys).any(2)
+    key = torch.arange(keys, device=mask.device)
+    first = torch.where(seen, key, keys).amin(-1)
+    end = torch.where(seen, key + 1, 0).amax(-1)
+    return torch.stack([first, end], -1).to(torch.int32)
 
 
 def config(dim: int, masked: bool = False) -> dict:
@@ -91,40 +109,40 @@ def smaller_tiles(tiles: dict) -> dict | None:
 
 
 @triton.jit
-def _visible_key_blocks(mask_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_stride_m,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    """ranges[b, i] = (first, last + 1): the key blocks holding a key visible to a row of query block i. Each step
-    reads CHUNK key blocks at once: a program per query block walks the keys alone, so it takes few, wide steps.
-    (`CHUNKS`: the steps, for the interpreter alone, whose loops take no bound computed at run time.)"""
+def _mask_key_ranges(mask_ptr, ready_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_stride_m, ready_stride_b,
+                     ready_stride_m, ranges_stride_b, ROWS: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """Query rows [g * ROWS, +ROWS) of sequence b: copied to `ready`, and ranges[b, g] = (first key any of them sees,
+    one past the last), (keys, 0) if none, read CHUNK keys a step. (`CHUNKS`: the steps, for the interpreter alone,
+    whose loops take no bound computed at run time.)"""
     b = tl.program_id(0)
-    block_m = tl.program_id(1)
-    blocks_m = tl.num_programs(1)
-    blocks_n = tl.cdiv(keys, BLOCK_N)
-    m_idx = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    first = blocks_n
+    group = tl.program_id(1)
+    m_idx = group * ROWS + tl.arange(0, ROWS)
+    first = keys
     last = 0
-    for chunk in range(CHUNKS if INTERPRET else tl.cdiv(blocks_n, CHUNK)):
-        n_idx = chunk * CHUNK * BLOCK_N + tl.arange(0, CHUNK * BLOCK_N)
-        tile = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
-                       mask=(m_idx < rows)[:, None] & (n_idx < keys)[None, :], other=0)
-        seen = tl.max(tl.max(tl.reshape((tile != 0).to(tl.int32), (BLOCK_M, CHUNK, BLOCK_N)), 2), 0)  # per block
-        block_n = chunk * CHUNK + tl.arange(0, CHUNK)
-        first = tl.minimum(first, tl.min(tl.where(seen > 0, block_n, blocks_n), 0))
-        last = tl.maximum(last, tl.max(tl.where(seen > 0, block_n + 1, 0), 0))
-    tl.store(ranges_ptr + (b * blocks_m + block_m) * 2, first)
-    tl.store(ranges_ptr + (b * blocks_m + block_m) * 2 + 1, last)
+    for chunk in range(CHUNKS if INTERPRET else tl.cdiv(keys, CHUNK)):
+        n_idx = chunk * CHUNK + tl.arange(0, CHUNK)
+        inside = (m_idx < rows)[:, None] & (n_idx < keys)[None, :]
+        tile = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :], mask=inside,
+                       other=0)
+        tl.store(ready_ptr + b * ready_stride_b + m_idx[:, None] * ready_stride_m + n_idx[None, :], tile, mask=inside)
+        seen = tl.max((tile != 0).to(tl.int32), 0)  # per key
+        first = tl.minimum(first, tl.min(tl.where(seen > 0, n_idx, keys), 0))
+        last = tl.maximum(last, tl.max(tl.where(seen > 0, n_idx + 1, 0), 0))
+    tl.store(ranges_ptr + b * ranges_stride_b + group * 2, first)
+    tl.store(ranges_ptr + b * ranges_stride_b + group * 2 + 1, last)
 
 
 @triton.jit
 def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale, rows, keys, heads, kv_heads,
                        q_stride_b, q_stride_h, q_stride_m, k_stride_b, k_stride_h, k_stride_n,
                        v_stride_b, v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, ranges_stride_b,
-                       out_stride_b, out_stride_h, out_stride_m,
+                       ranges_stride_g, out_stride_b, out_stride_h, out_stride_m,
                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                       BLOCKS_N: tl.constexpr):
+                       BLOCKS_N: tl.constexpr, RANGE_ROWS: tl.constexpr):
     """Query rows [block_m * BLOCK_M, +BLOCK_M) of one (sequence, head), output dims [split * BLOCK_DV, +BLOCK_DV),
-    over the key blocks `ranges` names (all of them without a mask; up to the diagonal when causal). Under the
+    over the key blocks that hold the keys `ranges` names for its rows (all of them without a mask; up to the
+    diagonal when causal). Under the
     interpreter, whose loops take no bound computed at run time, every block (`BLOCKS_N`) with the others hidden."""
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,10 +160,12 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
                 mask=in_rows[:, None] & in_d[None, :], other=0.0)
     first = 0
     last = tl.cdiv(keys, BLOCK_N)
-    if HAS_MASK:  # the pair loaded as a vector and summed out to scalars
-        pair = tl.load(ranges_ptr + b * ranges_stride_b + block_m * 2 + tl.arange(0, 2))
-        first = tl.sum(tl.where(tl.arange(0, 2) == 0, pair, 0), 0)
-        last = tl.sum(tl.where(tl.arange(0, 2) == 1, pair, 0), 0)
+    if HAS_MASK:  # the key ranges of the block's groups of RANGE_ROWS rows, as key blocks
+        group = block_m * (BLOCK_M // RANGE_ROWS) + tl.arange(0, BLOCK_M // RANGE_ROWS)
+        in_groups = group * RANGE_ROWS < rows
+        entry = ranges_ptr + b * ranges_stride_b + group * ranges_stride_g
+        first = tl.min(tl.load(entry, mask=in_groups, other=keys), 0) // BLOCK_N
+        last = tl.cdiv(tl.max(tl.load(entry + 1, mask=in_groups, other=0), 0), BLOCK_N)
     if CAUSAL:
         last = tl.minimum(last, tl.cdiv((block_m + 1) * BLOCK_M, BLOCK_N))
     m = tl.full([BLOCK_M], -float("inf"), tl.float32)
@@ -173,18 +193,22 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
 
 
 def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                             causal: bool = False, *, tiles: dict | None = None, out: Tensor | None = None) -> Tensor:
-    """Launch the two kernels into `out` (a new tensor like q by default); `tiles` overrides `config(dim)` (tests,
-    tuning). Without `tiles`, tiles that do not fit the GPU's shared memory give way to `smaller_tiles` (once per
-    kind of call: what fits is remembered); if none fits, SDPA computes it, with a warning."""
-    check_inputs(q, k, v, mask)
+                             causal: bool = False, mask_ranges: Tensor | None = None, *, tiles: dict | None = None,
+                             out: Tensor | None = None) -> Tensor:
+    """Launch the attention into `out` (a new tensor like q by default), making the mask ready first unless
+    `mask_ranges` says it is (`prefill_attention_mask`); `tiles` overrides `config(dim)` (tests, tuning). Without
+    `tiles`, tiles that do not fit the GPU's shared memory give way to `smaller_tiles` (once per kind of call: what
+    fits is remembered); if none fits, SDPA computes it, with a warning."""
+    check_inputs(q, k, v, mask, mask_ranges)
+    if mask is not None and mask_ranges is None:
+        mask, mask_ranges = prefill_attention_mask_triton(mask)
     if tiles is not None:
-        return _launch(q, k, v, mask, scale, causal, tiles, out)
+        return _launch(q, k, v, mask, mask_ranges, scale, causal, tiles, out)
     kind = (q.device, q.dtype, q.shape[-1], mask is not None, causal)
     tiles = _FITTING.get(kind) or config(q.shape[-1], mask is not None)
     while tiles is not None:
         try:
-            result = _launch(q, k, v, mask, scale, causal, tiles, out)
+            result = _launch(q, k, v, mask, mask_ranges, scale, causal, tiles, out)
         except OutOfResources:
             tiles = smaller_tiles(tiles)
             continue
@@ -197,51 +221,64 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    mask = None if mask is None else mask[..., :k.shape[2]]  # a ready mask's rows are padded
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                                             enable_gqa=True).contiguous()  # as the fake says
 
 
-def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool, tiles: dict,
-            out: Tensor | None) -> Tensor:
+def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ranges: Tensor | None, scale: float, causal: bool,
+            tiles: dict, out: Tensor | None) -> Tensor:
     batch, heads, rows, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
-    blocks_m = triton.cdiv(rows, block_m)
-    blocks_n = triton.cdiv(keys, block_n) if INTERPRET else 0  # a constant only where the interpreter needs it
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    ranges = q  # unused without a mask
-    if mask is not None:
-        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask = _aligned_rows(mask.expand(mask.shape[0], 1, rows, keys))
-        ranges = torch.empty((mask.shape[0], blocks_m, 2), dtype=torch.int32, device=q.device)
-        chunk = max(1, _SCAN_KEYS // block_n)
-        launcher(_visible_key_blocks)[(mask.shape[0], blocks_m)](
-            mask, ranges, rows, keys, mask.stride(0), mask.stride(2), BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk,
-            CHUNKS=triton.cdiv(blocks_n, chunk), num_warps=4)
     broadcast = mask is None or mask.shape[0] == 1  # one mask for every sequence
+    one_row = mask is not None and mask.shape[2] == 1  # one mask row for every query row
     block_d = triton.next_power_of_2(dim)
-    launcher(_prefill_attention)[(blocks_m, batch * heads, triton.cdiv(dim, tiles["BLOCK_DV"]))](
-        q, k, v, q if mask is None else mask, ranges, out, float(scale), rows, keys, heads, kv_heads,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), 0 if broadcast else mask.stride(0), 0 if mask is None else mask.stride(2),
-        0 if broadcast else ranges.stride(0), out.stride(0), out.stride(1), out.stride(2),
+    launcher(_prefill_attention)[(triton.cdiv(rows, block_m), batch * heads, triton.cdiv(dim, tiles["BLOCK_DV"]))](
+        q, k, v, q if mask is None else mask, q if ranges is None else ranges, out, float(scale), rows, keys, heads,
+        kv_heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), 0 if broadcast else mask.stride(0), 0 if mask is None or one_row else mask.stride(2),
+        0 if broadcast else ranges.stride(0), 0 if mask is None or one_row else ranges.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
         GROUP=heads // kv_heads, D=dim, BLOCK_D=block_d, BLOCK_DV=tiles["BLOCK_DV"], BLOCK_M=block_m,
-        BLOCK_N=block_n, HAS_MASK=mask is not None, CAUSAL=causal, BLOCKS_N=blocks_n, num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"])
+        BLOCK_N=block_n, HAS_MASK=mask is not None, CAUSAL=causal,
+        BLOCKS_N=triton.cdiv(keys, block_n) if INTERPRET else 0,  # a constant only where the interpreter needs it
+        RANGE_ROWS=RANGE_ROWS, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
     return out
 
 
-def _aligned_rows(mask: Tensor) -> Tensor:
-    """`mask` with unit last stride and rows that start 16-byte aligned (a copy where they do not: rows of 772 keys
-    would have the kernels read the mask byte by byte, outside the pipelined loads)."""
-    if mask.stride(-1) == 1 and mask.stride(2) % _MASK_ALIGN == 0 and mask.data_ptr() % _MASK_ALIGN == 0:
-        return mask
-    keys = mask.shape[-1]
-    padded = mask.new_empty(*mask.shape[:-1], triton.cdiv(keys, _MASK_ALIGN) * _MASK_ALIGN)[..., :keys]
-    return padded.copy_(mask)
+def _as_4d(mask: Tensor) -> Tensor:
+    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))  # SDPA broadcasts a mask from the left
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+def ready_width(keys):
+    """The row length of a ready mask over `keys` keys: rows that start 16-byte aligned."""
+    return (keys + _MASK_ALIGN - 1) // _MASK_ALIGN * _MASK_ALIGN
+
+
+def _check_mask(mask: Tensor) -> None:
+    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or mask.dim() == 4 and mask.shape[1] != 1:
+        raise ValueError(f"prefill_attention_mask: mask must be a bool [B, 1, M, N] tensor (leading dims may be left "
+                         f"out); got {mask.dtype} {tuple(mask.shape)}")
+
+
+def prefill_attention_mask_triton(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """`prefill_attention_mask` as one Triton launch, on any device (the interpreter on CPU)."""
+    _check_mask(mask)
+    mask = _as_4d(mask)
+    batch, _, rows, keys = mask.shape
+    ready = mask.new_empty((batch, 1, rows, ready_width(keys)))  # the padding is never read
+    ranges = torch.empty((batch, triton.cdiv(rows, RANGE_ROWS), 2), dtype=torch.int32, device=mask.device)
+    launcher(_mask_key_ranges)[(batch, ranges.shape[1])](
+        mask, ready, ranges, rows, keys, mask.stride(0), mask.stride(2), ready.stride(0), ready.stride(2),
+        ranges.stride(0), ROWS=RANGE_ROWS, CHUNK=_SCAN_KEYS,
+        CHUNKS=triton.cdiv(keys, _SCAN_KEYS) if INTERPRET else 0,  # a constant only where the interpreter needs it
+        num_warps=4)
+    return ready, ranges
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_ranges: Tensor | None = None) -> None:
     """A ValueError naming the first argument the kernels cannot take."""
     if q.dim() != 4 or q.dtype not in DTYPES or q.stride(-1) != 1:
         raise ValueError(f"prefill_attention: q must be [batch, heads, rows, dim] with unit last stride, dtype in "
@@ -259,27 +296,62 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         raise ValueError(f"prefill_attention: q's {heads} heads must be a multiple of k's {k.shape[1]}")
     keys = k.shape[2]
     if mask is None:
+        if mask_ranges is not None:
+            raise ValueError("prefill_attention: mask_ranges given without a mask")
         return
-    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)  # SDPA broadcasts a mask of fewer dims from the left
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    width = keys if mask_ranges is None else ready_width(keys)  # a ready mask's rows are padded
     if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or shape[0] not in (1, batch) or shape[1] != 1 \
-            or shape[2] not in (1, rows) or shape[3] != keys:
-        raise ValueError(f"prefill_attention: mask must be None or a bool [{batch} or 1, 1, {rows} or 1, {keys}] "
-                         f"tensor (leading dims may be left out); got {mask.dtype} {tuple(mask.shape)}")
+            or shape[2] not in (1, rows) or shape[3] != width:
+        raise ValueError(f"prefill_attention: mask must be None or a bool [{batch} or 1, 1, {rows} or 1, {width}] "
+                         f"tensor (leading dims may be left out; {width} keys: "
+                         f"{'a ready mask' if mask_ranges is not None else 'k'}'s); got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    expected = (shape[0], triton.cdiv(shape[2], RANGE_ROWS), 2)
+    if mask_ranges is not None and (mask_ranges.dtype != torch.int32 or tuple(mask_ranges.shape) != expected
+                                    or mask.dim() != 4 or mask.stride(-1) != 1):
+        raise ValueError(f"prefill_attention: mask_ranges must be the int32 {list(expected)} ranges that "
+                         f"prefill_attention_mask made with its mask; got {mask_ranges.dtype} "
+                         f"{tuple(mask_ranges.shape)} with a {mask.dim()}-d mask")
+
+
+@torch.library.custom_op("gemma4_fx::prefill_attention_mask", mutates_args=())
+def prefill_attention_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(the mask as a bool [B, 1, M, ready_width(N)] tensor, its rows padded, and its key ranges
+    `mask_key_ranges_reference`): what `prefill_attention` reads of a bool mask, made once for all the attentions
+    over it. On CUDA one Triton launch (`prefill_attention_mask_triton`), captured in the graphs."""
+    _check_mask(mask)
+    mask = _as_4d(mask)
+    ready = mask.new_zeros(mask.shape[:3] + (ready_width(mask.shape[3]),))
+    ready[..., :mask.shape[3]] = mask
+    return ready, mask_key_ranges_reference(mask)
+
+
+cuda_kernel(prefill_attention_mask)(prefill_attention_mask_triton)
+
+
+@prefill_attention_mask.register_fake
+def _(mask):
+    mask = _as_4d(mask)
+    groups = (mask.shape[2] + RANGE_ROWS - 1) // RANGE_ROWS
+    return (mask.new_empty(mask.shape[:3] + (ready_width(mask.shape[3]),)),
+            mask.new_empty((mask.shape[0], groups, 2), dtype=torch.int32))
 
 
 @between_graphs_op("gemma4_fx::prefill_attention")
-def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                      causal: bool = False) -> Tensor:
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool = False,
+                      mask_ranges: Tensor | None = None) -> Tensor:
     """softmax(scale * q k^T over the visible keys) v for many query rows: on CUDA the block-skipping Triton
-    launches; elsewhere SDPA itself, which is what the graph computed there, to the bit (the fp32 reference would
-    move bf16 results by an ulp, enough to flip a tiny MoE model's experts on a CPU test)."""
+    launch (`mask_ranges`: the mask was made ready by `prefill_attention_mask`); elsewhere SDPA itself, which is what
+    the graph computed there, to the bit (the fp32 reference would move bf16 results by an ulp, enough to flip a tiny
+    MoE model's experts on a CPU test)."""
     if q.is_cuda:
-        return prefill_attention_triton(q, k, v, mask, scale, causal)  # checks its inputs
-    check_inputs(q, k, v, mask)
+        return prefill_attention_triton(q, k, v, mask, scale, causal, mask_ranges)  # checks its inputs
+    check_inputs(q, k, v, mask, mask_ranges)
     return _sdpa(q, k, v, mask, scale, causal)
 
 
 @prefill_attention.register_fake
-def _(q, k, v, mask, scale, causal=False):
-    check_inputs(q, k, v, mask)
+def _(q, k, v, mask, scale, causal=False, mask_ranges=None):
+    check_inputs(q, k, v, mask, mask_ranges)
     return q.new_empty(q.shape)
