@@ -1,7 +1,7 @@
 """Gemma-4 prefill with and without YOCO: eager, Inductor, gemma4_fx without `yoco`, gemma4_fx with it.
 
     python benchmarks/prefill.py [--preset e2b e4b] [--shapes 1x512 1x2048 1x8192 8x1024] [--variants ...]
-                                 [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--layers N]
+                                 [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--layers N] [--rounds N]
                                  [--deadline 540] [--json rows.json] [--images N [N ...] --image-size HxW]
     python benchmarks/prefill.py --preset tiny-e2b --device cpu --dtype float32 --shapes 1x64 2x32   # a dry run
     python benchmarks/prefill.py --preset e4b --images 2 --image-size 768x768 --shapes 1x512   # a multimodal prompt
@@ -18,7 +18,10 @@ FLOPs are left out of the floor.
 
 Compiling E2B at full depth takes Inductor minutes, so every (preset, variant) runs in its own process over one
 shared copy of the weights (`common.run_jobs`): they compile side by side, then time one at a time; `--deadline`
-bounds the whole run. The "graph" variants run Dynamo's graph op by op (no compiler) and isolate the pass.
+bounds the whole run. The host these jobs share can drift over a run by more than the gaps between variants
+(host-bound ones most): `--rounds N` times every job in N rounds that take turns with the other jobs' and reports
+the median of the rounds' medians and their range. The "graph" variants run Dynamo's graph op by op (no compiler)
+and isolate the pass.
 Our variants run without our CUDA graphs unless `--cudagraphs auto` (the backend's default) says otherwise;
 `--cuda-graph` instead captures each whole compiled call, and needs `--no-cache` (HF's DynamicCache copies a CPU
 tensor in prefill, which a whole-call graph cannot hold; our runtime runs that copy between its graphs).
@@ -188,12 +191,19 @@ def job(spec, turn) -> dict:
                 runs[shape], out["cuda_graph"] = cuda_graph(prefill), True
             except Exception as error:  # noqa: BLE001 (then timed as plain calls, and said so)
                 print(f"  {variant}: no CUDA graph ({type(error).__name__}: {str(error)[:120]})")
-    with turn() as alone:
+    rounds = {shape: {"ms": [], "encoder_ms": []} for shape in runs}
+    for _ in range(args.rounds):  # turns taken in rounds interleave with the other jobs' (common.run_jobs)
+        with turn() as alone:
+            for shape, run in runs.items():
+                rounds[shape]["ms"].append(median_ms(run, device, args.warmup, args.repeats))
+                if shape in encoders:
+                    rounds[shape]["encoder_ms"].append(median_ms(encoders[shape], device, args.warmup, args.repeats))
+    with turn() if args.profile and device.type == "cuda" else contextlib.nullcontext():
         for shape, run in runs.items():
             out = result["shapes"][shape]
-            out["ms"], out["timed_alone"] = median_ms(run, device, args.warmup, args.repeats), alone
-            if shape in encoders:
-                out["encoder_ms"] = median_ms(encoders[shape], device, args.warmup, args.repeats)
+            out["timed_alone"] = alone
+            out.update({key: statistics.median(times) for key, times in rounds[shape].items() if times})
+            out["rounds_ms"] = (min(rounds[shape]["ms"]), max(rounds[shape]["ms"]))
             if args.profile and device.type == "cuda":
                 out["gpu_busy_ms"], out["profile"] = kernel_profile(run, top=args.profile)
                 if shape in encoders:
@@ -211,7 +221,8 @@ def job(spec, turn) -> dict:
     for reason, count in torch._dynamo.utils.counters["graph_break"].items():  # a break can cost YOCO its cut
         print(f"{variant}, {images_per_prompt} images: graph break ({count}x): {reason[:300]}", flush=True)
     print(f"{model.config.get_text_config().num_hidden_layers} layers, {variant}, {images_per_prompt} images: "
-          + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (first call {r['first_call_s']:.0f} s"
+          + ", ".join(f"{b}x{t} {r['ms']:.2f} ms (rounds {r['rounds_ms'][0]:.2f}-{r['rounds_ms'][1]:.2f}; "
+                      f"first call {r['first_call_s']:.0f} s"
                       + (f"; vision encoder {r['encoder_ms']:.2f} ms, {r['encoder_ms'] / r['ms']:.0%})"
                          if "encoder_ms" in r else ")")
                       for (b, t), r in result["shapes"].items()), flush=True)
@@ -304,6 +315,9 @@ def main():
                              "kernels")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timing rounds per job, taken in turn with the other jobs; the median of the rounds' "
+                             "medians is reported")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write every row there")
     parser.add_argument("--images", type=int, nargs="+", default=[0],
