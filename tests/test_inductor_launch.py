@@ -20,8 +20,8 @@ OPS = ("post_attn_norm", "router_input", "router_select", "ple_norm_add", "ple_g
 
 def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False, layer_kind: str = "every_op") -> dict:
     """Trace a graph of every op (`layer_kind` "chain": of a layer's chain of ops whose inputs die as it goes;
-    "view": of an op whose dying input is a view) over fake CUDA tensors, run the pass; what the graph calls before
-    and after."""
+    "view": of an op whose dying input is a view; "mask": `prefill_attention_mask` over a bool mask) over fake CUDA
+    tensors, run the pass; what the graph calls before and after."""
     import torch
     import triton
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
@@ -51,13 +51,16 @@ def _rewrite(dynamic: bool, hopper: bool, exact_router: bool = False, layer_kind
         viewed = (residual * 2).t().t()  # the output's layout, but a view: its memory may be read through another
         return (torch.ops.gemma4_fx.ple_norm_add(attn * 2, viewed, weight, scale, 1e-6),)
 
+    def layer_mask(attn, *_):
+        return torch.ops.gemma4_fx.prefill_attention_mask(attn.new_empty(attn.shape[0], 5, dtype=torch.bool))
+
     mode = FakeTensorMode(shape_env=ShapeEnv())
     shapes = [(5, 64), (5, 64), (64,), (1,), (5, 16), (16,)]
     inputs = [mode.from_tensor(torch.empty(shape, dtype=torch.bfloat16), static_shapes=not dynamic)
               for shape in shapes]
     with mode:
         inputs = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in inputs]
-        layers = {"every_op": layer, "chain": layer_chain, "view": layer_view}
+        layers = {"every_op": layer, "chain": layer_chain, "view": layer_view, "mask": layer_mask}
         graph = make_fx(layers[layer_kind], tracing_mode="real")(*inputs).graph
     ctx = PassContext("graph", Report(()), {})
     inductor_launch.apply(graph, ctx)
@@ -106,6 +109,16 @@ def test_every_op_becomes_its_kernels(dynamic):
     assert ("(5, 1, 1)" in got["grids"][0]) != dynamic
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_mask_made_ready_becomes_its_kernel(dynamic):
+    """`prefill_attention_mask`, which runs inside the graphs (the prompt's masks made ready once), is one kernel
+    Inductor launches; its grid follows the query rows."""
+    got = _run("dynamic" if dynamic else "static", "hopper", "mask")
+    assert got["ops"] == [] and got["kernels"] == ["_mask_key_ranges"], got
+    assert all(got["outputs_from_launches"]) and got["settings_are_ints"] and got["skipped"] == []
+    assert ("(1, 1, 1)" in got["grids"][0]) != dynamic, got["grids"]
+
+
 def test_exact_router_prologue_stays_eagers_ops():
     """With router_exact the prologue launches no Triton kernel: it stays an op, and nothing is reported."""
     got = _run("static", "hopper", "exact")
@@ -137,5 +150,5 @@ def test_ops_stay_when_the_write_analysis_fails():
 
 
 if __name__ == "__main__":
-    kind = next((arg for arg in sys.argv[3:] if arg in ("chain", "view")), "every_op")
+    kind = next((arg for arg in sys.argv[3:] if arg in ("chain", "view", "mask")), "every_op")
     print(json.dumps(_rewrite(sys.argv[1] == "dynamic", sys.argv[2] == "hopper", "exact" in sys.argv[3:], kind)))
