@@ -183,6 +183,13 @@ def test_op_checks_its_inputs():
         ops.prefill_attention(q, k.repeat(1, 3, 1, 1)[:, :3], v.repeat(1, 3, 1, 1)[:, :3], None, 1.0)
     with pytest.raises(ValueError, match="head dim must be at most 512"):
         ops.prefill_attention(*(t.repeat(1, 1, 1, 33) for t in (q, k, v)), None, 1.0)
+    ready, ranges = ops.prefill_attention_mask(mask)
+    with pytest.raises(ValueError, match="a ready mask: keys padded to 16"):
+        ops.prefill_attention(q, k, v, mask, 1.0, False, ranges)  # the mask as it came, not the ready one
+    with pytest.raises(ValueError, match=r"mask_ranges must be the int32 \[1, 1, 2\]"):
+        ops.prefill_attention(q, k, v, ready, 1.0, False, ranges.long())
+    with pytest.raises(ValueError, match="mask_ranges given without a mask"):
+        ops.prefill_attention(q, k, v, None, 1.0, False, ranges)
 
 
 class Attention(torch.nn.Module):

@@ -142,8 +142,8 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
                        BLOCKS_N: tl.constexpr, RANGE_ROWS: tl.constexpr):
     """Query rows [block_m * BLOCK_M, +BLOCK_M) of one (sequence, head), output dims [split * BLOCK_DV, +BLOCK_DV),
     over the key blocks that hold the keys `ranges` names for its rows (all of them without a mask; up to the
-    diagonal when causal). Under the
-    interpreter, whose loops take no bound computed at run time, every block (`BLOCKS_N`) with the others hidden."""
+    diagonal when causal). Under the interpreter, whose loops take no bound computed at run time, every block
+    (`BLOCKS_N`) with the others hidden."""
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -258,7 +258,7 @@ def ready_width(keys):
 
 
 def _check_mask(mask: Tensor) -> None:
-    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or mask.dim() == 4 and mask.shape[1] != 1:
+    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or ((1,) * (4 - mask.dim()) + mask.shape)[1] != 1:
         raise ValueError(f"prefill_attention_mask: mask must be a bool [B, 1, M, N] tensor (leading dims may be left "
                          f"out); got {mask.dtype} {tuple(mask.shape)}")
 
@@ -303,10 +303,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_rang
     width = keys if mask_ranges is None else ready_width(keys)  # a ready mask's rows are padded
     if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or shape[0] not in (1, batch) or shape[1] != 1 \
             or shape[2] not in (1, rows) or shape[3] != width:
+        ready = "; with mask_ranges, a ready mask: keys padded to 16" if mask_ranges is not None else ""
         raise ValueError(f"prefill_attention: mask must be None or a bool [{batch} or 1, 1, {rows} or 1, {width}] "
-                         f"tensor (leading dims may be left out; {width} keys: "
-                         f"{'a ready mask' if mask_ranges is not None else 'k'}'s); got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
+                         f"tensor (leading dims may be left out{ready}); got {mask.dtype} {tuple(mask.shape)}")
     expected = (shape[0], triton.cdiv(shape[2], RANGE_ROWS), 2)
     if mask_ranges is not None and (mask_ranges.dtype != torch.int32 or tuple(mask_ranges.shape) != expected
                                     or mask.dim() != 4 or mask.stride(-1) != 1):
@@ -333,9 +332,8 @@ cuda_kernel(prefill_attention_mask)(prefill_attention_mask_triton)
 @prefill_attention_mask.register_fake
 def _(mask):
     mask = _as_4d(mask)
-    groups = (mask.shape[2] + RANGE_ROWS - 1) // RANGE_ROWS
     return (mask.new_empty(mask.shape[:3] + (ready_width(mask.shape[3]),)),
-            mask.new_empty((mask.shape[0], groups, 2), dtype=torch.int32))
+            mask.new_empty((mask.shape[0], triton.cdiv(mask.shape[2], RANGE_ROWS), 2), dtype=torch.int32))
 
 
 @between_graphs_op("gemma4_fx::prefill_attention")
