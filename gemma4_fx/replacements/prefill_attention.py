@@ -248,8 +248,12 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ranges: Tensor
     return out
 
 
+def _shape_4d(mask: Tensor) -> tuple:
+    return (1,) * (4 - mask.dim()) + tuple(mask.shape)  # SDPA broadcasts a mask from the left
+
+
 def _as_4d(mask: Tensor) -> Tensor:
-    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))  # SDPA broadcasts a mask from the left
+    return mask.view(_shape_4d(mask))
 
 
 def ready_width(keys):
@@ -258,7 +262,7 @@ def ready_width(keys):
 
 
 def _check_mask(mask: Tensor) -> None:
-    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or ((1,) * (4 - mask.dim()) + mask.shape)[1] != 1:
+    if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or _shape_4d(mask)[1] != 1:
         raise ValueError(f"prefill_attention_mask: mask must be a bool [B, 1, M, N] tensor (leading dims may be left "
                          f"out); got {mask.dtype} {tuple(mask.shape)}")
 
@@ -299,7 +303,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_rang
         if mask_ranges is not None:
             raise ValueError("prefill_attention: mask_ranges given without a mask")
         return
-    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    shape = _shape_4d(mask)
     width = keys if mask_ranges is None else ready_width(keys)  # a ready mask's rows are padded
     if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or shape[0] not in (1, batch) or shape[1] != 1 \
             or shape[2] not in (1, rows) or shape[3] != width:
