@@ -261,6 +261,12 @@ def ready_width(keys):
     return (keys + _MASK_ALIGN - 1) // _MASK_ALIGN * _MASK_ALIGN
 
 
+def _ready_shapes(shape: tuple) -> tuple[tuple, tuple]:
+    """The shapes of a ready mask and of its key ranges, for a mask of 4-d `shape` (symbolic sizes too)."""
+    batch, _, rows, keys = shape
+    return (batch, 1, rows, ready_width(keys)), (batch, triton.cdiv(rows, RANGE_ROWS), 2)
+
+
 def _check_mask(mask: Tensor) -> None:
     if mask.dtype != torch.bool or not 2 <= mask.dim() <= 4 or _shape_4d(mask)[1] != 1:
         raise ValueError(f"prefill_attention_mask: mask must be a bool [B, 1, M, N] tensor (leading dims may be left "
@@ -272,8 +278,9 @@ def prefill_attention_mask_triton(mask: Tensor) -> tuple[Tensor, Tensor]:
     _check_mask(mask)
     mask = _as_4d(mask)
     batch, _, rows, keys = mask.shape
-    ready = mask.new_empty((batch, 1, rows, ready_width(keys)))  # the padding is never read
-    ranges = torch.empty((batch, triton.cdiv(rows, RANGE_ROWS), 2), dtype=torch.int32, device=mask.device)
+    ready_shape, ranges_shape = _ready_shapes(mask.shape)
+    ready = mask.new_empty(ready_shape)  # the padding is never read
+    ranges = mask.new_empty(ranges_shape, dtype=torch.int32)
     launcher(_mask_key_ranges)[(batch, ranges.shape[1])](
         mask, ready, ranges, rows, keys, mask.stride(0), mask.stride(2), ready.stride(0), ready.stride(2),
         ranges.stride(0), ROWS=RANGE_ROWS, CHUNK=_SCAN_KEYS,
@@ -310,7 +317,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mask_rang
         ready = "; with mask_ranges, a ready mask: keys padded to 16" if mask_ranges is not None else ""
         raise ValueError(f"prefill_attention: mask must be None or a bool [{batch} or 1, 1, {rows} or 1, {width}] "
                          f"tensor (leading dims may be left out{ready}); got {mask.dtype} {tuple(mask.shape)}")
-    expected = (shape[0], triton.cdiv(shape[2], RANGE_ROWS), 2)
+    expected = _ready_shapes(shape)[1]
     if mask_ranges is not None and (mask_ranges.dtype != torch.int32 or tuple(mask_ranges.shape) != expected
                                     or mask.dim() != 4 or mask.stride(-1) != 1):
         raise ValueError(f"prefill_attention: mask_ranges must be the int32 {list(expected)} ranges that "
@@ -325,7 +332,7 @@ def prefill_attention_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     over it. On CUDA one Triton launch (`prefill_attention_mask_triton`), captured in the graphs."""
     _check_mask(mask)
     mask = _as_4d(mask)
-    ready = mask.new_zeros(mask.shape[:3] + (ready_width(mask.shape[3]),))
+    ready = mask.new_zeros(_ready_shapes(mask.shape)[0])
     ready[..., :mask.shape[3]] = mask
     return ready, mask_key_ranges_reference(mask)
 
@@ -335,9 +342,8 @@ cuda_kernel(prefill_attention_mask)(prefill_attention_mask_triton)
 
 @prefill_attention_mask.register_fake
 def _(mask):
-    mask = _as_4d(mask)
-    return (mask.new_empty(mask.shape[:3] + (ready_width(mask.shape[3]),)),
-            mask.new_empty((mask.shape[0], triton.cdiv(mask.shape[2], RANGE_ROWS), 2), dtype=torch.int32))
+    ready_shape, ranges_shape = _ready_shapes(_shape_4d(mask))
+    return mask.new_empty(ready_shape), mask.new_empty(ranges_shape, dtype=torch.int32)
 
 
 @between_graphs_op("gemma4_fx::prefill_attention")
