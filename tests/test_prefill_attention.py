@@ -285,8 +285,8 @@ def test_prefill_through_the_backend(preset):
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         got_cache, expected_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
-        got = compiled(ids, past_key_values=got_cache, use_cache=True).logits
-        expected = model(ids, past_key_values=expected_cache, use_cache=True).logits
+        got = compiled(ids, **gemma4_fx.presets.cache_kwargs(model, got_cache), use_cache=True).logits
+        expected = model(ids, **gemma4_fx.presets.cache_kwargs(model, expected_cache), use_cache=True).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     shared = model.config.num_kv_shared_layers
     assert backend.report.counts["prefill_attention"] == model.config.num_hidden_layers, backend.report
