@@ -102,12 +102,16 @@ def test_kernels_with_weights_in_activation_dtype_top_8_strided_x(device, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", [(33, 16, 24, 40, 4, "few"), (40, 8, 24, 40, 2, "one")], ids=["half", "full"])
+@pytest.mark.parametrize("case", [(16, 16, 24, 40, 4, "few", {"quarter"}), (33, 16, 40, 40, 4, "few", {"half"}),
+                                  (40, 8, 24, 40, 2, "one", {"quarter", "full"})], ids=["quarter", "half+narrow", "full"])
 def test_tall_blocks(device, case):
-    """BLOCK_M = 64: an expert's last block of at most 32 rows runs as a half-height tile ("few": 26 rows an expert),
-    others at full height ("one": expert 3 has 40 rows)."""
-    *shape, routing = case
+    """BLOCK_M = 64: an expert's last block of at most 16 or 32 rows runs as a quarter- or half-height tile ("few":
+    at most 16 rows an expert, or 17 to 32), a fuller one at full height ("one": expert 3 has 40 rows, the others a
+    few); with N = 40 in 32-column blocks, gate_up's last N-block (8 columns) as a half-width tile."""
+    *shape, routing, heights = case
     args = _experts_args(*shape, torch.bfloat16, device, routing)
+    rows = args[1].flatten().bincount()
+    assert {"quarter" if r <= 16 else "half" if r <= 32 else "full" for r in rows.tolist() if r} == heights, rows
     tiles = M.GemmConfig(32, 32, 8, 4, 2)
     out = M.moe_experts_triton(*args, path="tiled", config=M.Config(64, tiles, tiles))
     _assert_close_to_eager(out, M.moe_experts_reference(*args), min_bitwise=0.97)

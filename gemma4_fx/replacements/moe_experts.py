@@ -26,8 +26,9 @@ Two regimes, chosen by P (T is static in a compiled graph): up to STREAM_MAX_PAI
 BLOCK_M covers every row an expert can get (T) and each touched expert's weights are read once, split along N over
 many programs to keep all SMs streaming, the launches chained by programmatic dependent launch (Hopper); above that
 the GEMMs are tiled with configs tuned per tokens bucket (`moe_experts_configs.py`, `benchmarks/moe.py --tune`),
-GROUP_M M-blocks of one expert in a row sharing weights in L2, and an expert's last block, when at most half full,
-computed as a half-height tile.
+GROUP_M M-blocks of one expert in a row sharing weights in L2, and an expert's last block, when at most a quarter or
+half full, computed as a quarter- or half-height tile (and gate_up's last N-block, when at most half of N, as a
+half-width one: N = 704 in 128-column blocks).
 
 Against eager (same device), everything but the GEMMs' accumulation order is eager's arithmetic: the same roundings,
 ATen's gelu formula with the same tanhf, the weight product, and the sum's order. So results differ only where a
@@ -209,12 +210,12 @@ def _block(table_ptr, max_blocks, blocks_n, group_m):
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first, end, n, HIDDEN: tl.constexpr,
-                  INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _gate_up_tile(x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first, end, first_col,
+                  HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     rows = first + tl.arange(0, BLOCK_M)
     tokens = (tl.load(order_ptr + tl.minimum(rows, end - 1)) // TOP_K).to(tl.int64)  # past the end: the last row
-    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = first_col + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * x_row_stride + ks[None, :]
     # [BLOCK_K, BLOCK_N] views of the expert's gate rows and the matching up rows; columns past N load row N-1.
@@ -246,19 +247,30 @@ def _gate_up_tile(x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first,
 @triton.jit(do_not_specialize=["max_blocks", "group_m"])
 def _gate_up_kernel(x_ptr, w_ptr, order_ptr, table_ptr, act_ptr, x_row_stride, max_blocks, group_m,
                     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NARROW_TAIL: tl.constexpr,
+                    PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     expert, first, end, n = _block(table_ptr, max_blocks, tl.cdiv(INTER, BLOCK_N), group_m)
     if expert < 0:
         return
-    args = (x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first, end, n, HIDDEN, INTER, TOP_K)
-    if BLOCK_M >= 64:  # an expert's last block, when at most half full, as a half-height tile
-        if end - first <= BLOCK_M // 2:
-            _gate_up_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
-        else:
-            _gate_up_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    args = (x_ptr, w_ptr, order_ptr, act_ptr, x_row_stride, expert, first, end, n * BLOCK_N, HIDDEN, INTER, TOP_K)
+    if NARROW_TAIL and n == INTER // BLOCK_N:  # the last N-block, at most half of it in N: a half-width tile
+        _gate_up_rows(args, end - first, BLOCK_M, BLOCK_N // 2, BLOCK_K, PRECISION)
+    else:
+        _gate_up_rows(args, end - first, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _gate_up_rows(args, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """An M-block of `rows` rows: an expert's last block, when at most a quarter or half full, as a quarter- or
+    half-height tile (BLOCK_M >= 64)."""
+    if BLOCK_M >= 64 and rows <= BLOCK_M // 4:
+        _gate_up_tile(*args, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION)
+    elif BLOCK_M >= 64 and rows <= BLOCK_M // 2:
+        _gate_up_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
     else:
         _gate_up_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
@@ -301,11 +313,11 @@ def _down_kernel(act_ptr, w_ptr, order_ptr, table_ptr, y_ptr, max_blocks, group_
     if expert < 0:
         return
     args = (act_ptr, w_ptr, order_ptr, y_ptr, expert, first, end, n, HIDDEN, INTER)
-    if BLOCK_M >= 64:  # as in _gate_up_kernel
-        if end - first <= BLOCK_M // 2:
-            _down_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
-        else:
-            _down_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    rows = end - first  # as in _gate_up_rows
+    if BLOCK_M >= 64 and rows <= BLOCK_M // 4:
+        _down_tile(*args, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION)
+    elif BLOCK_M >= 64 and rows <= BLOCK_M // 2:
+        _down_tile(*args, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
     else:
         _down_tile(*args, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
@@ -385,7 +397,7 @@ def moe_experts_triton(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, ga
         x, gate_up_proj, order, table, act, x.stride(0), max_blocks,
         max_blocks if path == "stream" else gate_up.group_m,
         HIDDEN=hidden, INTER=inter, TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k,
-        PRECISION=precision, PDL=pdl, num_warps=gate_up.num_warps, num_stages=gate_up.num_stages, launch_pdl=pdl,
+        PRECISION=precision, NARROW_TAIL=0 < inter % gate_up.block_n <= gate_up.block_n // 2, PDL=pdl, num_warps=gate_up.num_warps, num_stages=gate_up.num_stages, launch_pdl=pdl,
     )
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
     down = _fit(config.down, hidden, inter)
