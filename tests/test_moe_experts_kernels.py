@@ -103,7 +103,8 @@ def test_kernels_with_weights_in_activation_dtype_top_8_strided_x(device, dtype)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [(16, 16, 24, 40, 4, "few", {"quarter"}), (33, 16, 40, 40, 4, "few", {"half"}),
-                                  (40, 8, 24, 40, 2, "one", {"quarter", "full"})], ids=["quarter", "half+narrow", "full"])
+                                  (40, 8, 24, 40, 2, "one", {"quarter", "full"})],
+                         ids=["quarter", "half+narrow", "full"])
 def test_tall_blocks(device, case):
     """BLOCK_M = 64: an expert's last block of at most 16 or 32 rows runs as a quarter- or half-height tile ("few":
     at most 16 rows an expert, or 17 to 32), a fuller one at full height ("one": expert 3 has 40 rows, the others a

@@ -397,7 +397,8 @@ def moe_experts_triton(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, ga
         x, gate_up_proj, order, table, act, x.stride(0), max_blocks,
         max_blocks if path == "stream" else gate_up.group_m,
         HIDDEN=hidden, INTER=inter, TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k,
-        PRECISION=precision, NARROW_TAIL=0 < inter % gate_up.block_n <= gate_up.block_n // 2, PDL=pdl, num_warps=gate_up.num_warps, num_stages=gate_up.num_stages, launch_pdl=pdl,
+        PRECISION=precision, NARROW_TAIL=0 < inter % gate_up.block_n <= gate_up.block_n // 2, PDL=pdl,
+        num_warps=gate_up.num_warps, num_stages=gate_up.num_stages, launch_pdl=pdl,
     )
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
     down = _fit(config.down, hidden, inter)
