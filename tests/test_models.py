@@ -4,6 +4,7 @@ Each Inductor compile of a tiny model costs 5-20 s on a CI core, so every test h
 and the MoE model compiled once per dtype is shared by the tests that read its results.
 """
 
+import collections
 import re
 from types import SimpleNamespace
 
@@ -167,16 +168,21 @@ def test_other_models_are_untouched(name, tmp_path):
     backend = Gemma4Backend(dump_dir=tmp_path)
     logits, expected = compile_and_run(model, backend, random_ids(model))
     # Attention is the same math in any model: the attention passes take every layer's SDPA (and must keep eager's
-    # logits, below); no Gemma-4 rewrite fires.
+    # logits, below), and the rotary tables the layers share (cos and sin) are stored once; no Gemma-4 rewrite fires.
     sdpa = model.config._attn_implementation == "sdpa"
-    attention = {"prefill_attention": model.config.num_hidden_layers} if sdpa else {}
-    assert {name: count for name, count in backend.report.counts.items() if count} == attention, backend.report
+    general = {"prefill_attention": model.config.num_hidden_layers} if sdpa else {}
+    general["rotary_table"] = 2
+    assert {name: count for name, count in backend.report.counts.items() if count} == general, backend.report
     assert not backend.report.fallbacks
     assert_close_to_eager(logits, expected)
     befores = sorted(tmp_path.glob("*.post_grad.before.py"))
     assert len(befores) == len(backend.report.graphs) > 0
-    for before in befores:
-        assert before.read_text() == before.with_name(before.name.replace(".before.", ".after.")).read_text()
+    for before in befores:  # the post-grad graph's ops, but for the tables stored (and their strides read)
+        after = before.with_name(before.name.replace(".before.", ".after.")).read_text()
+        ops = collections.Counter(re.findall(r"torch\.ops\.[\w.]+", after))
+        assert ops.pop("torch.ops.prims.inductor_force_stride_order.default") == 2
+        ops.pop("torch.ops.aten.sym_stride.int", None)
+        assert ops == collections.Counter(re.findall(r"torch\.ops\.[\w.]+", before.read_text()))
 
 
 def test_dynamic_shapes():

@@ -5,7 +5,7 @@ One module per rewrite, with `NAME` (its name in reports and in `Gemma4Backend(p
 float stand-ins all patterns share live in `matcher_utils`.
 """
 
-from . import moe_experts, ple_tail, post_attn_norm, router, skinny_linear, skinny_single
+from . import moe_experts, ple_tail, post_attn_norm, rotary_table, router, skinny_linear, skinny_single
 
 # The order the passes run in, whatever order a user names them in:
 # - skinny_linear first: it tells Gemma-4's gate/up from Gemma-2/3's by the MLP's input norm, which post_attn_norm
@@ -16,7 +16,8 @@ from . import moe_experts, ple_tail, post_attn_norm, router, skinny_linear, skin
 #   rewrite creates, and folds the router's norm into the layer's one pass over the residual;
 # - moe_experts reads the routing whichever op computes it (eager's or the router rewrite's);
 # - ple_tail after them: it matches the end of a layer, after the MLP and the experts, which it takes as a wildcard;
-# - skinny_single last: it takes a lone linear by the norm its output feeds, which the epilogues (post_attn_norm,
-#   ple_tail) find by that linear's mm, and may have folded into their ops by then.
+# - skinny_single last of the rewrites: it takes a lone linear by the norm its output feeds, which the epilogues
+#   (post_attn_norm, ple_tail) find by that linear's mm, and may have folded into their ops by then;
+# - rotary_table apart: it stores the RoPE tables that the layers' rotations read, which no rewrite takes.
 PATTERNS = {module.NAME: module
-            for module in (skinny_linear, router, post_attn_norm, moe_experts, ple_tail, skinny_single)}
+            for module in (skinny_linear, router, post_attn_norm, moe_experts, ple_tail, skinny_single, rotary_table)}
