@@ -8,9 +8,8 @@ nothing (it is the table, in the table's layout); Inductor lowers it by storing 
 
 Why: Inductor stores a pointwise node that several kernels read only when the node reads many tensors or has many
 ops (`should_realize_on_reuse`), not by what its ops cost. The table reads two small tensors, so in one graph every
-layer's q/k norm + RoPE kernel computes sin and cos again for each element of q and k. On an H200 that kernel took
-28 µs per sliding layer of an E4B prefill (772 rows) in one graph, against 3.7 µs where the table was a piece's
-output, computed once (BENCHMARKS.md, stop 26): 0.57 ms per prefill.
+layer's q/k norm + RoPE kernel computes sin and cos again for each element of q and k, which made that kernel
+several times slower than where the table is an input (BENCHMARKS.md, rotary tables stored once).
 
 Not Gemma-specific: any model whose layers share a cos or sin table gets it (Llama's and Qwen3's rotary tables
 too). Values are unchanged; the cost is one buffer the size of the table. A sin or cos read by one node is not a
