@@ -94,11 +94,13 @@ def test_whole_model_is_one_graph_with_the_text_models_rewrites():
     run(text_model, text_backend, as_text(model, input_ids), {})
     assert language_model_matches(report) == language_model_matches(text_backend.report), report
     assert report.counts["yoco"] >= 1, report
-    # The encoders' layers are Gemma norm chains too: rewritten, within the logits' tolerance above. The vision
-    # encoder's attention (a padding mask: no key block to skip) is left to SDPA.
+    # The encoders' layers are Gemma norm chains too: rewritten, within the logits' tolerance above; the vision
+    # encoder's layers share its rotary tables, stored once. Its attention (a padding mask: no key block to skip) is
+    # left to SDPA.
     encoders = {(m.pattern, m.location.split(".layers.")[0]) for m in report.matches
                 if ".language_model." not in m.location}
-    assert encoders == {("post_attn_norm", "model.vision_tower.encoder"), ("post_attn_norm", "model.audio_tower")}
+    assert encoders == {("post_attn_norm", "model.vision_tower.encoder"), ("post_attn_norm", "model.audio_tower"),
+                        ("rotary_table", "model.vision_tower.encoder.rotary_emb")}
     assert any(s.pattern == "prefill_attention" and "vision_tower" in s.location and "no key/query ordering"
                in s.reason for s in report.skipped), report
 
