@@ -118,6 +118,14 @@ def test_tall_blocks(device, case):
     _assert_close_to_eager(out, M.moe_experts_reference(*args), min_bitwise=0.97)
 
 
+def test_narrow_tail_rule():
+    """gate_up's last N-block takes a half-width tile where its columns fit one and the tile stays a tl.dot's 16."""
+    assert M._narrow_tail(704, 128) and M._narrow_tail(40, 32) and M._narrow_tail(48, 32)
+    assert not M._narrow_tail(704, 64)  # no partial block
+    assert not M._narrow_tail(100, 64)  # 36 columns left: more than half
+    assert not M._narrow_tail(40, 16)  # a half-width tile of 8 columns
+
+
 def test_regime_follows_pairs(monkeypatch):
     """Up to STREAM_MAX_PAIRS pairs the streaming path, whose M-block holds all of an expert's rows."""
     seen = []

@@ -397,7 +397,7 @@ def moe_experts_triton(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, ga
         x, gate_up_proj, order, table, act, x.stride(0), max_blocks,
         max_blocks if path == "stream" else gate_up.group_m,
         HIDDEN=hidden, INTER=inter, TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=gate_up.block_n, BLOCK_K=gate_up.block_k,
-        PRECISION=precision, NARROW_TAIL=0 < inter % gate_up.block_n <= gate_up.block_n // 2, PDL=pdl,
+        PRECISION=precision, NARROW_TAIL=_narrow_tail(inter, gate_up.block_n), PDL=pdl,
         num_warps=gate_up.num_warps, num_stages=gate_up.num_stages, launch_pdl=pdl,
     )
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
@@ -420,6 +420,11 @@ def _combine(y: Tensor, top_k_weights: Tensor, out: Tensor, pdl: bool = False) -
         ROUND_PRODUCT=top_k_weights.dtype == out.dtype != torch.float32, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out
+
+
+def _narrow_tail(n: int, block_n: int) -> bool:
+    """Whether the last N-block, at most half of it in N, runs as a half-width tile (tl.dot takes 16 at least)."""
+    return block_n >= 32 and 0 < n % block_n <= block_n // 2
 
 
 def _fit(config: GemmConfig, n: int, k: int) -> GemmConfig:
