@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fx_utils import value
 from ..passes.context import PassContext
 from ..report import node_location
 
@@ -34,7 +35,7 @@ _FOLLOWERS = (aten.mul.Tensor, aten.mul.Scalar, torch.ops.prims.convert_element_
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
     for node in [node for target in _TRIGONOMETRY for node in graph.find_nodes(op="call_function", target=target)]:
         table = _table(node)
-        if len(table.users) < 2 or "val" not in table.meta:
+        if len(table.users) < 2 or not isinstance(value(table), torch.Tensor):
             continue
         strides, last = _strides(graph, table)
         with graph.inserting_after(last):
@@ -50,7 +51,7 @@ def _strides(graph: torch.fx.Graph, table: torch.fx.Node) -> tuple[list, torch.f
     """(The table's strides, each an int or, where symbolic, a node that reads it, as graph arguments must; the
     last node added)."""
     strides, last = [], table
-    for dim, stride in enumerate(table.meta["val"].stride()):
+    for dim, stride in enumerate(value(table).stride()):
         if not isinstance(stride, int):
             with graph.inserting_after(last):
                 last = graph.call_function(aten.sym_stride.int, (table, dim))
@@ -74,7 +75,5 @@ def _table(node: torch.fx.Node) -> torch.fx.Node:
 
 def _scalar(arg) -> bool:
     """A number, a dtype, or a tensor of one element: a scale or a cast's target, not a reader's other operand."""
-    if not isinstance(arg, torch.fx.Node):
-        return True
-    val = arg.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.numel() == 1
+    val = value(arg)
+    return val.numel() == 1 if isinstance(val, torch.Tensor) else val is not None
