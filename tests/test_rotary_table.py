@@ -10,15 +10,19 @@ import gemma4_fx
 from gemma4_fx import Gemma4Backend, PATTERNS
 
 
-def _prefill(backend, length=24, dynamic=None, model=None):
-    """(compiled last-token logits, eager's, Inductor's generated code) of a tiny-e4b prefill."""
-    model = model or gemma4_fx.build_model("tiny-e4b")
+def _prefill(model, backend, length=24, dynamic=None):
+    """(compiled last-token logits, eager's, Inductor's generated code) of a prefill of `length` tokens."""
     ids = torch.randint(3, 400, (1, length), generator=torch.Generator().manual_seed(length))
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with torch.no_grad():
         logits, code = run_and_get_code(lambda: compiled(ids, logits_to_keep=1, use_cache=True).logits)
         expected = model(ids, logits_to_keep=1, use_cache=True).logits
     return logits, expected, "\n".join(code)
+
+
+def _tables(model) -> int:
+    """cos and sin of each rotary embedding (one per layer type)."""
+    return 2 * len(set(model.config.layer_types))
 
 
 def _cos_calls(code: str) -> int:
@@ -30,16 +34,15 @@ def test_tables_stored_once():
     layers of its kind. Stored, their cos appears in the code once per table's kernel, where without the pass every
     layer's q/k kernel computes it."""
     model = gemma4_fx.build_model("tiny-e4b")
-    tables = 2 * len(set(model.config.layer_types))
     backend = Gemma4Backend(cudagraphs=None)
-    logits, expected, code = _prefill(backend, model=model)
+    logits, expected, code = _prefill(model, backend)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-    assert backend.report.counts["rotary_table"] == tables, backend.report
+    assert backend.report.counts["rotary_table"] == _tables(model), backend.report
     assert {match.location for match in backend.report.matches if match.pattern == "rotary_table"} == {
         "model.rotary_emb"}
     without = Gemma4Backend([name for name in PATTERNS if name != "rotary_table"], cudagraphs=None)
     torch._dynamo.reset()
-    *_, code_without = _prefill(without, model=model)
+    *_, code_without = _prefill(model, without)
     assert 0 < _cos_calls(code) < _cos_calls(code_without), (_cos_calls(code), _cos_calls(code_without))
 
 
@@ -48,10 +51,10 @@ def test_dynamic_prompt_length():
     backend = Gemma4Backend(cudagraphs=None)
     model = gemma4_fx.build_model("tiny-e4b")
     for length in (24, 17):
-        logits, expected, _ = _prefill(backend, length, dynamic=True, model=model)
+        logits, expected, _ = _prefill(model, backend, length, dynamic=True)
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert len(backend.report.graphs) == 1 and not backend.report.fallbacks, backend.report
-    assert backend.report.counts["rotary_table"] == 4
+    assert backend.report.counts["rotary_table"] == _tables(model)
 
 
 def test_a_table_read_once_is_left_alone():
