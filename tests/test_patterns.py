@@ -95,3 +95,27 @@ def test_op_options_name_the_argument():
             cls(linear_ops=["mm"])
     options = [gemma4_fx.Gemma4Passes(rms_norm_ops=ops).uuid() for ops in ((), ("vllm_ir::rms_norm",))]
     assert options[0] != options[1], "the ops matched are part of the pass's identity (Inductor's cache key)"
+
+
+def _gelu_of_view(x, w):
+    return torch.nn.functional.gelu((x @ w).view(1, 4, 16), approximate="tanh")
+
+
+def _gelu_erf(x, w):
+    return torch.nn.functional.gelu(x @ w)
+
+
+def _gelu_plus_mask(x, w):
+    return torch.nn.functional.gelu(x @ w, approximate="tanh") + (torch.arange(16) > 3)
+
+
+@pytest.mark.parametrize("fn, reason", [(_gelu_of_view, None), (_gelu_erf, "no tanh"),
+                                        (_gelu_plus_mask, "not its input alone")])
+def test_gelu_tanh_is_told_by_the_ops_between(fn, reason):
+    """`not_gelu_tanh` runs the ops from a GEMM to an activation on probe values: a view among them passes the probe
+    through, and ops that read more than the GEMM's values (a mask made from `arange`) are not gelu_tanh of it."""
+    graph = torch.fx.experimental.proxy_tensor.make_fx(fn)(torch.randn(4, 8), torch.randn(8, 16)).graph
+    [mm] = graph.find_nodes(op="call_function", target=torch.ops.aten.mm.default)
+    act = graph.output_node().args[0]
+    found = matcher_utils.not_gelu_tanh(mm, act, "here")
+    assert found is None if reason is None else reason in found, found

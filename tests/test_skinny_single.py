@@ -81,15 +81,15 @@ class _GeluGate(torch.nn.Module):
         return (out, y) if keep_y else out
 
 
-@pytest.mark.parametrize("t_shape, keep_y, folded", [((2, 16), False, True), ((1, 16), False, False),
-                                                     ((2, 16), True, False)],
-                         ids=["folded", "t-broadcast", "y-read-elsewhere"])
-def test_the_gelu_gate_is_folded_only_where_it_can_be(monkeypatch, t_shape, keep_y, folded):
+@pytest.mark.parametrize("x_shape, t_shape, keep_y, folded", [
+    ((2, 32), (2, 16), False, True), ((1, 2, 32), (1, 2, 16), False, True), ((2, 32), (1, 16), False, False),
+    ((2, 32), (2, 16), True, False)], ids=["folded", "3-d", "t-broadcast", "y-read-elsewhere"])
+def test_the_gelu_gate_is_folded_only_where_it_can_be(monkeypatch, x_shape, t_shape, keep_y, folded):
     """The product goes into the op only where t has its shape and nothing else reads the linear's output; the lone
-    linear is taken either way, and the outputs are eager's."""
+    linear is taken either way, and the outputs are eager's. A 3-D input puts a view between the GEMM and gelu."""
     calls = _times_calls(monkeypatch)
     torch.manual_seed(0)
-    module, x, t = _GeluGate(), torch.randn(2, 32), torch.randn(t_shape)
+    module, x, t = _GeluGate(), torch.randn(x_shape), torch.randn(t_shape)
     backend = gemma4_fx.Gemma4Backend([P.NAME], cudagraphs=None)
     with torch.no_grad():
         got = torch.compile(module, backend=backend)(x, t, keep_y)

@@ -22,6 +22,9 @@ from torch._inductor.pattern_matcher import Match, fwd_only, gen_pattern
 from ..fx_utils import calls, find_op, value
 from ..replacements.rows import rms_norm
 
+# Ops that change a tensor's shape and none of its values (`not_gelu_tanh` passes its probe through them)
+_SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "expand", "permute", "transpose"})
+
 # pattern module NAME -> {argument name: stand-in value}
 STAND_INS: dict[str, dict[str, float]] = {
     "router": {"eps": 3.25e-5, "root_size": 0.0471},
@@ -182,7 +185,9 @@ def not_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node, where: str) -> str | 
     """Why the elementwise ops from `gate` to `act` are not gelu_tanh(gate) in gate's dtype, or None. Inductor
     decomposes gelu and engines write it their own way, so the ops are run on probe values (magnitudes from 2**-10
     to 2**5, both signs, zero) against a float64 gelu_tanh, to two ulps; a tanh among them (or gelu's own
-    `approximate="tanh"`) tells it from the erf form, which no bf16 probe could."""
+    `approximate="tanh"`) tells it from the erf form, which no bf16 probe could. The ops must read the gate's values
+    (and numbers) alone; views and reshapes among them (a 2-D GEMM's output made 3-D) leave the probe as it is: they
+    change no value."""
     aten = torch.ops.aten
     nodes, stack = {}, [act]
     while stack:
@@ -191,6 +196,8 @@ def not_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node, where: str) -> str | 
             continue
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             return f"activation: {node.name} is not an aten op"
+        if not node.all_input_nodes:  # a tensor made from nothing (arange, full): not the gate's values alone
+            return f"activation {where} reads {node.name}, not its input alone"
         nodes[node] = None
         stack += node.all_input_nodes
     if not any(node.target is aten.tanh.default or node.target is aten.gelu.default
@@ -204,7 +211,7 @@ def not_gelu_tanh(gate: torch.fx.Node, act: torch.fx.Node, where: str) -> str | 
     env = {gate: probe}
     for node in sorted(nodes, key=order.get):
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-        env[node] = node.target(*args, **kwargs)
+        env[node] = args[0] if node.target._opname in _SHAPE_ONLY else node.target(*args, **kwargs)
     got, exact = env[act], F.gelu(probe.double(), approximate="tanh")
     eps = torch.finfo(dtype).eps
     if got.dtype != dtype or got.shape != exact.shape or \
