@@ -146,6 +146,65 @@ def test_data_dependent_ops_run_between_graphs():
     torch.testing.assert_close(split.module(*inputs), gm(*inputs))
 
 
+def sync_nodes(gm):
+    return [node for node in gm.graph.nodes
+            if node.op in ("call_function", "call_method") and node.target in (torch.nonzero, "item")]
+
+
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+def test_host_syncs_on_what_the_inputs_give_run_first():
+    """A mask's positions and a count computed cheaply from the inputs are read on the host before the costly work
+    above them, not after it; the boolean index still gathers where it was, from its mask's positions."""
+    def fn(x, ids, weight):
+        h = torch.relu(x @ weight)
+        picked = h[(ids > 2) & (ids < 9)]  # the mask from an input: its positions are read first
+        count = (ids == 1).sum().item()  # and so is the count
+        return picked.sum(0) * count, h.sum(0)
+
+    gm, inputs = dynamo_graph(fn, torch.randn(9, 4), torch.randint(0, 12, (9,)), torch.randn(4, 4), dynamic=True)
+    expected = gm(*inputs)
+    split = split_graph(gm)
+    syncs = [(index, node.target) for index, piece in enumerate(split.pieces) for node in sync_nodes(piece.module)]
+    matmul = next(index for index, piece in enumerate(split.pieces)
+                  if any(node.target is operator.matmul for node in piece.module.graph.nodes))
+    assert sorted((str(target) for _, target in syncs)) == sorted(map(str, [torch.nonzero, "item"])), syncs
+    assert {index for index, _ in syncs} == {1} and matmul == 2 and not split.pieces[1].captured, split.pieces
+    index = next(node for piece in split.pieces for node in piece.module.graph.nodes if node.target is operator.getitem
+                 and node.args[0].name == "h")
+    assert not split.pieces[[p.module.graph for p in split.pieces].index(index.graph)].captured
+    for out, want in zip(split.module(*inputs), expected):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def _costly(x, ids, weight):
+    return x[(x @ weight)[:, 0] > 0].sum(0) + ids.sum()
+
+
+def _written(x, ids, weight):
+    ids.add_(1)
+    return x[ids > 2].sum(0)
+
+
+def _other_mode(x, ids, weight):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return (x @ weight)[x.sum(1) > ids.float()].sum(0)
+
+
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+@pytest.mark.parametrize("fn", [_costly, _written, _other_mode])
+def test_host_syncs_stay_where_moving_them_would_change_or_cost(fn):
+    """A sync whose mask needs a matmul, reads what the graph writes in place, or sits in an autocast region stays
+    where it is: its boolean index keeps its mask."""
+    gm, inputs = dynamo_graph(fn, torch.randn(9, 4), torch.randint(0, 12, (9,)), torch.randn(4, 4))
+    before, after = [x.clone() for x in inputs], [x.clone() for x in inputs]
+    expected, order = gm(*before), [node.format_node() for node in gm.graph.nodes]
+    split = split_graph(gm)  # cuts the graph it rewrote in place
+    assert [node.format_node() for node in gm.graph.nodes] == order
+    assert not [node for piece in split.pieces for node in sync_nodes(piece.module)]
+    torch.testing.assert_close(split.module(*after), expected)
+    assert all(torch.equal(x, y) for x, y in zip(after, before))
+
+
 def decode_graph(model, cache_len=16, tokens=1):
     ids = torch.randint(3, model.config.vocab_size, (2, 5))
     cache = StaticCache(config=model.config, max_cache_len=cache_len)

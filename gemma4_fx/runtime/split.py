@@ -7,7 +7,8 @@ host and two cuts per layer (ops the caller lists as `extra_ops` still run betwe
 cannot hold: host syncs, copies between host and device (but a number copied over becomes a fill on the device),
 tensors whose shapes come from data, and uses of int inputs that size no tensor (a graph would keep the value it was
 captured with). The cut follows graph order: every piece is a contiguous run of nodes, so the pieces always form a
-chain; work on host values alone moves to the top first, so that it does not cut a layer in two.
+chain; work on host values alone moves to the top first, so that it does not cut a layer in two, and so do host syncs
+on what the inputs give cheaply, so that each does not stall the GPU mid-graph.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols, statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from ..fx_utils import MATMULS, is_op, method_name, on_host, op_name, qualified_name, value as example_value, \
-    writes_in_place
+from ..fx_utils import ALIASING, MATMULS, is_op, method_name, on_host, op_name, qualified_name, \
+    value as example_value, writes_in_place
 from ..replacements.launch import BETWEEN_GRAPHS
 
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
@@ -38,7 +39,16 @@ _SCORE_STEPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.d
                 torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, torch.Tensor.mul, torch.Tensor.div,
                 torch.Tensor.add, torch.Tensor.tanh, torch.Tensor.masked_fill, F.dropout}
 _HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero"}
-_HOST_SYNC_FUNCTIONS = {torch.nonzero, torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+_SIZED_BY_DATA = {torch.nonzero, torch.ops.aten.nonzero.default}
+_HOST_SYNC_FUNCTIONS = {torch.ops.aten._local_scalar_dense.default, *_SIZED_BY_DATA}
+# What a host sync's inputs may be computed with for it to move to the top (`_hoist_host_syncs`): no costly op (that
+# would pull layers of work ahead of the others), no random op (it would draw in another order), and nothing that
+# changes or depends on a global mode other than the one at the top.
+_COSTLY = MATMULS | {"linear", "conv1d", "conv2d", "conv3d", "einsum", "addmm", "baddbmm",
+                     "scaled_dot_product_attention"}
+_RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "exponential")
+_ENTER_AUTOCAST, _EXIT_AUTOCAST = torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast
+_GLOBAL_STATE = {torch._C._set_grad_enabled, _ENTER_AUTOCAST, _EXIT_AUTOCAST}
 
 
 @dataclass
@@ -123,6 +133,8 @@ def is_uncapturable(node: torch.fx.Node, host_values: set = frozenset(), host_wo
     With `host_work` (the graph runs on a device), so do tensors made on the CPU: a graph would not redo them.
     Reads of CPU tensors on the host (`.item()`) stay: a graph keeps what it read, and the runtime captures again
     if the value changes."""
+    if is_op(node, _SIZED_BY_DATA):  # on any device (`_nonzero_of_mask` makes one without an example value)
+        return True
     inputs = [example_value(arg) for arg in node.all_input_nodes]
     on_device = not all(on_host(v) for v in inputs)
     if on_device and (method_name(node) in _HOST_SYNC_METHODS
@@ -235,11 +247,11 @@ def _fill_constants_on_device(graph: torch.fx.Graph) -> None:
             graph.erase_node(made)
 
 
-def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
+def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> torch.fx.Node | None:
     """Move what is computed from host values alone to the top of the graph, so that where it must run between
     graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and CPU tensors with
     their copies to the device (a number made a tensor there is a fill on the device by then:
-    `_fill_constants_on_device`)."""
+    `_fill_constants_on_device`). Returns the last node of the top (None if the graph has no input)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
     hoisted = {node for node in placeholders if on_host(example_value(node)) and node not in written}
@@ -258,6 +270,114 @@ def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> None:
             anchor.append(node)
             anchor = node
             hoisted.add(node)
+    return anchor
+
+
+def _hoist_host_syncs(graph: torch.fx.Graph, anchor: torch.fx.Node) -> None:
+    """Move each host sync (`.item()`, `.tolist()`, `nonzero`, a boolean-mask index) whose inputs the graph's inputs
+    give cheaply to the top, after `anchor`, with the work it needs: that work first, the syncs last. Where it was,
+    a sync waits for all the work queued before it, and then the GPU waits for the host; at the top, the queue holds
+    only the syncs' own small work. HF's multimodal prefill syncs three times so, each time on what its inputs give:
+    the vision pooler's valid patches, the images' soft-token counts, the image placeholders in the prompt.
+
+    `x[mask]` becomes `x[mask.nonzero(as_tuple=True)]`, which is how indexing computes it: the sync (`nonzero`) moves,
+    the gather stays."""
+    nodes = list(graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    top, written, modes = position[anchor], _written(nodes), _global_modes(nodes)
+    hoisted, syncs = set(), set()
+    for node in nodes[top + 1:]:
+        source = _sync_source(node)
+        if source is None:
+            continue
+        needed = _ancestors(source, lambda n: position[n] <= top or n in hoisted)
+        if not all(_movable(n, written, modes[n] == modes[anchor]) for n in needed):
+            continue
+        if source is not node:  # a boolean-mask index: it stays, its `nonzero` moves
+            sync = _nonzero_of_mask(graph, node)
+            position[sync], node = position[node], sync
+        hoisted |= needed | {node}
+        syncs.add(node)
+    level = {}  # syncs between a node and the top: syncs go after the work they need, that work first
+    for node in sorted(hoisted, key=position.get):
+        level[node] = max((level.get(arg, 0) for arg in node.all_input_nodes), default=0) + (node in syncs)
+    for node in sorted(hoisted, key=lambda n: (level[n], position[n])):
+        anchor.append(node)
+        anchor = node
+
+
+def _sync_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """What moves up for the host sync `node` makes: the node itself (`.item()`, `nonzero`...), or for a
+    boolean-mask index, its mask; None if it makes none."""
+    if method_name(node) in _HOST_SYNC_METHODS or is_op(node, _HOST_SYNC_FUNCTIONS):
+        return node
+    if node.target is operator.getitem and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node):
+        source, mask = (example_value(arg) for arg in node.args)
+        if isinstance(source, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool \
+                and 1 <= mask.ndim <= source.ndim and isinstance(example_value(node), torch.Tensor):
+            return node.args[1]
+    return None
+
+
+def _nonzero_of_mask(graph: torch.fx.Graph, index: torch.fx.Node) -> torch.fx.Node:
+    """Make `x[mask]` (node `index`) `x[mask.nonzero(as_tuple=True)]`; returns the `nonzero` node."""
+    source, mask = index.args
+    with graph.inserting_before(index):
+        positions = graph.call_function(torch.nonzero, (mask,), {"as_tuple": True})
+    # No example value: its size would be the index's unbacked one, and `split_module` takes a symbol's binding from
+    # the first node whose value is that SymInt, which comes after the index; the piece inputs it made would cycle.
+    positions.meta.update({key: index.meta[key] for key in ("stack_trace", "nn_module_stack") if key in index.meta})
+    index.args = (source, positions)
+    return positions
+
+
+def _ancestors(source: torch.fx.Node, stop) -> set[torch.fx.Node]:
+    """`source` and the nodes it is computed from, up to the nodes `stop` says to leave."""
+    found, stack = set(), [source] if not stop(source) else []
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(arg for arg in node.all_input_nodes if not stop(arg))
+    return found
+
+
+def _movable(node: torch.fx.Node, written: set, same_modes: bool) -> bool:
+    """`node` may run earlier: pure, cheap and deterministic, in the global modes of where it goes (see `_COSTLY`),
+    on nothing the graph writes in place."""
+    if node.op not in ("call_function", "call_method") or writes_in_place(node) \
+            or any(arg in written for arg in (node, *node.all_input_nodes)) \
+            or not same_modes or node.target in _GLOBAL_STATE \
+            or isinstance(node.target, torch._ops.HigherOrderOperator):
+        return False
+    name = op_name(node)
+    return name not in _COSTLY and not any(word in name for word in _RANDOM) \
+        and qualified_name(node.target).partition("::")[0] in ("", "aten", "prims")
+
+
+def _written(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes whose tensors an in-place op writes, directly or through views."""
+    written = set()
+    for node in nodes:
+        base = node.args[0] if writes_in_place(node) and node.args else None
+        while isinstance(base, torch.fx.Node) and base not in written:
+            written.add(base)
+            base = base.args[0] if op_name(base) in ALIASING and base.args else None
+    return written
+
+
+def _global_modes(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
+    """For each node, the grad mode and autocast regions it runs in, as far as the graph sets them."""
+    modes, regions, grad = {}, [], None
+    for node in nodes:
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+            grad = node.args
+        elif node.op == "call_function" and node.target is _ENTER_AUTOCAST:
+            regions.append(node)
+        elif node.op == "call_function" and node.target is _EXIT_AUTOCAST and node.args and node.args[0] in regions:
+            regions.remove(node.args[0])
+        modes[node] = (tuple(regions), grad)
+    return modes
 
 
 def _on_device(graph: torch.fx.Graph) -> bool:
@@ -293,7 +413,9 @@ def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra
     """Cut `gm` into alternating captured and uncaptured pieces (see the module docstring)."""
     on_device = _on_device(gm.graph)
     _fill_constants_on_device(gm.graph)
-    _hoist_host_work(gm.graph, on_device)
+    top = _hoist_host_work(gm.graph, on_device)
+    if top is not None:
+        _hoist_host_syncs(gm.graph, top)
     gm.recompile()
     marked = splitting_nodes(gm.graph, split_attention=split_attention, host_work=on_device, extra_ops=extra_ops)
     partition_of: dict[torch.fx.Node, int] = {}
