@@ -1,7 +1,7 @@
 """Multimodal Gemma-4 (`Gemma4ForConditionalGeneration`): the Dynamo setting its compile needs, and random prompts.
 
 `image_inputs` lays out images as transformers' image processor does (which needs torchvision or PIL), so tests and
-benchmarks make them without either.
+benchmarks make them without either; `audio_inputs` runs clips through transformers' own feature extractor (numpy).
 """
 
 from __future__ import annotations
@@ -80,6 +80,26 @@ def image_inputs(vision_config, sizes, *, max_soft_tokens: int = MAX_SOFT_TOKENS
         positions.append(torch.cat([xy, xy.new_full((max_patches - len(xy), 2), -1)]))
         soft_tokens.append(rows * cols // pool ** 2)
     return torch.stack(pixels).to(device, dtype), torch.stack(positions).to(device), soft_tokens
+
+
+def audio_inputs(model, seconds, *, bucket: int | None = AUDIO_BUCKET_SAMPLES, seed: int = 0, device="cpu",
+                 dtype=torch.float32):
+    """(input_features, input_features_mask, soft tokens per clip) of random 16 kHz clips `seconds` long, through
+    transformers' `Gemma4AudioFeatureExtractor`, padded to a multiple of `bucket` samples (None: the extractor's own
+    padding). The soft tokens are counted by `model`'s audio encoder's mask, as the processor counts them."""
+    import numpy as np
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    generator = np.random.default_rng(seed)
+    clips = [(0.1 * generator.standard_normal(int(16000 * s))).astype(np.float32) for s in seconds]
+    features = Gemma4AudioFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt",
+                                             pad_to_multiple_of=bucket)
+    features, mask = features["input_features"], features["input_features_mask"]
+    tower = model.model.audio_tower
+    weight = next(tower.parameters())
+    with torch.no_grad():
+        kept = tower(features.to(weight.device, weight.dtype), mask.to(weight.device)).attention_mask
+    return features.to(device, dtype), mask.to(device), kept.sum(-1).tolist()
 
 
 def prompt(config, text_tokens: int, image_tokens=(), audio_tokens=(), *, generator=None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """CUDA graph runtime on CUDA: replays equal eager, held outputs survive, memory stays bounded, `generate` keeps
 its tokens (run on the GPU machine: `python -m pytest tests/test_gpu_runtime.py -q`)."""
 
+import collections
 import random
+import unittest.mock
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ from transformers import CompileConfig, StaticCache
 
 import gemma4_fx
 from gemma4_fx.presets import cache_kwargs
+from gemma4_fx.runtime.cudagraphs import CapturedPiece, PieceGraph
 
 pytestmark = pytest.mark.gpu
 
@@ -100,6 +103,90 @@ def test_prefill_with_a_dynamic_cache_replays_what_it_ran(dtype):
     config = model.config
     whole = config.num_hidden_layers - config.num_kv_shared_layers - 1
     assert stats.graphs == 2 * (whole + 1)
+
+
+def test_a_multimodal_prefill_syncs_before_its_layers_run():
+    """tiny-e4b with two images through the default runtime: the host reads the pooler's valid patches, the images'
+    soft-token counts and the image placeholders (`runtime.split._hoist_host_syncs`) before any graph but the one
+    that computes those masks has run, and the replays give eager's logits."""
+    from test_multimodal import model_inputs
+
+    model = gemma4_fx.build_model("tiny-e4b", multimodal=True, device="cuda")
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)])
+    input_ids, inputs = input_ids.cuda(), {name: x.cuda() for name, x in inputs.items()}
+    compiled = torch.compile(model, backend=gemma4_fx.Gemma4Backend())
+    events, replay = [], PieceGraph.replay  # CUDAGraph.replay is bound at capture: record the piece's replay
+
+    def recorded_replay(piece, args):
+        events.append("replay")
+        return replay(piece, args)
+
+    with torch.no_grad(), gemma4_fx.capture_data_dependent_ops():
+        expected = model(input_ids, **inputs, logits_to_keep=1).logits
+        for _ in range(3):  # run, capture, replay
+            logits = compiled(input_ids, **inputs, logits_to_keep=1).logits
+        assert_close(logits, expected)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(), unittest.mock.patch.object(PieceGraph, "replay", recorded_replay):
+                warnings.simplefilter("always")
+                warnings.showwarning = lambda message, *args, **kwargs: events.append(
+                    "sync" if "synchroniz" in str(message) else "other")
+                logits = compiled(input_ids, **inputs, logits_to_keep=1).logits  # compared below: comparing syncs
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert_close(logits, expected)
+    syncs = [index for index, event in enumerate(events) if event == "sync"]
+    assert len(syncs) >= 4 and events.count("replay") > 2, events
+    assert events[:syncs[-1]].count("replay") <= 1, events
+
+
+@pytest.mark.parametrize("tower", ["vision_tower", "audio_tower"])
+def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch, tower):
+    """The CPU test of the same name with Inductor's pieces and real CUDA graphs: images padded to a patch budget and
+    clips to a length bucket size the encoder alone, so its graphs are captured on a size's second request and
+    replayed for every later one, whatever the prompt's length; every request gives eager's logits."""
+    from test_multimodal import ENCODER_REQUESTS, encoder_graphs, model_inputs, run
+
+    preset, requests = ENCODER_REQUESTS[tower]
+    encoder_pieces, split_graph, call = set(), gemma4_fx.backend.split_graph, CapturedPiece.__call__
+
+    def recorded_split(gm, *args, **kwargs):
+        split = split_graph(gm, *args, **kwargs)
+        encoder_pieces.update((id(split.module), piece.name) for piece in split.captured if any(
+            tower in str(node.meta.get("nn_module_stack")) for node in piece.module.graph.nodes))
+        return split
+
+    graphs = collections.Counter()  # (encoder piece?, "captures" / "replays")
+
+    def recorded_call(piece, *args):
+        stats = piece.runner.stats
+        captures, replays = stats.captures, stats.replays
+        out = call(piece, *args)
+        encoder = (id(piece.runner.module), piece.name) in encoder_pieces
+        graphs[encoder, "captures"] += stats.captures - captures
+        graphs[encoder, "replays"] += stats.replays - replays
+        return out
+
+    monkeypatch.setattr(gemma4_fx.backend, "split_graph", recorded_split)
+    monkeypatch.setattr(CapturedPiece, "__call__", recorded_call)
+    model = gemma4_fx.build_model(preset, multimodal=True, device="cuda")
+    compiled = torch.compile(model, backend=gemma4_fx.Gemma4Backend())
+    sizes, counts = [], []
+    for seed, request in enumerate(requests):
+        input_ids, inputs = model_inputs(model, seed=seed, **request)
+        input_ids, inputs = input_ids.cuda(), {name: x.cuda() for name, x in inputs.items()}
+        # one graph for all: the prompt's length and the clips' frames sized symbolically from the first request
+        torch._dynamo.mark_dynamic(input_ids, 1)
+        for name in ("input_features", "input_features_mask"):
+            if name in inputs:
+                torch._dynamo.mark_dynamic(inputs[name], 1)
+        logits, expected = run(model, None, input_ids, inputs, compiled)
+        assert_close(logits, expected)
+        sizes.append(tuple(inputs["pixel_values" if tower == "vision_tower" else "input_features"].shape))
+        counts.append((graphs[True, "captures"], graphs[True, "replays"]))
+    assert graphs[False, "replays"] == 0, graphs  # the language model's pieces: every prompt's length was new
+    assert counts == encoder_graphs(sizes, pieces=counts[1][0]), (sizes, counts)
 
 
 def test_float_inputs_are_captured_as_guarded_constants():

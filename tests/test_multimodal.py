@@ -8,33 +8,18 @@ transformers' image processor needs torchvision or PIL, which the tests do witho
 images out as it does. Audio goes through transformers' own `Gemma4AudioFeatureExtractor` (numpy only).
 """
 
-import numpy as np
 import pytest
 import torch
-from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.utils.import_utils import torch_compilable_check
 
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, build_model
 import gemma4_fx.runtime.cudagraphs as cudagraphs
-from gemma4_fx.multimodal import AUDIO_BUCKET_SAMPLES, image_inputs, prompt
+from gemma4_fx.multimodal import AUDIO_BUCKET_SAMPLES, audio_inputs, image_inputs, prompt
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime
 from helpers import YocoOnly, attention_query_rows, fake_capture, runner_backend
 
 TOLERANCE = 2e-5  # of max |logits|, fp32
-
-
-def audio_inputs(model, seconds, seed=0, bucket=AUDIO_BUCKET_SAMPLES):
-    """(input_features, input_features_mask, soft tokens per clip) of random clips `seconds` long, through the
-    feature extractor, padded to a multiple of `bucket` samples as the README says to (None: the extractor's
-    default); the soft tokens are counted by the audio encoder's own mask."""
-    generator = np.random.default_rng(seed)
-    clips = [(0.1 * generator.standard_normal(int(16000 * s))).astype(np.float32) for s in seconds]
-    features = Gemma4AudioFeatureExtractor()(clips, sampling_rate=16000, return_tensors="pt",
-                                             pad_to_multiple_of=bucket)
-    with torch.no_grad():
-        mask = model.model.audio_tower(features["input_features"], features["input_features_mask"]).attention_mask
-    return features["input_features"], features["input_features_mask"], mask.sum(-1).tolist()
 
 
 def assert_close(out, expected):
@@ -63,7 +48,7 @@ def model_inputs(model, images=(), audio=(), seed=0, words=6):
         pixel_values, positions, image_tokens = image_inputs(model.config.vision_config, images, generator=generator)
         inputs.update(pixel_values=pixel_values, image_position_ids=positions)
     if audio:
-        features, mask, audio_tokens = audio_inputs(model, audio, seed)
+        features, mask, audio_tokens = audio_inputs(model, audio, seed=seed)
         inputs.update(input_features=features, input_features_mask=mask)
     return prompt(model.config, words, image_tokens, audio_tokens, generator=generator), inputs
 
@@ -342,14 +327,20 @@ def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch, tower):
         sizes.append(tuple(inputs["pixel_values" if tower == "vision_tower" else "input_features"].shape))
         counts.append((runtime.stats.captures, runtime.stats.replays))
     assert all(captured) and captured, captured  # no language-model piece: every prompt's length was new
-    pieces = counts[1][0]  # the encoder's pieces, captured once its size came back
+    assert len(set(sizes)) > 1 or tower == "vision_tower", sizes
+    assert counts == encoder_graphs(sizes, pieces=counts[1][0]), (sizes, counts)
+
+
+def encoder_graphs(sizes, pieces):
+    """The cumulative (captures, replays) after each request whose encoder input has these `sizes`, for an encoder of
+    `pieces` captured pieces: captured on a size's second request, replayed on it and on every later one."""
+    assert pieces > 0, "no encoder piece was captured on the second request"
     expected, seen = [], {}
     for size in sizes:
         seen[size] = seen.get(size, 0) + 1
         previous = expected[-1] if expected else (0, 0)
         expected.append((previous[0] + pieces * (seen[size] == 2), previous[1] + pieces * (seen[size] >= 2)))
-    assert len(set(sizes)) > 1 or tower == "vision_tower", sizes
-    assert pieces > 0 and counts == expected, (sizes, counts)
+    return expected
 
 
 def test_compiles_stop_after_warm_up():
