@@ -52,7 +52,7 @@ from benchmarks.common import (copy_bandwidth, image_prompt, kernel_profile, mar
 
 # "gemma4_fx auto, no <what>": the backend without these rewrites, to time what they gain
 LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("decode_attention",),
-            "singles": ("skinny_single",), "slide_window": ("slide_window",)}
+            "singles": ("skinny_single",), "slide_window": ("slide_window",), "rotary_table": ("rotary_table",)}
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
             *(f"gemma4_fx auto, no {what}" for what in LEFT_OUT))
 GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.generate")
