@@ -253,7 +253,7 @@ def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> torch.fx.Node | 
     their copies to the device (a number made a tensor there is a fill on the device by then:
     `_fill_constants_on_device`). Returns the last node of the top (None if the graph has no input)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
-    written = {node.args[0] for node in graph.nodes if writes_in_place(node)}
+    written = _written(list(graph.nodes))
     hoisted = {node for node in placeholders if on_host(example_value(node)) and node not in written}
     anchor = placeholders[-1] if placeholders else None
     for node in list(graph.nodes):
