@@ -112,8 +112,7 @@ def test_a_multimodal_prefill_syncs_before_its_layers_run():
     from test_multimodal import model_inputs
 
     model = gemma4_fx.build_model("tiny-e4b", multimodal=True, device="cuda")
-    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)])
-    input_ids, inputs = input_ids.cuda(), {name: x.cuda() for name, x in inputs.items()}
+    input_ids, inputs = model_inputs(model, images=[(48, 72), (36, 24)], device="cuda")
     compiled = torch.compile(model, backend=gemma4_fx.Gemma4Backend())
     events, replay = [], PieceGraph.replay  # CUDAGraph.replay is bound at capture: record the piece's replay
 
@@ -146,15 +145,15 @@ def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch, tower):
     """The CPU test of the same name with Inductor's pieces and real CUDA graphs: images padded to a patch budget and
     clips to a length bucket size the encoder alone, so its graphs are captured on a size's second request and
     replayed for every later one, whatever the prompt's length; every request gives eager's logits."""
-    from test_multimodal import ENCODER_REQUESTS, encoder_graphs, model_inputs, run
+    from test_multimodal import ENCODER_REQUESTS, encoder_graphs, holds, model_inputs, run
 
     preset, requests = ENCODER_REQUESTS[tower]
     encoder_pieces, split_graph, call = set(), gemma4_fx.backend.split_graph, CapturedPiece.__call__
 
     def recorded_split(gm, *args, **kwargs):
         split = split_graph(gm, *args, **kwargs)
-        encoder_pieces.update((id(split.module), piece.name) for piece in split.captured if any(
-            tower in str(node.meta.get("nn_module_stack")) for node in piece.module.graph.nodes))
+        encoder_pieces.update((id(split.module), piece.name) for piece in split.captured
+                              if holds(piece.module, tower))
         return split
 
     graphs = collections.Counter()  # (encoder piece?, "captures" / "replays")
@@ -174,8 +173,7 @@ def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch, tower):
     compiled = torch.compile(model, backend=gemma4_fx.Gemma4Backend())
     sizes, counts = [], []
     for seed, request in enumerate(requests):
-        input_ids, inputs = model_inputs(model, seed=seed, **request)
-        input_ids, inputs = input_ids.cuda(), {name: x.cuda() for name, x in inputs.items()}
+        input_ids, inputs = model_inputs(model, seed=seed, device="cuda", **request)
         # one graph for all: the prompt's length and the clips' frames sized symbolically from the first request
         torch._dynamo.mark_dynamic(input_ids, 1)
         for name in ("input_features", "input_features_mask"):

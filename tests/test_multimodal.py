@@ -39,18 +39,24 @@ def language_model_matches(report):
     return counts
 
 
-def model_inputs(model, images=(), audio=(), seed=0, words=6):
+def model_inputs(model, images=(), audio=(), seed=0, words=6, device="cpu"):
     """(input_ids, the encoders' inputs) of a prompt with `images` (sizes) and `audio` clips (seconds) between
-    `words` random words."""
+    `words` random words, on `device`."""
     inputs, image_tokens, audio_tokens = {}, [], []
     generator = torch.Generator().manual_seed(seed)
     if images:
-        pixel_values, positions, image_tokens = image_inputs(model.config.vision_config, images, generator=generator)
+        pixel_values, positions, image_tokens = image_inputs(model.config.vision_config, images, generator=generator,
+                                                             device=device)
         inputs.update(pixel_values=pixel_values, image_position_ids=positions)
     if audio:
-        features, mask, audio_tokens = audio_inputs(model, audio, seed=seed)
+        features, mask, audio_tokens = audio_inputs(model, audio, seed=seed, device=device)
         inputs.update(input_features=features, input_features_mask=mask)
-    return prompt(model.config, words, image_tokens, audio_tokens, generator=generator), inputs
+    return prompt(model.config, words, image_tokens, audio_tokens, generator=generator).to(device), inputs
+
+
+def holds(piece: torch.fx.GraphModule, module: str) -> bool:
+    """Whether any node of `piece` comes from a module whose path contains `module` (e.g. "audio_tower")."""
+    return any(module in str(node.meta.get("nn_module_stack")) for node in piece.graph.nodes)
 
 
 def as_text(model, input_ids):
@@ -313,7 +319,7 @@ def test_encoder_graphs_replay_for_prompts_of_any_length(monkeypatch, tower):
     captured = []
 
     def capture(fn, args, pool):
-        captured.append(any(tower in str(node.meta.get("nn_module_stack")) for node in fn.graph.nodes))
+        captured.append(holds(fn, tower))
         return fake_capture(fn, args, pool)
 
     monkeypatch.setattr(cudagraphs, "_capture", capture)
