@@ -35,7 +35,8 @@ each sequence, compiled and run under `gemma4_fx.capture_data_dependent_ops()` (
 on the one graph Inductor's CUDA graph trees fail (torch 2.11: an `AssertionError`, a graph input neither tensor nor
 int), so it gets Dynamo's default graph breaks (with which it ran at 1 image; 4 images failed either way). The
 vision encoder alone (`get_image_features`, compiled by the same variant) is timed too, for its share of the
-prefill. The floor counts the language model only.
+prefill. With images the floor counts the prompt's rows as the language model sees them (each image's soft tokens
+included) and the vision encoder's linears over its patches (padding patches included, as it computes them).
 Several counts (`--images 1 4`) pair with the shapes, one each; every (variant, count) is a job of its own.
 """
 
@@ -120,9 +121,9 @@ def matmul_tflops(device, dtype) -> float:
     return 2 * size**3 / ms / 1e9
 
 
-def matmul_weights(model) -> tuple[int, int, int]:
-    """(weights every token goes through, of those the ones in the KV-shared layers, the LM head's): the language
-    model's linear layers only; embedding lookups touch one row per token."""
+def matmul_weights(model) -> tuple[int, int, int, int]:
+    """(weights every token goes through, of those the ones in the KV-shared layers, the LM head's, the vision
+    encoder's that every patch goes through): linear layers only; embedding lookups touch one row per token."""
     text = model.config.get_text_config()
     first_shared = text.num_hidden_layers - text.num_kv_shared_layers
     language_model = "model.language_model." if hasattr(model.model, "language_model") else "model."
@@ -134,12 +135,15 @@ def matmul_weights(model) -> tuple[int, int, int]:
         parts = name[len(language_model):].split(".")
         if parts[0] == "layers" and int(parts[1]) >= first_shared:
             shared += module.weight.numel()
-    return every, shared, model.lm_head.weight.numel()
+    vision = getattr(model.model, "vision_tower", None)
+    encoder = sum(m.weight.numel() for m in vision.modules() if isinstance(m, torch.nn.Linear)) if vision else 0
+    return every, shared, model.lm_head.weight.numel(), encoder
 
 
-def floor_ms(weights, batch: int, tokens: int, tflops: float, yoco: bool) -> float:
-    every, shared, head = weights
-    flops = 2 * (every * batch * tokens + head * batch)
+def floor_ms(weights, batch: int, tokens: int, tflops: float, yoco: bool, patches: int = 0) -> float:
+    """`tokens` per sequence through the language model, `patches` in all through the vision encoder."""
+    every, shared, head, encoder = weights
+    flops = 2 * (every * batch * tokens + head * batch + encoder * patches)
     if yoco:
         flops -= 2 * shared * batch * (tokens - 1)
     return flops / tflops / 1e9
@@ -184,7 +188,8 @@ def job(spec, turn) -> dict:
         logits = prefill()
         synchronize(device)
         out = result["shapes"][shape] = {"first_call_s": time.perf_counter() - begin, "cuda_graph": False,
-                                         "logits": logits.float().cpu().numpy()}
+                                         "logits": logits.float().cpu().numpy(), "rows": input_ids.shape[1],
+                                         "patches": images["pixel_values"].shape[:2].numel() if images else 0}
         runs[shape] = prefill
         if args.cuda_graph and compiler is not None and mode is None and device.type == "cuda":
             try:
@@ -249,8 +254,8 @@ def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: f
                        batch=shape[0], tokens=shape[1], images=images, ms=out["ms"], encoder_ms=out.get("encoder_ms"),
                        timed_alone=out["timed_alone"], gpu_busy_ms=out.get("gpu_busy_ms"),
                        first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
-                       floor_ms=floor_ms(weights, *shape, tflops, yoco=False),
-                       floor_yoco_ms=floor_ms(weights, *shape, tflops, yoco=True))
+                       floor_ms=floor_ms(weights, shape[0], out["rows"], tflops, False, out["patches"]),
+                       floor_yoco_ms=floor_ms(weights, shape[0], out["rows"], tflops, True, out["patches"]))
             reference = REFERENCE.get(variant) if (REFERENCE.get(variant), shape, images) in logits else "eager"
             if variant != "eager" and (reference, shape, images) in logits:
                 expected = torch.from_numpy(logits[(reference, shape, images)]).double()

@@ -271,6 +271,38 @@ def test_a_mask_is_made_ready_once():
     torch.testing.assert_close(gm(*example)[0], layers(q, k, v, mask, other), rtol=0, atol=0)
 
 
+def test_sdpa_left_alone_gets_its_bool_mask_made_additive_once():
+    """SDPA calls the pass leaves alone (a padding mask, as the vision encoder's) share one additive mask per mask
+    and query dtype, made before the first of them, where SDPA made it at every call; the outputs are SDPA's, bit for
+    bit, rows with no visible key (the second sequence's) included."""
+    from gemma4_fx.passes import prefill_attention
+    from gemma4_fx.replacements.prefill_attention import sdpa_additive_mask
+
+    def layers(q, k, v):
+        mask = k[:, :1, None, :, 0] > 0.0  # per key only: left to SDPA
+        for _ in range(3):
+            q = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) + q
+        half = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask,
+                                              enable_gqa=True)
+        return q, half
+
+    q, k, v, _, _ = inputs(2, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    k[1, :, :, 0] = -1.0  # the second sequence sees no key
+    gm, example = dynamo_graph(layers, q, k, v)
+    gm = prefill_attention.apply(gm)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    made = [n for n in nodes if n.target is sdpa_additive_mask]
+    attentions = [n for n in nodes if n.target is F.scaled_dot_product_attention]
+    assert [n.args[1] for n in made] == [torch.float32, torch.bfloat16] and len(attentions) == 4, gm.code
+    for attention, index in zip(attentions, (0, 0, 0, 1)):
+        assert attention.kwargs["attn_mask"] is made[index], gm.code
+        assert nodes.index(made[index]) < nodes.index(attention)
+    assert all("example_value" in n.meta for n in made)
+    for got, expected in zip(gm(*example), layers(q, k, v)):
+        assert torch.equal(got, expected)
+    assert not layers(q, k, v)[1][1].any()  # SDPA's zeros where no key is visible, kept
+
+
 @pytest.mark.parametrize("preset", ["tiny-26b-a4b", "tiny-e4b"])
 def test_prefill_through_the_backend(preset):
     """A prefill through the backend: every attention of the prompt rewritten (sliding layers' masks, global layers'

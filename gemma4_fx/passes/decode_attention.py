@@ -26,7 +26,7 @@ from ..replacements import decode_attention as ops
 from ..report import Report, node_location
 
 NAME = "decode_attention"
-_SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 _RESHAPES = ("reshape", "view")
 
 
@@ -99,7 +99,7 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, name: str, op, check_inputs, *, takes
     (of the mask node) gives no reason not to; the others that `takes` are left alone with the reason in `report`
     under `name`. Shared by the decode and prefill passes."""
     graph = gm.graph
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _SDPA]:
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA]:
         args = _arguments(node)
         q = value(args["query"])
         if not (isinstance(q, torch.Tensor) and q.dim() == 4 and takes(q.shape[2])):

@@ -16,7 +16,17 @@ for the kernel (rows aligned, the keys each block of rows sees) once, before its
     out = prefill_attention(q, k_cache, v_cache, ready, scale, causal, ranges)
 
 a prompt's sliding layers read one mask, and its global layers another: made ready per call instead, each layer
-would read its mask twice and, between CUDA graphs, launch two kernels more from the host.
+would read its mask twice and, between CUDA graphs, launch two kernels more from the host. A bool mask of the SDPA
+calls left alone is made ready for SDPA the same way, once:
+
+    additive = sdpa_additive_mask(mask, q.dtype)                       # 0 where True, -inf where False
+    out = scaled_dot_product_attention(q, k, v, attn_mask=additive, ...)
+
+which is the conversion SDPA itself runs at every call (two kernels and their host work per layer, between CUDA
+graphs: the vision encoder's 16 layers share one padding mask), so each call computes what it did. One exception:
+a query row that sees no key gets zeros, SDPA's rule on every backend, where torch 2.11's cuDNN kernel converts a bool
+mask with a finite fill and so attends to every key of such a row (pytorch#177842). Gemma-4's masks leave such rows
+only at padding (a left-padded batch), whose outputs no other row reads.
 
 Left alone (with the reason): one query row (`decode_attention`'s), dropout, a mask with `is_causal`, a mask that is
 not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`), and
@@ -35,7 +45,7 @@ import torch
 from ..fx_utils import op_name, value
 from ..replacements import prefill_attention as ops
 from ..report import Report
-from .decode_attention import rewrite_sdpa
+from .decode_attention import SDPA, rewrite_sdpa
 
 NAME = "prefill_attention"
 _ORDERINGS = ("le", "lt", "ge", "gt")
@@ -56,7 +66,8 @@ def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
         if node.op == "placeholder" and getattr(value(node), "dtype", None) == torch.bool:
             return None
         stack.extend(node.all_input_nodes)
-    return "a mask with no key/query ordering (bidirectional or padding): no key block to skip, SDPA is faster"
+    return ("a mask with no key/query ordering (bidirectional or padding): no key block to skip, SDPA is faster "
+            "(its mask made additive once)")
 
 
 def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,
@@ -71,21 +82,40 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
 
 
 def _ready_masks_once(graph: torch.fx.Graph) -> None:
-    """One `prefill_attention_mask` per mask node, before the first attention over it; every attention over the
-    mask reads what it made."""
-    over: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    """Each mask made ready once, before the first attention over it, for the attention that reads it: ours
+    (`prefill_attention_mask`), or SDPA's (a bool mask made additive, per query dtype); every attention over the
+    mask reads what was made."""
+    over: dict[tuple, list[torch.fx.Node]] = {}
     for node in graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.prefill_attention.default):
         if isinstance(node.args[3], torch.fx.Node):
-            over.setdefault(node.args[3], []).append(node)
-    for mask, attentions in over.items():
+            over.setdefault((node.args[3], None), []).append(node)
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA]:
+        mask, query = (node.kwargs.get(name, node.args[i] if len(node.args) > i else None)
+                       for i, name in ((3, "attn_mask"), (0, "query")))
+        if isinstance(mask, torch.fx.Node) and getattr(value(mask), "dtype", None) == torch.bool \
+                and isinstance(value(query), torch.Tensor) and value(query).is_floating_point():
+            over.setdefault((mask, value(query).dtype), []).append(node)
+    for (mask, dtype), attentions in over.items():
         with graph.inserting_before(attentions[0]):
-            made = graph.call_function(torch.ops.gemma4_fx.prefill_attention_mask.default, (mask,))
-            ready, ranges = (graph.call_function(operator.getitem, (made, index)) for index in range(2))
+            if dtype is None:
+                made = graph.call_function(torch.ops.gemma4_fx.prefill_attention_mask.default, (mask,))
+                ready, ranges = (graph.call_function(operator.getitem, (made, index)) for index in range(2))
+            else:
+                made = ready = graph.call_function(ops.sdpa_additive_mask, (mask, dtype))
+        made.meta.update({key: mask.meta[key] for key in ("stack_trace", "nn_module_stack") if key in mask.meta})
         fake_mode = getattr(value(mask), "fake_mode", None)
         if fake_mode is not None:  # example values, as Dynamo's nodes carry them (the runtime's split reads them)
             with fake_mode:
-                outputs = torch.ops.gemma4_fx.prefill_attention_mask.default(value(mask))
+                if dtype is None:
+                    outputs = torch.ops.gemma4_fx.prefill_attention_mask.default(value(mask))
+                    ready.meta["example_value"], ranges.meta["example_value"] = outputs
+                else:
+                    outputs = ops.sdpa_additive_mask(value(mask), dtype)
             made.meta["example_value"] = outputs
-            ready.meta["example_value"], ranges.meta["example_value"] = outputs
         for attention in attentions:
-            attention.args = (*attention.args[:3], ready, *attention.args[4:6], ranges)
+            if dtype is None:
+                attention.args = (*attention.args[:3], ready, *attention.args[4:6], ranges)
+            elif "attn_mask" in attention.kwargs:
+                attention.kwargs = {**attention.kwargs, "attn_mask": ready}
+            else:
+                attention.args = (*attention.args[:3], ready, *attention.args[4:])

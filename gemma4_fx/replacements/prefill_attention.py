@@ -226,6 +226,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, ca
                                                             enable_gqa=True).contiguous()  # as the fake says
 
 
+def sdpa_additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive mask SDPA makes of a bool mask at every call (0 where True, -inf where False, in the query's
+    dtype): made once, it serves every SDPA call over `mask` with the same result."""
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(mask.logical_not(), float("-inf"))
+
+
 def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ranges: Tensor | None, scale: float, causal: bool,
             tiles: dict, out: Tensor | None) -> Tensor:
     batch, heads, rows, dim = q.shape
