@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from transformers import StaticCache
 
@@ -20,6 +21,7 @@ import gemma4_fx.runtime.cudagraphs as cudagraphs
 from gemma4_fx import Gemma4Backend
 from gemma4_fx.presets import cache_kwargs
 from gemma4_fx.passes import yoco
+from gemma4_fx.fx_utils import value as example_value
 from gemma4_fx.report import Report
 from gemma4_fx.runtime.cudagraphs import CUDAGraphRuntime, GraphPool, GraphRunner, mutated_inputs, shape_inputs
 from gemma4_fx.replacements.launch import BETWEEN_GRAPHS
@@ -543,6 +545,45 @@ def test_float_inputs_end_as_guarded_constants():
             torch.testing.assert_close(compiled(x, scale), module(x, scale))
     assert list(backend.graph_reports) == ["graph_0", "graph_1"]  # 2.0 recompiled; 0.5 found its graph again
     assert not backend.report.fallbacks
+
+
+def test_arithmetic_on_baked_floats_is_folded_before_the_split():
+    """The audio encoder clips to `min(self.gradient_clipping, finfo.max)`: under dynamic=True, arithmetic on a float
+    input that bakes into a number. It folds into constants, so no piece asks `split_module` for the float's symbol
+    (torch 2.11 on CUDA: `KeyError: zf44`); "meta" stands in for the GPU, the cut for the attention between."""
+
+    def clipped(x, clip: float):
+        bound = min(clip, torch.finfo(x.dtype).max)
+        y = torch.sin(x.cos() * 3)
+        return torch.clamp(y, -bound, bound) * 2
+
+    gm, inputs = dynamo_graph(clipped, torch.randn(8, 4, device="meta"), 0.5, dynamic=True)
+    assert sorted(bake_float_inputs(gm, inputs).values()) == [0.5]
+    assert not any(isinstance(example_value(node), torch.SymFloat) for node in gm.graph.nodes), gm.code
+    split = split_graph(gm, extra_ops=(torch.sin,))
+    assert [piece.captured for piece in split.pieces] == [True, False, True]
+    [clamp] = [node for piece in split.pieces for node in piece.module.graph.nodes if node.target is torch.clamp]
+    assert clamp.args[1:] == (-0.5, 0.5)
+
+
+def test_a_vmap_stays_whole_in_one_piece():
+    """transformers builds its masks with vmap, which Dynamo traces as levels entered and left around the batched ops
+    (the audio encoder's under dynamic=True). Entering a level takes only a size, yet it must not move to the top: the
+    ops between would run outside their level (torch 2.11 on CUDA: "NYI: querying is_contiguous inside of vmap",
+    compiling a piece that has the batched ops without their level); "meta" stands in for the GPU."""
+
+    def masked(x):
+        y = F.scaled_dot_product_attention(x[None], x[None], x[None])[0]  # a cut above the vmap
+        positions = torch.arange(x.shape[0], device=x.device)
+        visible = torch.vmap(lambda row: positions <= row)(positions)
+        return torch.relu(y) @ x.T * visible
+
+    x = torch.randn(6, 4, device="meta")
+    gm, inputs = dynamo_graph(masked, x, dynamic=True)
+    split = split_graph(gm)
+    levels = [[node.target.__name__ for node in piece.module.graph.nodes
+               if "vmap_" in getattr(node.target, "__name__", "")] for piece in split.pieces]
+    assert [names for names in levels if names] == [["_vmap_increment_nesting", "_vmap_decrement_nesting"]], levels
 
 
 def test_copies_to_the_device_run_between_graphs_from_the_top():

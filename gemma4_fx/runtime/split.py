@@ -48,7 +48,11 @@ _COSTLY = MATMULS | {"linear", "conv1d", "conv2d", "conv3d", "einsum", "addmm", 
                      "scaled_dot_product_attention"}
 _RANDOM = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "exponential")
 _ENTER_AUTOCAST, _EXIT_AUTOCAST = torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast
-_GLOBAL_STATE = {torch._C._set_grad_enabled, _ENTER_AUTOCAST, _EXIT_AUTOCAST}
+# vmap as Dynamo traces it (transformers' masks under dynamic shapes): its levels are global state that the ops between
+# entering and leaving them run in.
+_ENTER_VMAP = torch._functorch.predispatch._vmap_increment_nesting
+_EXIT_VMAP = torch._functorch.predispatch._vmap_decrement_nesting
+_GLOBAL_STATE = {torch._C._set_grad_enabled, _ENTER_AUTOCAST, _EXIT_AUTOCAST, _ENTER_VMAP, _EXIT_VMAP}
 
 
 @dataclass
@@ -252,14 +256,15 @@ def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> torch.fx.Node | 
     graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and CPU tensors with
     their copies to the device (a number made a tensor there is a fill on the device by then:
     `_fill_constants_on_device`). Returns the last node of the top (None if the graph has no input)."""
-    placeholders = list(graph.find_nodes(op="placeholder"))
-    written = _written(list(graph.nodes))
+    placeholders, nodes = list(graph.find_nodes(op="placeholder")), list(graph.nodes)
+    written, modes = _written(nodes), _global_modes(nodes)
     hoisted = {node for node in placeholders if on_host(example_value(node)) and node not in written}
     anchor = placeholders[-1] if placeholders else None
-    for node in list(graph.nodes):
+    for node in nodes:
         inputs = node.all_input_nodes
         if anchor is None or node.op not in ("call_function", "call_method") or node in written \
-                or writes_in_place(node) or not all(arg in hoisted and on_host(example_value(arg)) for arg in inputs):
+                or writes_in_place(node) or node.target in _GLOBAL_STATE or modes[node] != modes[anchor] \
+                or not all(arg in hoisted and on_host(example_value(arg)) for arg in inputs):
             continue
         out = example_value(node)
         if isinstance(out, torch.Tensor):  # made on the CPU, or copied from there
@@ -367,8 +372,8 @@ def _written(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
 
 
 def _global_modes(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
-    """For each node, the grad mode and autocast regions it runs in, as far as the graph sets them."""
-    modes, regions, grad = {}, [], None
+    """For each node, the grad mode, autocast regions and vmap levels it runs in, as far as the graph sets them."""
+    modes, regions, grad, levels = {}, [], None, 0
     for node in nodes:
         if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
             grad = node.args
@@ -376,7 +381,8 @@ def _global_modes(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
             regions.append(node)
         elif node.op == "call_function" and node.target is _EXIT_AUTOCAST and node.args and node.args[0] in regions:
             regions.remove(node.args[0])
-        modes[node] = (tuple(regions), grad)
+        levels += (node.op == "call_function" and node.target is _ENTER_VMAP) - (node.target is _EXIT_VMAP)
+        modes[node] = (tuple(regions), grad, levels)
     return modes
 
 
@@ -390,7 +396,9 @@ def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, flo
     that the graph reads with `.item()`; Inductor may move one to the device with a blocking copy, which no CUDA graph
     can hold. Replace each read by its value in `example_inputs` and return {input position: value}. Compiling the
     result makes Inductor's float pass find those floats unread and have Dynamo trace again with them specialised
-    (constants, guarded on their values), which is what keeps this sound."""
+    (constants, guarded on their values), which is what keeps this sound. Arithmetic on the values alone
+    (`min(clip, finfo.max)`, `-clip`: the audio encoder's gradient clipping) is folded too: its example value still
+    names the float's symbol, which `split_module` would look for where no node defines it any more."""
     baked = {}
     for index, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
         if not (isinstance(example, torch.Tensor) and example.device.type == "cpu" and example.ndim == 0
@@ -405,8 +413,23 @@ def bake_float_inputs(gm: torch.fx.GraphModule, example_inputs) -> dict[int, flo
             gm.graph.erase_node(read)
         baked[index] = number
     if baked:
+        _fold_scalar_arithmetic(gm.graph)
         gm.recompile()
     return baked
+
+
+def _fold_scalar_arithmetic(graph: torch.fx.Graph) -> None:
+    """Compute each function of constants alone that makes a number (not a tensor), in graph order, so that
+    arithmetic over folded numbers folds in turn."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.all_input_nodes \
+                or not isinstance(example_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+            continue
+        number = node.target(*node.args, **node.kwargs)
+        for user in list(node.users):
+            user.args, user.kwargs = torch.fx.node.map_arg((user.args, user.kwargs),
+                                                           lambda arg: number if arg is node else arg)
+        graph.erase_node(node)
 
 
 def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra_ops=()) -> SplitGraph:
