@@ -9,6 +9,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 MATMULS = frozenset({"bmm", "matmul", "mm"})  # by `op_name`: torch.matmul, `a @ b`, x.bmm(y), aten.mm...
+SDPA = frozenset({torch.nn.functional.scaled_dot_product_attention,  # Dynamo's graphs call it so; aten's, make_fx's
+                  torch.ops.aten.scaled_dot_product_attention.default})
 # Ops whose output may share storage with their first input (an in-place op on it would write through).
 ALIASING = frozenset({"contiguous", "detach", "expand", "float", "getitem", "half", "bfloat16", "permute",
                       "reshape", "squeeze", "to", "transpose", "type_as", "unsqueeze", "view"})

@@ -19,14 +19,12 @@ sizes its grid from the tensors it gets (Dynamo makes the batch symbolic at a de
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..fx_utils import node_calls, value
+from ..fx_utils import SDPA, node_calls, value
 from ..replacements import decode_attention as ops
 from ..report import Report, node_location
 
 NAME = "decode_attention"
-SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 _RESHAPES = ("reshape", "view")
 
 

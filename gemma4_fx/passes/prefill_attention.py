@@ -42,10 +42,10 @@ import operator
 
 import torch
 
-from ..fx_utils import op_name, value
+from ..fx_utils import SDPA, op_name, value
 from ..replacements import prefill_attention as ops
 from ..report import Report
-from .decode_attention import SDPA, rewrite_sdpa
+from .decode_attention import rewrite_sdpa
 
 NAME = "prefill_attention"
 _ORDERINGS = ("le", "lt", "ge", "gt")

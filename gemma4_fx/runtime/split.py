@@ -24,11 +24,10 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols, statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from ..fx_utils import ALIASING, MATMULS, is_op, method_name, on_host, op_name, qualified_name, \
+from ..fx_utils import ALIASING, MATMULS, SDPA, is_op, method_name, on_host, op_name, qualified_name, \
     value as example_value, writes_in_place
 from ..replacements.launch import BETWEEN_GRAPHS
 
-_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
 _ATTENTION_OPS = ("gemma4_fx::decode_attention", "gemma4_fx::prefill_attention")  # ours (not post_attn_norm)
 _SOFTMAXES = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.ops.aten._softmax.default,
@@ -83,7 +82,7 @@ def is_attention(node: torch.fx.Node, extra_ops=()) -> bool:
         return False
     target = node.target
     name = qualified_name(target)
-    if target in _ATTENTION_FUNCTIONS or target is torch.ops.higher_order.flex_attention:
+    if target in SDPA or target is torch.ops.higher_order.flex_attention:
         return True
     if _listed(node, extra_ops) or _listed(node, _ATTENTION_OPS):
         return True
@@ -209,7 +208,7 @@ def attention_shapes(graph: torch.fx.Graph, extra_ops=()) -> list[Attention]:
         if is_attention(node, extra_ops):
             query, keys = (node.args[i] if len(node.args) > i else node.kwargs.get(name)
                            for i, name in enumerate(("query", "key")))
-            known = node.target in _ATTENTION_FUNCTIONS or _listed(node, _ATTENTION_OPS)
+            known = node.target in SDPA or _listed(node, _ATTENTION_OPS)
             found.append(Attention(node, node, _size(query, -2), _size(keys, -2) if known else None))
         elif is_op(node, _SOFTMAXES) and (span := eager_attention_span(node)):
             scores, values = span
@@ -381,7 +380,8 @@ def _global_modes(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
             regions.append(node)
         elif node.op == "call_function" and node.target is _EXIT_AUTOCAST and node.args and node.args[0] in regions:
             regions.remove(node.args[0])
-        levels += (node.op == "call_function" and node.target is _ENTER_VMAP) - (node.target is _EXIT_VMAP)
+        elif node.op == "call_function" and node.target in (_ENTER_VMAP, _EXIT_VMAP):
+            levels += 1 if node.target is _ENTER_VMAP else -1
         modes[node] = (tuple(regions), grad, levels)
     return modes
 
