@@ -71,6 +71,18 @@ def writes_in_place(node: torch.fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and name.endswith("_") and not name.endswith("__")
 
 
+def viewed(node):
+    """`node` and the tensors it is a view of (through `ALIASING` ops), nearest first."""
+    while isinstance(node, torch.fx.Node):
+        yield node
+        node = node.args[0] if op_name(node) in ALIASING and node.args else None
+
+
+def written_in_place(nodes) -> set[torch.fx.Node]:
+    """The nodes whose tensors an in-place op among `nodes` writes, directly or through views."""
+    return {base for node in nodes if writes_in_place(node) and node.args for base in viewed(node.args[0])}
+
+
 def value(arg):
     """The FakeTensor (or SymInt, tuple...) a node stands for (Dynamo's `example_value`, else the `val` that
     make_fx and AOT graphs carry); a plain Python value stands for itself."""

@@ -303,6 +303,32 @@ def test_sdpa_left_alone_gets_its_bool_mask_made_additive_once():
     assert not layers(q, k, v)[1][1].any()  # SDPA's zeros where no key is visible, kept
 
 
+@pytest.mark.parametrize("made", ["ours", "sdpa"])
+def test_a_mask_written_between_attentions_is_made_ready_per_attention(made):
+    """A mask written in place between two attentions over it (here, the first keys hidden after the first one) is
+    not made ready once: the second attention would read it as it was. Each attention then makes its own (ours: the
+    op itself, SDPA: at the call), and the outputs stay SDPA's."""
+    from gemma4_fx.passes import prefill_attention
+    from gemma4_fx.replacements.prefill_attention import sdpa_additive_mask
+
+    def layers(q, k, v, mask):
+        if made == "sdpa":
+            mask = k[:, :1, None, :, 0] > -100.0  # per key only: left to SDPA
+        first = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        mask[..., :3] = False
+        return first, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    gm = prefill_attention.apply(dynamo_graph(layers, q, k, v, mask.clone())[0])
+    targets = {node.target for node in gm.graph.nodes}
+    assert torch.ops.gemma4_fx.prefill_attention_mask.default not in targets and sdpa_additive_mask not in targets
+    assert (torch.ops.gemma4_fx.prefill_attention.default in targets) == (made == "ours"), gm.code
+    named = {"L_q_": q, "L_k_": k, "L_v_": v, "L_mask_": mask.clone()}  # tracing ran the write on its mask
+    got = gm(*(named[p.target] for p in gm.graph.find_nodes(op="placeholder")))
+    for got, expected in zip(got, layers(q, k, v, mask.clone())):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["tiny-26b-a4b", "tiny-e4b"])
 def test_prefill_through_the_backend(preset):
     """A prefill through the backend: every attention of the prompt rewritten (sliding layers' masks, global layers'

@@ -42,7 +42,7 @@ import operator
 
 import torch
 
-from ..fx_utils import SDPA, op_name, value
+from ..fx_utils import SDPA, op_name, value, viewed, written_in_place
 from ..replacements import prefill_attention as ops
 from ..report import Report
 from .decode_attention import rewrite_sdpa
@@ -84,8 +84,10 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
 def _ready_masks_once(graph: torch.fx.Graph) -> None:
     """Each mask made ready once, before the first attention over it, for the attention that reads it: ours
     (`prefill_attention_mask`), or SDPA's (a bool mask made additive, per query dtype); every attention over the
-    mask reads what was made."""
+    mask reads what was made. A mask written in place (or a tensor it views) is left to each attention: made once,
+    the later ones would miss the write."""
     over: dict[tuple, list[torch.fx.Node]] = {}
+    written = written_in_place(graph.nodes)
     for node in graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.prefill_attention.default):
         if isinstance(node.args[3], torch.fx.Node):
             over.setdefault((node.args[3], None), []).append(node)
@@ -96,6 +98,8 @@ def _ready_masks_once(graph: torch.fx.Graph) -> None:
                 and isinstance(value(query), torch.Tensor) and value(query).is_floating_point():
             over.setdefault((mask, value(query).dtype), []).append(node)
     for (mask, dtype), attentions in over.items():
+        if any(node in written for node in viewed(mask)):
+            continue
         with graph.inserting_before(attentions[0]):
             if dtype is None:
                 made = graph.call_function(torch.ops.gemma4_fx.prefill_attention_mask.default, (mask,))

@@ -24,8 +24,8 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.symbolic_shapes import free_symbols, free_unbacked_symbols, statically_known_true
 from torch.fx.passes.split_module import split_module
 
-from ..fx_utils import ALIASING, MATMULS, SDPA, is_op, method_name, on_host, op_name, qualified_name, \
-    value as example_value, writes_in_place
+from ..fx_utils import MATMULS, SDPA, is_op, method_name, on_host, op_name, qualified_name, \
+    value as example_value, writes_in_place, written_in_place
 from ..replacements.launch import BETWEEN_GRAPHS
 
 _ATTENTION_NAMESPACES = ("flash_attn", "vllm", "sglang")  # ops of these libraries named "*attention*" or "*attn*"
@@ -256,7 +256,7 @@ def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> torch.fx.Node | 
     their copies to the device (a number made a tensor there is a fill on the device by then:
     `_fill_constants_on_device`). Returns the last node of the top (None if the graph has no input)."""
     placeholders, nodes = list(graph.find_nodes(op="placeholder")), list(graph.nodes)
-    written, modes = _written(nodes), _global_modes(nodes)
+    written, modes = written_in_place(nodes), _global_modes(nodes)
     hoisted = {node for node in placeholders if on_host(example_value(node)) and node not in written}
     anchor = placeholders[-1] if placeholders else None
     for node in nodes:
@@ -288,7 +288,7 @@ def _hoist_host_syncs(graph: torch.fx.Graph, anchor: torch.fx.Node) -> None:
     the gather stays."""
     nodes = list(graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
-    top, written, modes = position[anchor], _written(nodes), _global_modes(nodes)
+    top, written, modes = position[anchor], written_in_place(nodes), _global_modes(nodes)
     hoisted, syncs = set(), set()
     for node in nodes[top + 1:]:
         source = _sync_source(node)
@@ -357,17 +357,6 @@ def _movable(node: torch.fx.Node, written: set, same_modes: bool) -> bool:
     name = op_name(node)
     return name not in _COSTLY and not any(word in name for word in _RANDOM) \
         and qualified_name(node.target).partition("::")[0] in ("", "aten", "prims")
-
-
-def _written(nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
-    """The nodes whose tensors an in-place op writes, directly or through views."""
-    written = set()
-    for node in nodes:
-        base = node.args[0] if writes_in_place(node) and node.args else None
-        while isinstance(base, torch.fx.Node) and base not in written:
-            written.add(base)
-            base = base.args[0] if op_name(base) in ALIASING and base.args else None
-    return written
 
 
 def _global_modes(nodes: list[torch.fx.Node]) -> dict[torch.fx.Node, tuple]:
