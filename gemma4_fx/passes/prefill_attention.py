@@ -38,6 +38,7 @@ is taken.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -86,40 +87,42 @@ def _ready_masks_once(graph: torch.fx.Graph) -> None:
     (`prefill_attention_mask`), or SDPA's (a bool mask made additive, per query dtype); every attention over the
     mask reads what was made. A mask written in place (or a tensor it views) is left to each attention: made once,
     the later ones would miss the write."""
-    over: dict[tuple, list[torch.fx.Node]] = {}
     written = written_in_place(graph.nodes)
+    ours: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node in graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.prefill_attention.default):
         if isinstance(node.args[3], torch.fx.Node):
-            over.setdefault((node.args[3], None), []).append(node)
+            ours.setdefault(node.args[3], []).append(node)
+    sdpa: dict[tuple[torch.fx.Node, torch.dtype], list[torch.fx.Node]] = {}
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA]:
         mask, query = (node.kwargs.get(name, node.args[i] if len(node.args) > i else None)
                        for i, name in ((3, "attn_mask"), (0, "query")))
         if isinstance(mask, torch.fx.Node) and getattr(value(mask), "dtype", None) == torch.bool \
                 and isinstance(value(query), torch.Tensor) and value(query).is_floating_point():
-            over.setdefault((mask, value(query).dtype), []).append(node)
-    for (mask, dtype), attentions in over.items():
-        if any(node in written for node in viewed(mask)):
-            continue
-        with graph.inserting_before(attentions[0]):
-            if dtype is None:
-                made = graph.call_function(torch.ops.gemma4_fx.prefill_attention_mask.default, (mask,))
-                ready, ranges = (graph.call_function(operator.getitem, (made, index)) for index in range(2))
-            else:
-                made = ready = graph.call_function(ops.sdpa_additive_mask, (mask, dtype))
-        made.meta.update({key: mask.meta[key] for key in ("stack_trace", "nn_module_stack") if key in mask.meta})
-        fake_mode = getattr(value(mask), "fake_mode", None)
-        if fake_mode is not None:  # example values, as Dynamo's nodes carry them (the runtime's split reads them)
-            with fake_mode:
-                if dtype is None:
-                    outputs = torch.ops.gemma4_fx.prefill_attention_mask.default(value(mask))
-                    ready.meta["example_value"], ranges.meta["example_value"] = outputs
-                else:
-                    outputs = ops.sdpa_additive_mask(value(mask), dtype)
-            made.meta["example_value"] = outputs
-        for attention in attentions:
-            if dtype is None:
+            sdpa.setdefault((mask, value(query).dtype), []).append(node)
+    for mask, attentions in ours.items():
+        if not any(node in written for node in viewed(mask)):
+            made = _made_once(graph, attentions[0], torch.ops.gemma4_fx.prefill_attention_mask.default, mask)
+            ready, ranges = (_made_once(graph, attentions[0], operator.getitem, made, index) for index in range(2))
+            for attention in attentions:
                 attention.args = (*attention.args[:3], ready, *attention.args[4:6], ranges)
-            elif "attn_mask" in attention.kwargs:
-                attention.kwargs = {**attention.kwargs, "attn_mask": ready}
-            else:
-                attention.args = (*attention.args[:3], ready, *attention.args[4:])
+    for (mask, dtype), attentions in sdpa.items():
+        if not any(node in written for node in viewed(mask)):
+            additive = _made_once(graph, attentions[0], ops.sdpa_additive_mask, mask, dtype)
+            for attention in attentions:
+                if "attn_mask" in attention.kwargs:
+                    attention.kwargs = {**attention.kwargs, "attn_mask": additive}
+                else:
+                    attention.args = (*attention.args[:3], additive, *attention.args[4:])
+
+
+def _made_once(graph: torch.fx.Graph, before: torch.fx.Node, fn, source: torch.fx.Node, *args) -> torch.fx.Node:
+    """`fn(source, *args)` as a node before `before`, from `source`'s module, with an example value where `source`
+    has one, as Dynamo's nodes carry them (the runtime's split reads them)."""
+    with graph.inserting_before(before):
+        made = graph.call_function(fn, (source, *args))
+    made.meta.update({key: source.meta[key] for key in ("stack_trace", "nn_module_stack") if key in source.meta})
+    example = value(source)
+    if example is not None:
+        with getattr(example, "fake_mode", None) or contextlib.nullcontext():  # a tuple made before has none
+            made.meta["example_value"] = fn(example, *args)
+    return made
