@@ -254,8 +254,9 @@ def rows_of(preset: str, model, results: list[tuple[str, dict | str]], tflops: f
                        batch=shape[0], tokens=shape[1], images=images, ms=out["ms"], encoder_ms=out.get("encoder_ms"),
                        timed_alone=out["timed_alone"], gpu_busy_ms=out.get("gpu_busy_ms"),
                        first_call_s=out["first_call_s"], cuda_graph=out["cuda_graph"],
-                       floor_ms=floor_ms(weights, shape[0], out["rows"], tflops, False, out["patches"]),
-                       floor_yoco_ms=floor_ms(weights, shape[0], out["rows"], tflops, True, out["patches"]))
+                       floor_ms=floor_ms(weights, shape[0], out["rows"], tflops, yoco=False, patches=out["patches"]),
+                       floor_yoco_ms=floor_ms(weights, shape[0], out["rows"], tflops, yoco=True,
+                                              patches=out["patches"]))
             reference = REFERENCE.get(variant) if (REFERENCE.get(variant), shape, images) in logits else "eager"
             if variant != "eager" and (reference, shape, images) in logits:
                 expected = torch.from_numpy(logits[(reference, shape, images)]).double()
