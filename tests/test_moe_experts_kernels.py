@@ -62,10 +62,10 @@ def _assert_close_to_eager(out, eager, min_bitwise, max_eps=2):
     assert bitwise >= min_bitwise
 
 
-def _check_kernel(args, path, min_bitwise):
+def _check_kernel(args, path, min_bitwise, tma=None):
     x = args[0]
     out = torch.full_like(x, float("nan"))
-    assert M.moe_experts_triton(*args, out=out, path=path) is out
+    assert M.moe_experts_triton(*args, out=out, path=path, tma=tma) is out
     assert not out.isnan().any()  # every element written
     exact = _float64_experts(*args)
     rel = ((out.double() - exact).norm() / exact.norm()).item()
@@ -81,13 +81,16 @@ CASES = [(1, 16, 48, 96, 4, "random"), (7, 8, 24, 40, 3, "tied"), (33, 16, 40, 7
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", ["stream", "tiled"])
+@pytest.mark.parametrize("path,tma", [("stream", False), ("tiled", False), ("tiled", True)],
+                         ids=["stream", "tiled", "tiled+tma"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + str(c[0]) for c in CASES])
-def test_kernels(device, dtype, path, case):
+def test_kernels(device, dtype, path, tma, case):
+    """Each path; the tiled GEMMs reading weights (and down's activations) through pointers or tensor
+    descriptors."""
     *shape, routing = case
     args = _experts_args(*shape, dtype, device, routing)
     # On CPU, eager's GEMMs and the interpreter's both add in fp32 without blocking over K: bf16 roundings agree.
-    _check_kernel(args, path, min_bitwise=0.0 if dtype == torch.float32 else 0.97)
+    _check_kernel(args, path, min_bitwise=0.0 if dtype == torch.float32 else 0.97, tma=tma)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,7 +108,8 @@ def test_kernels_with_weights_in_activation_dtype_top_8_strided_x(device, dtype)
 @pytest.mark.parametrize("case", [(16, 16, 24, 40, 4, "few", {"quarter"}), (33, 16, 40, 40, 4, "few", {"half"}),
                                   (40, 8, 24, 40, 2, "one", {"quarter", "full"})],
                          ids=["quarter", "half+narrow", "full"])
-def test_tall_blocks(device, case):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_tall_blocks(device, case, tma):
     """BLOCK_M = 64: an expert's last block of at most 16 or 32 rows runs as a quarter- or half-height tile ("few":
     at most 16 rows an expert, or 17 to 32), a fuller one at full height ("one": expert 3 has 40 rows, the others a
     few); with N = 40 in 32-column blocks, gate_up's last N-block (8 columns) as a half-width tile."""
@@ -114,7 +118,21 @@ def test_tall_blocks(device, case):
     rows = args[1].flatten().bincount()
     assert {"quarter" if r <= 16 else "half" if r <= 32 else "full" for r in rows.tolist() if r} == heights, rows
     tiles = M.GemmConfig(32, 32, 8, 4, 2)
-    out = M.moe_experts_triton(*args, path="tiled", config=M.Config(64, tiles, tiles))
+    out = M.moe_experts_triton(*args, path="tiled", config=M.Config(64, tiles, tiles), tma=tma)
+    _assert_close_to_eager(out, M.moe_experts_reference(*args), min_bitwise=0.97)
+    if tma:  # the same K order: the same bits as pointer loads
+        assert torch.equal(out, M.moe_experts_triton(*args, path="tiled", config=M.Config(64, tiles, tiles),
+                                                     tma=False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_descriptors_need_16_byte_rows(device):
+    """Weights whose rows are not 16-byte aligned (H = 36 bf16: 72 bytes) cannot be read through tensor
+    descriptors: asked for them, the launcher reads through pointers, with the same result."""
+    args = _experts_args(9, 8, 24, 36, 2, torch.bfloat16, device)
+    assert not M._descriptor_ok(args[3]) and M._descriptor_ok(args[4])
+    out = M.moe_experts_triton(*args, path="tiled", tma=True)
+    assert torch.equal(out, M.moe_experts_triton(*args, path="tiled", tma=False))
     _assert_close_to_eager(out, M.moe_experts_reference(*args), min_bitwise=0.97)
 
 
