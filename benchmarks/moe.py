@@ -97,12 +97,17 @@ def benchmark(tokens_list: list[int]) -> None:
           f"{bandwidth / 1e12:.2f} TB/s", flush=True)
     torch._dynamo.config.recompile_limit = 64
     grouped, batched = hf_experts("grouped_mm", gate_up, down), hf_experts("batched_mm", gate_up, down)
+    loop = hf_experts("eager", gate_up, down)
     variants = {
         "ours": lambda x, ids, weights: torch.ops.gemma4_fx.moe_experts(x, ids, weights, gate_up, down),
         "hf grouped_mm": grouped,
         "hf batched_mm": batched,
         "compiled grouped_mm": torch.compile(grouped, dynamic=True),
         "compiled batched_mm": torch.compile(batched, dynamic=True),
+        "ours, eager's order": lambda x, ids, weights: torch.ops.gemma4_fx.moe_experts(x, ids, weights, gate_up, down,
+                                                                                       expert_order=True),
+        "hf eager": loop,
+        "compiled eager": torch.compile(loop, dynamic=True),
     }
     rows, notes = [], {}
     for tokens in tokens_list:
@@ -114,7 +119,9 @@ def benchmark(tokens_list: list[int]) -> None:
             ours = torch.ops.gemma4_fx.moe_experts(*args)
             row = {"tokens": tokens, "experts": touched, "floor µs": floor,
                    **accuracy(ours, M.moe_experts_reference(*args)),
-                   "bitwise % vs grouped_mm": accuracy(ours, grouped(x, ids, weights))["bitwise %"]}
+                   "bitwise % vs grouped_mm": accuracy(ours, grouped(x, ids, weights))["bitwise %"],
+                   "eager's order: bitwise % vs hf eager": accuracy(variants["ours, eager's order"](x, ids, weights),
+                                                                    loop(x, ids, weights))["bitwise %"]}
         for name, fn in variants.items():
             if "batched" in name and tokens * TOP_K * 3 * INTER * HIDDEN * 2 > BATCHED_MM_MAX_BYTES:
                 row[name] = "n/a (gathers > 32 GB)"
@@ -250,14 +257,17 @@ def smoke() -> None:
     """fp32: the interpreter truncates bf16 casts, where the GPU rounds."""
     experts, inter, hidden = 8, 24, 40
     gate_up, down = experts_weights("cpu", experts, inter, hidden, torch.float32)
-    grouped = hf_experts("grouped_mm", gate_up, down)
+    grouped, loop = hf_experts("grouped_mm", gate_up, down), hf_experts("eager", gate_up, down)
     rows = []
     for tokens in (1, 9):
         x, ids, weights = routed_tokens(tokens, experts, hidden, "cpu", seed=tokens, dtype=torch.float32)
         with torch.no_grad():
             ours = M.moe_experts_triton(x, ids, weights, gate_up, down)
+            in_order = M.moe_experts_triton(x, ids, weights, gate_up, down, expert_order=True)
             rows.append({"tokens": tokens, **accuracy(ours, M.moe_experts_reference(x, ids, weights, gate_up, down)),
-                         "bitwise % vs grouped_mm": accuracy(ours, grouped(x, ids, weights))["bitwise %"]})
+                         "bitwise % vs grouped_mm": accuracy(ours, grouped(x, ids, weights))["bitwise %"],
+                         "eager's order: bitwise % vs hf eager":
+                             accuracy(in_order, loop(x, ids, weights))["bitwise %"]})
     print(markdown(rows))
     print({tokens: tune_block_ms(tokens) for tokens in TOKENS}, len(gemm_candidates(16, False)),
           len(gemm_candidates(128, True)))

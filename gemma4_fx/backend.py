@@ -15,6 +15,7 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 from .passes import decode_attention, prefill_attention, slide_window, yoco
+from .patterns import moe_experts
 from .passes.pipeline import Gemma4Passes
 from .report import Report, describe_error, paths_from_the_model, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
@@ -90,6 +91,10 @@ class Gemma4Backend:
         post_grad, self.graph_passes = _split_patterns(patterns)
         self.passes = Gemma4Passes(post_grad, router_exact=router_exact, dump_dir=self.dump_dir,
                                    rms_norm_ops=rms_norm_ops, linear_ops=linear_ops)
+        # transformers' "eager" experts loop traced as one op for the moe_experts rewrite, not broken at each expert
+        self.traces_eager_experts = moe_experts.NAME in self.passes.patterns
+        if self.traces_eager_experts:
+            moe_experts.trace_eager_experts()
         self.verify, self.verify_action, self.verify_tolerance = bool(verify), verify_action, verify_tolerance
         self.inductor_config = {"emulate_precision_casts": bool(emulate_precision_casts),
                                 "fx_graph_cache": bool(fx_graph_cache)}

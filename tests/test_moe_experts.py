@@ -32,11 +32,13 @@ def assert_close(logits, expected):
 
 @pytest.mark.compat  # the forms each transformers version writes
 @pytest.mark.parametrize("implementation,dtype", [("grouped_mm", torch.float32), ("grouped_mm", torch.bfloat16),
-                                                  ("batched_mm", torch.bfloat16)])
+                                                  ("batched_mm", torch.bfloat16), ("eager", torch.float32),
+                                                  ("eager", torch.bfloat16)])
 def test_experts_rewritten_in_every_layer(implementation, dtype):
+    """Each implementation's experts, in one graph ("eager": its loop traced as one op, no break at each expert)."""
     report, logits, expected, model = compile_moe(dtype, implementation)
     layers = model.config.num_hidden_layers
-    assert report.counts["moe_experts"] == layers
+    assert len(report.graphs) == 1 and report.counts["moe_experts"] == layers
     assert sorted(m.location for m in report.matches if m.pattern == "moe_experts") == [
         f"model.layers.{i}.experts" for i in range(layers)]
     # nothing left alone: batched_mm's `gate_up_proj[expert_ids]` is a weight lookup, not rows for YOCO to report
@@ -80,20 +82,73 @@ def test_float64_is_left_alone_with_the_reason():
     assert_close(logits, expected)
 
 
-def test_eager_loop_compiles_untouched_and_says_why():
-    """The per-expert loop breaks the graph at its data-dependent `nonzero`: nothing to match, nothing broken, and
-    the report says so at each layer's router, whose ids leave its graph for the experts'. The layers' graphs are
-    Dynamo frames of the layers resumed after the break; the report locates them from the model all the same."""
-    report, logits, expected, _ = compile_moe(torch.float32, "eager", layers=2)
-    assert report.counts["moe_experts"] == 0 and not report.fallbacks
+def test_eager_loop_outside_the_kernels_breaks_and_says_why():
+    """float64 is outside the kernels: the eager loop is traced as transformers wrote it, and breaks the graph at its
+    data-dependent `nonzero`. Nothing to match, nothing broken, and the report says so at each layer's router, whose
+    ids leave its graph for the experts'. The layers' graphs are Dynamo frames of the layers resumed after the
+    break; the report locates them from the model all the same."""
+    report, logits, expected, _ = compile_moe(torch.float64, "eager", layers=2)
+    assert len(report.graphs) > 1 and report.counts["moe_experts"] == 0 and not report.fallbacks
     skips = [skip for skip in report.skipped if skip.pattern == "moe_experts"]
     assert [skip.reason for skip in skips] == [moe_experts.EAGER_LOOP] * 2, report
     layers = [f"model.layers.{i}" for i in range(2)]
     assert sorted(skip.location for skip in skips) == [f"{layer}.router" for layer in layers], report
-    routers = sorted(m.location for m in report.matches if m.pattern == "router")
-    assert routers == [f"{layer}.router" for layer in layers], report
-    assert sorted(m.location for m in report.matches if m.pattern == "post_attn_norm") == layers, report
     assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_loop_traced_whole_only_for_gemma4_backends(dtype):
+    """Once a Gemma4Backend has installed the eager loop's polyfill, other backends (and a Gemma4Backend without
+    the moe_experts rewrite) still trace the loop as transformers wrote it: the same graph breaks, eager's bits."""
+    report, logits, expected, model = compile_moe(dtype, "eager", layers=2)
+    assert len(report.graphs) == 1 and report.counts["moe_experts"] == 2
+    assert_close(logits, expected)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    graphs = []
+
+    def graphs_as_they_are(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    without = gemma4_fx.Gemma4Backend([name for name in gemma4_fx.PATTERNS if name != "moe_experts"])
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(model, backend=graphs_as_they_are)(ids, use_cache=False).logits, expected)
+        torch._dynamo.reset()
+        assert_close(torch.compile(model, backend=without)(ids, use_cache=False).logits, expected)
+    assert len(graphs) > 2  # broken at each layer's experts
+    assert len(without.report.graphs) > 2 and without.report.counts["router"] == 2
+
+
+def test_eager_loop_with_a_symbolic_token_count():
+    """Under dynamic shapes the traced loop's token count is symbolic: the kernels take any count."""
+    model = gemma4_fx.build_model(MOE, num_hidden_layers=2, experts_implementation="eager")
+    backend = gemma4_fx.Gemma4Backend()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 9):
+            generator = torch.Generator().manual_seed(length)
+            ids = torch.randint(3, model.config.vocab_size, (1, length), generator=generator)
+            assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert len(backend.report.graphs) == 1 and backend.report.counts["moe_experts"] == 2, backend.report
+
+
+@pytest.mark.gpu
+def test_eager_loop_on_cuda_in_cuda_graphs():
+    """26B-A4B's expert widths (2 layers, bf16, CUDA): the eager loop traced whole, rewritten, and run from the
+    backend's CUDA graphs (the loop's host syncs gone), against eager's logits."""
+    model = gemma4_fx.build_model("26b-a4b", dtype=torch.bfloat16, device="cuda", num_hidden_layers=2,
+                                  experts_implementation="eager")
+    ids = torch.randint(3, 1000, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    backend = gemma4_fx.Gemma4Backend()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        for _ in range(3):  # the first call runs, the second captures, the third replays
+            assert_close(compiled(ids, use_cache=False).logits, expected)
+    assert len(backend.report.graphs) == 1 and backend.report.counts["moe_experts"] == 2, backend.report
+    assert backend.cudagraph_stats.replays > 0 and not backend.cudagraph_stats.failures
 
 
 class SentinelGuardedExperts(torch.nn.Module):

@@ -41,7 +41,7 @@ def _experts_args(tokens, experts, inter, hidden, top_k, dtype, device, routing=
 def _float64_experts(x, ids, weights, gate_up, down):
     """The math in float64 from the rounded inputs, expert by expert."""
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    for expert in ids.unique().tolist():
+    for expert in (e for e in ids.unique().tolist() if e < gate_up.shape[0]):  # ids >= E: sentinels, skipped
         token, slot = (ids == expert).nonzero(as_tuple=True)
         gate, up = (x[token].double() @ gate_up[expert].double().T).chunk(2, dim=-1)
         y = (F.gelu(gate, approximate="tanh") * up) @ down[expert].double().T
@@ -91,6 +91,26 @@ def test_kernels(device, dtype, path, tma, case):
     args = _experts_args(*shape, dtype, device, routing)
     # On CPU, eager's GEMMs and the interpreter's both add in fp32 without blocking over K: bf16 roundings agree.
     _check_kernel(args, path, min_bitwise=0.0 if dtype == torch.float32 else 0.97, tma=tma)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["stream", "tiled"])
+@pytest.mark.parametrize("case", CASES, ids=[c[-1] + str(c[0]) for c in CASES])
+def test_kernels_in_the_eager_loops_order(device, dtype, path, case):
+    """`expert_order`: the sum over k as transformers' "eager" experts loop adds (experts by ascending id, each
+    product and sum rounded to x.dtype), with expert-parallel sentinels (id E) in some slots skipped."""
+    *shape, routing = case
+    x, ids, *rest = _experts_args(*shape, dtype, device, routing)
+    ids = ids.clone()
+    ids[::3, -1] = rest[1].shape[0]  # every third token's last slot: a sentinel
+    args = (x, ids, *rest)
+    out = torch.full_like(x, float("nan"))
+    assert M.moe_experts_triton(*args, out=out, path=path, expert_order=True) is out
+    exact = _float64_experts(*args)
+    assert ((out.double() - exact).norm() / exact.norm()).item() <= REL_BOUND[dtype]
+    _assert_close_to_eager(out, M.moe_experts_loop_reference(*args), min_bitwise=0.0 if dtype == torch.float32
+                           else 0.97)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -165,6 +185,7 @@ def test_reference_is_transformers_experts(dtype):
         hf = {name: hf_experts(name, gate_up, down, 4)(x, ids, weights) for name in ("grouped_mm", "batched_mm",
                                                                                       "eager")}
     assert torch.equal(ours, hf["grouped_mm"])
+    assert torch.equal(M.moe_experts_loop_reference(x, ids, weights, gate_up, down), hf["eager"])
     _assert_close_to_eager(ours, hf["batched_mm"], min_bitwise={torch.float32: 0.0, torch.bfloat16: 1.0,
                                                                 torch.float16: 0.99}[dtype])
     _assert_close_to_eager(ours, hf["eager"], min_bitwise=0.0 if dtype == torch.float32 else 0.3)
@@ -248,6 +269,21 @@ def test_real_widths_against_eager(tokens):
     with torch.no_grad():
         hf = hf_experts("grouped_mm", args[3], args[4], REAL["top_k"])(*args[:3])
     _assert_close_to_eager(M.moe_experts_triton(*args), hf, min_bitwise=0.99)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_real_widths_in_the_eager_loops_order(tokens):
+    """`expert_order` against transformers' "eager" experts loop on CUDA (cuBLAS per expert, bf16 `index_add_`)
+    and float64."""
+    args = _experts_args(tokens, REAL["experts"], REAL["inter"], REAL["hidden"], REAL["top_k"], torch.bfloat16,
+                         "cuda")
+    out = M.moe_experts_triton(*args, expert_order=True)
+    exact = _float64_experts(*args)
+    assert ((out.double() - exact).norm() / exact.norm()).item() <= REL_BOUND[torch.bfloat16]
+    with torch.no_grad():
+        loop = hf_experts("eager", args[3], args[4], REAL["top_k"])(*args[:3])
+    _assert_close_to_eager(out, loop, min_bitwise=0.9)
 
 
 @pytest.mark.gpu

@@ -18,9 +18,15 @@ activation between the two GEMMs is checked by value (whatever ops compute it, i
 on probe values). Where YOCO keeps some rows of the output, its selection sits between the unsort and the sum over
 k (`...reshape(T, K, H)[rows].sum(1)`: the sort makes rows interact, so YOCO stops there); the rewrite then takes
 those rows of hidden, ids and weights, and the experts run on the kept rows alone (a prefill's last layer, for
-`logits_to_keep`). A chain that breaks anywhere is left to Inductor with the reason. transformers' "eager" experts
-(a loop over the experts hit, a count read from the data) break the graph: a graph whose routing ids leave it
-with no experts block in it is reported at the router, naming the implementations that are matched.
+`logits_to_keep`). A chain that breaks anywhere is left to Inductor with the reason.
+
+transformers' "eager" experts loop over the experts the tokens hit, by ascending id, adding each expert's weighted
+rows into a zeroed x.dtype output (`index_add_`); Dynamo breaks the graph at the count it reads from the data. A
+Gemma4Backend has Dynamo trace that forward as one `gemma4_fx::moe_experts_loop` op instead (`trace_eager_experts`,
+a polyfill that compiles through other backends leave as they were), which this rewrite replaces by
+`moe_experts(..., expert_order=True)`: the same kernels, summing over k as the loop does (each product and sum
+rounded to x.dtype, by ascending expert id). Where the ids leave a graph with no experts block in it (another
+backend's trace, or a module of its own), the router's node is reported.
 
 transformers 5.17 guards expert-parallel sentinels (ids >= E) in both forms: "batched_mm" clamps the ids, and the
 rewrite clamps the ids it takes the same way; "grouped_mm" zeroes the sentinels' rows around each GEMM, which the
@@ -31,6 +37,7 @@ alone otherwise.
 from __future__ import annotations
 
 import operator
+import types
 
 import torch
 
@@ -290,9 +297,17 @@ def _match_batched(down_squeeze: torch.fx.Node):
             id_bounds)
 
 
+def _match_loop(loop: torch.fx.Node):
+    """transformers' "eager" experts loop, traced as one op (`trace_eager_experts`): its operands as they are."""
+    return (loop, None, *loop.args, None)
+
+
 def _candidates(graph: torch.fx.Graph):
     """(matcher, node) for each GEMM that may be an experts block's down projection: grouped GEMMs and squeezed
-    batched GEMMs whose output (masked or not) is not split in two halves (that would be the gate_up one)."""
+    batched GEMMs whose output (masked or not) is not split in two halves (that would be the gate_up one); and each
+    traced eager loop."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.gemma4_fx.moe_experts_loop.default):
+        yield _match_loop, node
     for target in _grouped_mms():
         for node in graph.find_nodes(op="call_function", target=target):
             if not any(user.target in _SPLITS for user in _masked_user(node, []).users):
@@ -311,8 +326,8 @@ def _unsupported(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj) ->
     x, ids, w, gate_up, down = (value(n) for n in (hidden, top_k_index, top_k_weights, gate_up_proj, down_proj))
     if x.device.type not in ("cuda", "cpu"):
         return f"device {x.device.type}"
-    if any(not isinstance(size, int) for t in (x, ids, gate_up, down) for size in t.shape):
-        return "symbolic sizes"
+    if any(not isinstance(size, int) for size in (*x.shape[1:], *ids.shape[1:], *gate_up.shape, *down.shape)):
+        return "symbolic sizes other than the token count"
     experts, inter, width, top_k = gate_up.shape[0], gate_up.shape[1] // 2, x.shape[-1], ids.shape[-1]
     if not moe_ops.supports(width, inter, experts, top_k, x.dtype):
         return (f"{x.dtype} experts with hidden {width}, intermediate {inter}, {experts} experts, top-{top_k} are "
@@ -335,10 +350,9 @@ def _routing_for_other_graphs(graph: torch.fx.Graph):
                 yield node
 
 
-# transformers' "eager" experts loop over the experts the batch hits, a count read from the data (`nonzero`).
 EAGER_LOOP = ("the routing leaves the graph: the experts run past a graph break (transformers' 'eager' experts "
-              "loop over the experts hit, a count read from the data); load the model with "
-              "experts_implementation='grouped_mm' or 'batched_mm' to have them rewritten")
+              "loop over the experts hit, a count read from the data, unless compiled through a Gemma4Backend); "
+              "load the model with experts_implementation='grouped_mm' or 'batched_mm' to have them rewritten")
 
 
 def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
@@ -365,7 +379,56 @@ def apply(graph: torch.fx.Graph, ctx: PassContext) -> None:
                         top_k_index = graph.call_function(op, (top_k_index, bound))
                         top_k_index.meta["val"] = value(operands[1])
                 operands = [hidden, top_k_index, *weights]
-            fused = graph.call_function(torch.ops.gemma4_fx.moe_experts.default, tuple(operands))
+            order = {"expert_order": True} if match is _match_loop else {}  # the loop's order of the sum over k
+            fused = graph.call_function(torch.ops.gemma4_fx.moe_experts.default, tuple(operands), order)
         fused.meta.update(out.meta)
         out.replace_all_uses_with(fused)
         graph.eliminate_dead_code()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers' "eager" experts, traced as one op
+
+
+_traced_eager_experts = []  # the forward whose polyfill is installed
+
+
+def trace_eager_experts() -> None:
+    """Install, once per process, a Dynamo polyfill for transformers' "eager" `Gemma4TextExperts.forward`: in a
+    compile for a backend with `traces_eager_experts` set (a Gemma4Backend running this rewrite) Dynamo traces it as
+    one `gemma4_fx::moe_experts_loop` op where the kernels take the experts' sizes; everywhere else it traces the
+    loop itself, as it did before the polyfill (a copy of the same function, which the polyfill does not cover)."""
+    if _traced_eager_experts:
+        return
+    try:
+        from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+    except ImportError:
+        return
+    eager = getattr(Gemma4TextExperts.forward, "__wrapped__", Gemma4TextExperts.forward)  # under the dispatch
+    loop = types.FunctionType(eager.__code__, eager.__globals__, eager.__name__, eager.__defaults__,
+                              eager.__closure__)
+
+    @torch.compiler.substitute_in_graph(eager)
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        experts, two_inter, width = self.gate_up_proj.shape
+        if _backend_traces_eager_experts() and moe_ops.supports(width, two_inter // 2, experts,
+                                                                top_k_index.shape[-1], hidden_states.dtype):
+            return torch.ops.gemma4_fx.moe_experts_loop(hidden_states, top_k_index, top_k_weights,
+                                                        self.gate_up_proj, self.down_proj)
+        return loop(self, hidden_states, top_k_index, top_k_weights)
+
+    _traced_eager_experts.append(eager)
+
+
+@torch._dynamo.assume_constant_result
+def _backend_traces_eager_experts() -> bool:
+    """Whether the backend Dynamo is tracing for asks for the eager experts as one op. Called while tracing, its
+    answer is a constant of the compiled code (Dynamo keeps compiled code per backend)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = getattr(InstructionTranslator, "current_tx", lambda: None)()
+    backend = tx.output.compiler_fn if tx is not None else None
+    while backend is not None and not getattr(backend, "traces_eager_experts", False):
+        inner = getattr(backend, "_torchdynamo_orig_backend", None) or getattr(backend, "compiler_fn", None)
+        backend = None if inner is backend else inner  # torch.compile's wrappers, down to the backend given
+    return backend is not None

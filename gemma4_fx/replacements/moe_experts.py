@@ -89,6 +89,22 @@ def moe_experts_reference(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
     return weighted.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
+def moe_experts_loop_reference(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor,
+                               down_proj: Tensor) -> Tensor:
+    """The ops of transformers' "eager" experts (`Gemma4TextExperts.forward` as written): a loop over the experts
+    the tokens hit, by ascending id, each adding its rows' weighted outputs into a zeroed x.dtype output with
+    `index_add_`; ids >= E (expert-parallel sentinels) are skipped. A host sync per expert."""
+    out = torch.zeros_like(x)
+    for expert in top_k_index.unique().tolist():
+        if expert >= gate_up_proj.shape[0]:
+            continue
+        slot, token = torch.where(top_k_index.T == expert)  # eager's rows: by slot, then by token
+        gate, up = F.linear(x[token], gate_up_proj[expert]).chunk(2, dim=-1)
+        y = F.linear(F.gelu(gate, approximate="tanh") * up, down_proj[expert])
+        out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 def _grouped_mm(rows: Tensor, weights: Tensor, ends: list[int]) -> Tensor:
     out = torch.zeros((rows.shape[0], weights.shape[1]), dtype=rows.dtype, device=rows.device)
     start = 0
@@ -145,26 +161,28 @@ def tuned_config(tokens: int, top_k: int, experts: int, inter: int, hidden: int,
 
 
 @triton.jit
-def _route_count_kernel(ids_ptr, counts_ptr, pairs, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
+def _route_count_kernel(ids_ptr, counts_ptr, pairs, experts, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
     """Each chunk's pairs per expert, for the route kernel's prefix over chunks."""
     chunk = tl.program_id(0)
     pair = chunk * CHUNK + tl.arange(0, CHUNK)
     expert = tl.load(ids_ptr + pair, mask=pair < pairs, other=0).to(tl.int32)
-    tl.store(counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS), tl.histogram(expert, NUM_BINS, mask=pair < pairs))
+    tl.store(counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS),
+             tl.histogram(expert, NUM_BINS, mask=(pair < pairs) & (expert < experts)))
 
 
 @triton.jit
-def _route_kernel(ids_ptr, counts_ptr, order_ptr, table_ptr, pairs, max_blocks, NUM_BINS: tl.constexpr,
+def _route_kernel(ids_ptr, counts_ptr, order_ptr, table_ptr, pairs, experts, max_blocks, NUM_BINS: tl.constexpr,
                   CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                   TABLE_CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """One chunk of pairs to its rows in expert order (stable), and a share of the M-block table."""
+    """One chunk of pairs to its rows in expert order (stable), and a share of the M-block table. Pairs of ids >= E
+    (expert-parallel sentinels) get no row."""
     if PDL:
         gdc_launch_dependents()
     chunk = tl.program_id(0)
     slot = tl.arange(0, CHUNK)
     pair = chunk * CHUNK + slot
-    valid = pair < pairs
-    expert = tl.load(ids_ptr + pair, mask=valid, other=0).to(tl.int32)
+    expert = tl.load(ids_ptr + pair, mask=pair < pairs, other=0).to(tl.int32)
+    valid = (pair < pairs) & (expert < experts)
     here = tl.histogram(expert, NUM_BINS, mask=valid)
     if NUM_CHUNKS == 1:
         counts = here
@@ -340,35 +358,59 @@ def _down_kernel(act_ptr, act_desc, act_half_desc, act_quarter_desc, w_ptr, w_de
 
 
 @triton.jit
-def _combine_kernel(y_ptr, w_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                    ROUND_PRODUCT: tl.constexpr, PDL: tl.constexpr):
-    """out[t] = sum_k y[t, k] * w[t, k] as CUDA eager's `.sum(dim=1)` adds a [T, K, H] tensor: each thread keeps
-    4 accumulators, adds slot k to accumulator k % 4 in k order, then adds accumulators 1, 2, 3 to the first
-    (Reduce.cuh's thread_reduce, vt0 = 4). The product is rounded to x.dtype when the weights are x.dtype."""
+def _combine_kernel(y_ptr, w_ptr, ids_ptr, out_ptr, hidden, experts, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                    BLOCK_H: tl.constexpr, ROUND_PRODUCT: tl.constexpr, EXPERT_ORDER: tl.constexpr,
+                    PDL: tl.constexpr):
+    """out[t] = sum_k y[t, k] * w[t, k].
+
+    In slot order, as CUDA eager's `.sum(dim=1)` adds a [T, K, H] tensor: each thread keeps 4 accumulators, adds
+    slot k to accumulator k % 4 in k order, then adds accumulators 1, 2, 3 to the first (Reduce.cuh's
+    thread_reduce, vt0 = 4); the product is rounded to x.dtype when the weights are x.dtype.
+    In expert order (EXPERT_ORDER), as transformers' "eager" experts loop adds one expert after the other into a
+    zeroed x.dtype output with `index_add_`: the slots by ascending id, each product and each sum rounded to
+    x.dtype; ids >= E (expert-parallel sentinels) are skipped."""
     if PDL:
         gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < hidden
-    acc0 = tl.zeros([BLOCK_H], tl.float32)
-    acc1 = tl.zeros([BLOCK_H], tl.float32)
-    acc2 = tl.zeros([BLOCK_H], tl.float32)
-    acc3 = tl.zeros([BLOCK_H], tl.float32)
-    for k in tl.static_range(TOP_K):
-        y = tl.load(y_ptr + (token * TOP_K + k) * hidden + cols, mask=mask, other=0.0)
-        p = mul_rn(y.to(tl.float32), tl.load(w_ptr + token * TOP_K + k).to(tl.float32))  # not fused into the sum
-        if ROUND_PRODUCT:
-            p = p.to(y.dtype).to(tl.float32)
-        if k % 4 == 0:
-            acc0 += p
-        elif k % 4 == 1:
-            acc1 += p
-        elif k % 4 == 2:
-            acc2 += p
-        else:
-            acc3 += p
-    out = ((acc0 + acc1) + acc2) + acc3
-    tl.store(out_ptr + token * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    dtype = out_ptr.dtype.element_ty
+    if EXPERT_ORDER:
+        slots = tl.arange(0, K_PAD)
+        ids = tl.load(ids_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=experts)
+        weights = tl.load(w_ptr + token * TOP_K + slots, mask=slots < TOP_K, other=0.0).to(tl.float32)
+        # each slot's place in the sum: the number of slots with a smaller id (ties: an earlier slot) before it
+        before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (slots[None, :] < slots[:, None]))
+        place = tl.sum(before.to(tl.int32), axis=1)
+        acc = tl.zeros([BLOCK_H], tl.float32)
+        for r in tl.static_range(TOP_K):
+            here = place == r
+            if tl.sum(tl.where(here, ids, 0)) < experts:
+                slot = tl.sum(tl.where(here, slots, 0))
+                y = tl.load(y_ptr + (token * TOP_K + slot) * hidden + cols, mask=mask, other=0.0)
+                p = mul_rn(y.to(tl.float32), tl.sum(tl.where(here, weights, 0.0))).to(dtype).to(tl.float32)
+                acc = (acc + p).to(dtype).to(tl.float32)
+        tl.store(out_ptr + token * hidden + cols, acc.to(dtype), mask=mask)
+    else:
+        acc0 = tl.zeros([BLOCK_H], tl.float32)
+        acc1 = tl.zeros([BLOCK_H], tl.float32)
+        acc2 = tl.zeros([BLOCK_H], tl.float32)
+        acc3 = tl.zeros([BLOCK_H], tl.float32)
+        for k in tl.static_range(TOP_K):
+            y = tl.load(y_ptr + (token * TOP_K + k) * hidden + cols, mask=mask, other=0.0)
+            p = mul_rn(y.to(tl.float32), tl.load(w_ptr + token * TOP_K + k).to(tl.float32))  # not fused into the sum
+            if ROUND_PRODUCT:
+                p = p.to(y.dtype).to(tl.float32)
+            if k % 4 == 0:
+                acc0 += p
+            elif k % 4 == 1:
+                acc1 += p
+            elif k % 4 == 2:
+                acc2 += p
+            else:
+                acc3 += p
+        out = ((acc0 + acc1) + acc2) + acc3
+        tl.store(out_ptr + token * hidden + cols, out.to(dtype), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,10 +419,11 @@ def _combine_kernel(y_ptr, w_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H:
 
 def moe_experts_triton(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor,
                        down_proj: Tensor, *, out: Tensor | None = None, path: str | None = None,
-                       config: Config | None = None, tma: bool | None = None) -> Tensor:
-    """Launch the kernels; writes into `out` ([T, H] contiguous, x.dtype) when given. `path` ("stream" or "tiled"),
-    `config` and `tma` (weights read through tensor descriptors) override the choice by pair count, the tuned table
-    and the device (tests and `benchmarks/moe.py --tune`)."""
+                       config: Config | None = None, tma: bool | None = None, expert_order: bool = False) -> Tensor:
+    """Launch the kernels; writes into `out` ([T, H] contiguous, x.dtype) when given. `expert_order`: sum over k as
+    transformers' "eager" experts loop does (`moe_experts_loop_reference`). `path` ("stream" or "tiled"), `config`
+    and `tma` (weights read through tensor descriptors) override the choice by pair count, the tuned table and the
+    device (tests and `benchmarks/moe.py --tune`)."""
     check_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
     tokens, hidden = x.shape
     top_k = top_k_index.shape[1]
@@ -436,17 +479,22 @@ def moe_experts_triton(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, ga
         HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=down.block_n, BLOCK_K=down.block_k, PRECISION=precision,
         PDL=pdl, num_warps=down.num_warps, num_stages=down.num_stages, launch_pdl=pdl,
     )
-    return _combine(y, top_k_weights, out, pdl)
+    return _combine(y, top_k_weights, out, pdl, top_k_index if expert_order else None, experts)
 
 
-def _combine(y: Tensor, top_k_weights: Tensor, out: Tensor, pdl: bool = False) -> Tensor:
-    """out [T, H] = the sum over k of y [T*K, H] times top_k_weights [T, K], as eager sums it on CUDA."""
+def _combine(y: Tensor, top_k_weights: Tensor, out: Tensor, pdl: bool = False, expert_order_ids: Tensor | None = None,
+             experts: int = 0) -> Tensor:
+    """out [T, H] = the sum over k of y [T*K, H] times top_k_weights [T, K], as eager sums it on CUDA; with
+    `expert_order_ids` (top_k_index), as transformers' "eager" experts loop sums it, skipping ids >= `experts`."""
     tokens, top_k = top_k_weights.shape
     hidden = out.shape[1]
     block_h = min(1024, triton.next_power_of_2(hidden), max(128, triton.next_power_of_2(hidden * tokens // 512)))
+    expert_order = expert_order_ids is not None
     _combine_kernel[(tokens, triton.cdiv(hidden, block_h))](
-        y, top_k_weights, out, hidden, TOP_K=top_k, BLOCK_H=block_h,
-        ROUND_PRODUCT=top_k_weights.dtype == out.dtype != torch.float32, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        y, top_k_weights, expert_order_ids if expert_order else top_k_weights, out, hidden, experts, TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k), BLOCK_H=block_h,
+        ROUND_PRODUCT=top_k_weights.dtype == out.dtype != torch.float32, EXPERT_ORDER=expert_order, PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )
     return out
 
@@ -484,9 +532,9 @@ def _route(top_k_index: Tensor, experts: int, block_m: int, max_blocks: int, pdl
     table = torch.empty((3, max_blocks), dtype=torch.int32, device=ids.device)
     counts = torch.empty((num_chunks, num_bins), dtype=torch.int32, device=ids.device)
     if num_chunks > 1:
-        _route_count_kernel[(num_chunks,)](ids, counts, pairs, NUM_BINS=num_bins, CHUNK=chunk)
+        _route_count_kernel[(num_chunks,)](ids, counts, pairs, experts, NUM_BINS=num_bins, CHUNK=chunk)
     _route_kernel[(num_chunks,)](
-        ids, counts, order, table, pairs, max_blocks, NUM_BINS=num_bins, CHUNK=chunk, NUM_CHUNKS=num_chunks,
+        ids, counts, order, table, pairs, experts, max_blocks, NUM_BINS=num_bins, CHUNK=chunk, NUM_CHUNKS=num_chunks,
         CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_M=block_m,
         TABLE_CHUNK=triton.next_power_of_2(triton.cdiv(max_blocks, num_chunks)), PDL=pdl, num_warps=4,
     )
@@ -527,16 +575,32 @@ def check_inputs(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_
 
 
 @torch.library.custom_op("gemma4_fx::moe_experts", mutates_args=())
-def moe_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor,
-                down_proj: Tensor) -> Tensor:
-    """`Gemma4TextExperts.forward` ([T, H], x.dtype): on CUDA the Triton kernels, elsewhere the eager reference."""
+def moe_experts(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                expert_order: bool = False) -> Tensor:
+    """`Gemma4TextExperts.forward` ([T, H], x.dtype): on CUDA the Triton kernels, elsewhere the eager reference.
+    `expert_order`: summed over k as transformers' "eager" experts loop sums it (else as its "grouped_mm")."""
     check_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
     if x.is_cuda:
-        return moe_experts_triton(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
-    return moe_experts_reference(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
+        return moe_experts_triton(x, top_k_index, top_k_weights, gate_up_proj, down_proj, expert_order=expert_order)
+    reference = moe_experts_loop_reference if expert_order else moe_experts_reference
+    return reference(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
 
 
 @moe_experts.register_fake
-def _(x, top_k_index, top_k_weights, gate_up_proj, down_proj):
+def _(x, top_k_index, top_k_weights, gate_up_proj, down_proj, expert_order=False):
     check_inputs(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("gemma4_fx::moe_experts_loop", mutates_args=())
+def moe_experts_loop(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, gate_up_proj: Tensor,
+                     down_proj: Tensor) -> Tensor:
+    """transformers' "eager" experts loop as one op (`moe_experts_loop_reference`, on any device): what a
+    Gemma4Backend's trace puts in the graph for that loop (`patterns/moe_experts.py`), which Dynamo would otherwise
+    break at the experts it hits; the moe_experts rewrite replaces it by `moe_experts(..., expert_order=True)`."""
+    return moe_experts_loop_reference(x, top_k_index, top_k_weights, gate_up_proj, down_proj)
+
+
+@moe_experts_loop.register_fake
+def _(x, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    return torch.empty_like(x)
