@@ -46,17 +46,19 @@ def test_experts_rewritten_in_every_layer(implementation, dtype):
     assert_close(logits, expected)
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
 def test_kept_rows_run_the_experts_on_those_rows_only(implementation, monkeypatch):
     """A prefill of one sequence that keeps its last row: YOCO's selection stops at the experts' sum over k (their
-    sort makes rows interact); the rewrite takes the kept row's token, ids and weights, so the last layer's experts
-    run on that row alone, with eager's logits. (With more sequences the selection stops below the experts, where
-    the tokens are unflattened into [batch, length]: they run on every row, as before.)"""
+    sort makes rows interact; the eager loop traced as one op is row-local, and the selection goes through it); the
+    rewrite takes the kept row's token, ids and weights, so the last layer's experts run on that row alone, with
+    eager's logits. (With more sequences the selection stops below the experts, where the tokens are unflattened
+    into [batch, length]: they run on every row, as before.)"""
     from gemma4_fx.replacements import moe_experts as ops
 
     rows = []
-    reference = ops.moe_experts_reference
-    monkeypatch.setattr(ops, "moe_experts_reference", lambda x, *rest: rows.append(x.shape[0]) or reference(x, *rest))
+    for name in ("moe_experts_reference", "moe_experts_loop_reference"):
+        monkeypatch.setattr(ops, name, lambda x, *rest, reference=getattr(ops, name): rows.append(x.shape[0])
+                            or reference(x, *rest))
     report, logits, expected, model = compile_moe(torch.float32, implementation, keep=1, batch=1)
     layers = model.config.num_hidden_layers
     assert report.counts["moe_experts"] == layers and report.counts["yoco"] >= 1, report

@@ -283,6 +283,13 @@ def _linear_rows(node, dim: int):
     return {(0,): dim} if dim < value(node).dim() - 1 else None
 
 
+@rows_rule("moe_experts_loop")
+def _experts_loop_rows(node, dim: int):
+    """transformers' eager experts loop as one op (`patterns/moe_experts.py`): a token's output needs its own row of
+    x, of the expert ids and of the routing weights (the loop's sort is inside the op, unlike the grouped form's)."""
+    return {(0,): 0, (1,): 0, (2,): 0} if dim == 0 else None
+
+
 @rows_rule("embedding")
 def _embedding_rows(node, dim: int):
     return {(0,): dim} if dim < value(node.args[0]).dim() else None
