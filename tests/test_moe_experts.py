@@ -123,6 +123,15 @@ def test_eager_loop_traced_whole_only_for_gemma4_backends(dtype):
     assert len(without.report.graphs) > 2 and without.report.counts["router"] == 2
 
 
+def test_a_polyfill_already_there_is_a_warning_not_a_failure(monkeypatch, caplog):
+    """Should the eager forward have a Dynamo polyfill already (here: ours, installed by `import gemma4_fx`), the
+    loop stays a loop, with a warning; nothing fails."""
+    monkeypatch.setattr(moe_experts, "_traced_eager_experts", [])
+    with caplog.at_level("WARNING", logger="gemma4_fx"):
+        moe_experts.trace_eager_experts()
+    assert "eager Gemma-4 experts stay a loop for Dynamo" in caplog.text
+
+
 def test_eager_loop_with_a_symbolic_token_count():
     """Under dynamic shapes the traced loop's token count is symbolic: the kernels take any count."""
     model = gemma4_fx.build_model(MOE, num_hidden_layers=2, experts_implementation="eager")

@@ -36,6 +36,7 @@ alone otherwise.
 
 from __future__ import annotations
 
+import logging
 import operator
 import types
 
@@ -47,6 +48,7 @@ from ..replacements import moe_experts as moe_ops
 from .matcher_utils import not_gelu_tanh
 
 NAME = "moe_experts"
+log = logging.getLogger("gemma4_fx")
 aten, prims = torch.ops.aten, torch.ops.prims
 
 
@@ -408,7 +410,6 @@ def trace_eager_experts() -> None:
     loop = types.FunctionType(eager.__code__, eager.__globals__, eager.__name__, eager.__defaults__,
                               eager.__closure__)
 
-    @torch.compiler.substitute_in_graph(eager)
     def forward(self, hidden_states, top_k_index, top_k_weights):
         experts, two_inter, width = self.gate_up_proj.shape
         if _backend_traces_eager_experts() and moe_ops.supports(width, two_inter // 2, experts,
@@ -417,6 +418,10 @@ def trace_eager_experts() -> None:
                                                         self.gate_up_proj, self.down_proj)
         return loop(self, hidden_states, top_k_index, top_k_weights)
 
+    try:
+        torch.compiler.substitute_in_graph(eager)(forward)
+    except (TypeError, ValueError) as error:  # e.g. a polyfill of its own: the loop then breaks as before
+        log.warning("gemma4_fx: transformers' eager Gemma-4 experts stay a loop for Dynamo (%s)", error)
     _traced_eager_experts.append(eager)
 
 
