@@ -428,11 +428,14 @@ def trace_eager_experts() -> None:
 @torch._dynamo.assume_constant_result
 def _backend_traces_eager_experts() -> bool:
     """Whether the backend Dynamo is tracing for asks for the eager experts as one op. Called while tracing, its
-    answer is a constant of the compiled code (Dynamo keeps compiled code per backend)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
+    answer is a constant of the compiled code (Dynamo keeps compiled code per backend). It reads Dynamo's tracer, a
+    private API: where that is not there, the answer is no, and the loop is traced as written."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    tx = getattr(InstructionTranslator, "current_tx", lambda: None)()
-    backend = tx.output.compiler_fn if tx is not None else None
+        backend = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # noqa: BLE001 (another torch's internals)
+        return False
     while backend is not None and not getattr(backend, "traces_eager_experts", False):
         inner = getattr(backend, "_torchdynamo_orig_backend", None) or getattr(backend, "compiler_fn", None)
         backend = None if inner is backend else inner  # torch.compile's wrappers, down to the backend given
