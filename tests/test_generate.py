@@ -36,12 +36,16 @@ def compiled_graphs() -> int:
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("preset, layers, backend", [("tiny-e2b", None, "eager"), (MOE, 2, "gemma4_fx")],
-                         ids=["tiny-e2b-dynamo", "tiny-26b-a4b-gemma4_fx"])
-def test_greedy_matches_hf_generate(preset, layers, backend):
+@pytest.mark.parametrize("preset, layers, backend, experts", [("tiny-e2b", None, "eager", None),
+                                                              (MOE, 2, "gemma4_fx", None),
+                                                              (MOE, 2, "gemma4_fx", "eager")],
+                         ids=["tiny-e2b-dynamo", "tiny-26b-a4b-gemma4_fx", "tiny-26b-a4b-eager-experts-gemma4_fx"])
+def test_greedy_matches_hf_generate(preset, layers, backend, experts):
     """A left-padded batch whose rows each stop at their own eos (a list): HF's tokens, pad after each row's eos,
-    the loop stopped at the first sync after the last; a second call compiles nothing and gives the same tokens."""
-    model = build_model(preset, **({"num_hidden_layers": layers} if layers else {}))
+    the loop stopped at the first sync after the last; a second call compiles nothing and gives the same tokens.
+    (With transformers' "eager" experts too: their loop traced as one op and rewritten, in prefill and decode.)"""
+    model = build_model(preset, **({"num_hidden_layers": layers} if layers else {}),
+                        **({"experts_implementation": experts} if experts else {}))
     ids, mask = left_padded(model, [8, 6, 7])
     free = hf_generate(model, ids, mask, max_new_tokens=12, eos_token_id=None)
     eos = [int(free[row, 8 + step]) for row, step in enumerate((6, 3, 5))]  # each row ends by its 7th token
@@ -61,6 +65,7 @@ def test_greedy_matches_hf_generate(preset, layers, backend):
     if not isinstance(backend, str):
         report = backend.report
         assert report.counts["router"] == layers * len(report.graphs) and not report.fallbacks, report
+        assert report.counts["moe_experts"] == layers * len(report.graphs), report
         # static rows (24 in the prefill, 3 in the decode step): each layer's q/k/v and gate/up in one launch each
         assert report.counts["skinny_linear"] == 2 * layers * len(report.graphs), report
 
