@@ -132,9 +132,11 @@ def test_a_polyfill_already_there_is_a_warning_not_a_failure(monkeypatch, caplog
     assert "eager Gemma-4 experts stay a loop for Dynamo" in caplog.text
 
 
-def test_eager_loop_with_a_symbolic_token_count():
-    """Under dynamic shapes the traced loop's token count is symbolic: the kernels take any count."""
-    model = gemma4_fx.build_model(MOE, num_hidden_layers=2, experts_implementation="eager")
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_a_symbolic_token_count(implementation):
+    """Under dynamic shapes the token count is symbolic (the experts' sizes stay static): the kernels take any
+    count, so the rewrite does too."""
+    model = gemma4_fx.build_model(MOE, num_hidden_layers=2, experts_implementation=implementation)
     backend = gemma4_fx.Gemma4Backend()
     compiled = torch.compile(model, backend=backend, dynamic=True)
     with torch.no_grad():
