@@ -15,8 +15,8 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 from .passes import decode_attention, prefill_attention, slide_window, yoco
-from .patterns import moe_experts
 from .passes.pipeline import Gemma4Passes
+from .patterns import moe_experts
 from .report import Report, describe_error, paths_from_the_model, record_fallback
 from .runtime.cudagraphs import CUDAGraphRuntime, CUDAGraphStats, GraphRunner, shape_inputs
 from .runtime.split import bake_float_inputs, compile_pieces, is_decode_shaped, split_graph
