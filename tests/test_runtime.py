@@ -618,6 +618,29 @@ def test_numbers_copied_to_the_device_become_fills_in_the_graph():
     assert [piece.captured for piece in split.pieces] == [False, True]
 
 
+def test_ints_that_size_nothing_reach_the_graph_as_device_scalars():
+    def step(x, positions, level):  # "meta" stands in for the GPU; `level` moves every call and sizes nothing, as
+        # the fill level HF's sliding cache adds to its positions
+        seen = (positions + level).float()[:, None] * torch.relu(x)
+        return seen + (level - positions < 2).float()[:, None] + (positions * (level + 1))[:, None]
+
+    x, positions = torch.randn(3, 4, device="meta"), torch.arange(3, device="meta")
+    gm, inputs = dynamo_graph(step, x, positions, 5, dynamic=True)
+    split = split_graph(gm)
+    assert [piece.captured for piece in split.pieces] == [False, True]  # one graph, after the host's fills
+    fills = [node for node in split.pieces[0].module.graph.nodes if node.target is torch.full]
+    assert len(fills) == 2 and all(node.kwargs == {"dtype": torch.int64, "device": x.device} for node in fills)
+    # the same values and dtypes as the step, on CPU, for levels other than the traced one
+    cpu = [torch.randn(3, 4), torch.arange(3)]
+    gm, inputs = dynamo_graph(step, *cpu, 5, dynamic=True)
+    split = split_graph(gm)
+    assert [piece.captured for piece in split.pieces] == [False, True]
+    for level in (5, 9):
+        got, want = split.module(*[level if isinstance(i, int) else i for i in inputs]), [step(*cpu, level)]
+        assert [t.dtype for t in got] == [t.dtype for t in want]
+        torch.testing.assert_close(list(got), list(want))
+
+
 def test_attention_between_graphs_is_called_without_the_dispatcher():
     def layer(x, k, v):
         q = torch.relu(x)

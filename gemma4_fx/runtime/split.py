@@ -6,9 +6,10 @@ layers that share a KV cache): it adds no shape to capture, and run between grap
 host and two cuts per layer (ops the caller lists as `extra_ops` still run between graphs). So is anything a graph
 cannot hold: host syncs, copies between host and device (but a number copied over becomes a fill on the device),
 tensors whose shapes come from data, and uses of int inputs that size no tensor (a graph would keep the value it was
-captured with). The cut follows graph order: every piece is a contiguous run of nodes, so the pieces always form a
-chain; work on host values alone moves to the top first, so that it does not cut a layer in two, and so do host syncs
-on what the inputs give cheaply, so that each does not stall the GPU mid-graph.
+captured with; where a tensor's elementwise op takes one, it reaches the graph as a device scalar instead). The cut
+follows graph order: every piece is a contiguous run of nodes, so the pieces always form a chain; work on host
+values alone moves to the top first, so that it does not cut a layer in two, and so do host syncs on what the inputs
+give cheaply, so that each does not stall the GPU mid-graph.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ _SCORE_STEPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.d
                 torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, torch.Tensor.mul, torch.Tensor.div,
                 torch.Tensor.add, torch.Tensor.tanh, torch.Tensor.masked_fill, F.dropout}
 _HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero"}
+# Elementwise ops whose int operand can be a 0-d tensor instead (`_host_values_as_device_scalars`).
+_SCALAR_OPERAND_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.lt,
+                       operator.le, operator.gt, operator.ge, operator.eq, operator.ne, torch.add, torch.sub, torch.mul,
+                       torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.Tensor.add, torch.Tensor.sub,
+                       torch.Tensor.mul, torch.Tensor.lt, torch.Tensor.le, torch.Tensor.gt, torch.Tensor.ge,
+                       torch.Tensor.eq, torch.Tensor.ne}
 _SIZED_BY_DATA = {torch.nonzero, torch.ops.aten.nonzero.default}
 _HOST_SYNC_FUNCTIONS = {torch.ops.aten._local_scalar_dense.default, *_SIZED_BY_DATA}
 # What a host sync's inputs may be computed with for it to move to the top (`_hoist_host_syncs`): no costly op (that
@@ -250,6 +257,33 @@ def _fill_constants_on_device(graph: torch.fx.Graph) -> None:
             graph.erase_node(made)
 
 
+def _host_values_as_device_scalars(graph: torch.fx.Graph, host_values: set) -> None:
+    """Where a tensor's elementwise arithmetic or comparison takes a host value as its other operand (HF's sliding
+    cache adds its fill level to a range of positions), the operand becomes a 0-d int64 device tensor made from it
+    (a fill where the value is made): a graph input that the runtime fills at each call, where the op itself had to
+    run between graphs and cut the step's graph in pieces. The result is the same, dtype included: a 0-d tensor
+    takes part in type promotion as a Python int does."""
+    for node in list(graph.nodes):
+        if not is_op(node, _SCALAR_OPERAND_OPS) or node.kwargs or len(node.args) != 2:
+            continue
+        values = [example_value(arg) for arg in node.args]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        ints = [(i, arg) for i, (arg, v) in enumerate(zip(node.args, values))
+                if isinstance(arg, torch.fx.Node) and isinstance(v, torch.SymInt) and free_symbols(v) & host_values]
+        if len(tensors) != 1 or len(ints) != 1:
+            continue
+        (position, source), device = ints[0], tensors[0].device
+        fill = next((user for user in source.users if user.target is torch.full and user.kwargs.get("device") == device
+                     and user.kwargs.get("dtype") is torch.int64), None)
+        if fill is None:
+            placeholders = list(graph.find_nodes(op="placeholder"))
+            with graph.inserting_after(placeholders[-1] if source.op == "placeholder" else source):
+                fill = graph.call_function(torch.full, ((), source), {"dtype": torch.int64, "device": device})
+            with tensors[0].fake_mode:
+                fill.meta["example_value"] = torch.full((), example_value(source), dtype=torch.int64, device=device)
+        node.update_arg(position, fill)
+
+
 def _hoist_host_work(graph: torch.fx.Graph, on_device: bool) -> torch.fx.Node | None:
     """Move what is computed from host values alone to the top of the graph, so that where it must run between
     graphs it does not cut a layer in two: arithmetic on int inputs (`cumulative_length + 1`), and CPU tensors with
@@ -428,6 +462,7 @@ def split_graph(gm: torch.fx.GraphModule, *, split_attention: bool = True, extra
     top = _hoist_host_work(gm.graph, on_device)
     if top is not None:
         _hoist_host_syncs(gm.graph, top)
+    _host_values_as_device_scalars(gm.graph, host_value_symbols(gm.graph))
     gm.recompile()
     marked = splitting_nodes(gm.graph, split_attention=split_attention, host_work=on_device, extra_ops=extra_ops)
     partition_of: dict[torch.fx.Node, int] = {}
