@@ -15,16 +15,17 @@ count and CUDA-graph stats.
 embedding tables, which are gathered; the LM head; for MoE the experts the batch is expected to hit) over the
 device-to-device copy bandwidth measured here. `--generate` also times HF `generate` (ms per decoded token, prefill
 left out), and beside it `gemma4_fx.generate`, our decode loop (each step one compiled call, sampling included)
-through the backend. `--profile` prints, per job, the GPU's busy time against the wall time, the kernel families
-and where the GPU waits between kernels.
-`--multimodal` times each preset twice over the same weights: as `Gemma4ForConditionalGeneration` (with its encoders,
-on text tokens) and as `Gemma4ForCausalLM` made of its language model and LM head. With `--images N` the multimodal
-class alone generates, from a prompt of N random images (`--image-size`) between the text, and its generate jobs
-also time the first token (a whole `generate` call of one new token: prefill, vision encoder and sampling). HF
-generate compiles the decode steps only and runs the prefill uncompiled; the `, compiled forward` variants compile
-`model.forward` itself (as a user who wants a compiled prefill does), so the prefill and the steps both run
-compiled. Image prompts run over one `StaticCache` held across calls and reset before each (README: the setup that
-keeps captured graphs).
+through the backend. Each step's `, host` column is the host's time per step to return from the calls, before the
+final synchronize: near the step's time, the host bounds it (`gemma4_fx auto, module guards off` drops Dynamo's
+guards on the model's modules, the largest host cost per call). `--profile` prints, per job, the GPU's busy time
+against the wall time, the kernel families and where the GPU waits between kernels. `--multimodal` times each preset
+twice over the same weights: as `Gemma4ForConditionalGeneration` (with its encoders, on text tokens) and as
+`Gemma4ForCausalLM` made of its language model and LM head. With `--images N` the multimodal class alone generates,
+from a prompt of N random images (`--image-size`) between the text, and its generate jobs also time the first token
+(a whole `generate` call of one new token: prefill, vision encoder and sampling). HF generate compiles the decode
+steps only and runs the prefill uncompiled; the `, compiled forward` variants compile `model.forward` itself (as a
+user who wants a compiled prefill does), so the prefill and the steps both run compiled. Image prompts run over one
+`StaticCache` held across calls and reset before each (README: the setup that keeps captured graphs).
 
 Every variant runs in its own process over one shared copy of the weights (`common.run_jobs`): they compile side
 by side, then time one at a time. `--deadline` bounds the whole run; unfinished variants are reported as such.
@@ -86,6 +87,10 @@ def ours(cudagraphs: str, patterns=None) -> gemma4_fx.Gemma4Backend:
 
 def compiled_variant(model, name: str):
     """(callable, our backend or None) for variant `name`."""
+    if name.endswith(GUARDS_OFF):
+        backend = ours(name.removesuffix(GUARDS_OFF).split()[1])
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(model, backend=backend, options=options), backend
     if name == "eager":
         return model, None
     if name == "inductor":
@@ -138,16 +143,21 @@ def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
     return cache
 
 
-def median_block_ms(fn, steps: int, repeats: int, device) -> float:
-    """Median over `repeats` of the host time per call of `steps` back-to-back calls."""
-    times = []
+def median_block_ms(fn, steps: int, repeats: int, device, host: list | None = None) -> float:
+    """Median over `repeats` of the host time per call of `steps` back-to-back calls. `host` receives the median
+    time per call to return from them, before the final synchronize: near the call's time, the host is what
+    bounds it; well under, the GPU."""
+    times, returned = [], []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             fn()
+        returned.append((time.perf_counter() - start) / steps * 1e3)
         synchronize(device)
         times.append((time.perf_counter() - start) / steps * 1e3)
+    if host is not None:
+        host.append(statistics.median(returned))
     return statistics.median(times)
 
 
@@ -164,7 +174,8 @@ def step_job(variant: str, batch: int, model, args, turn) -> dict:
         for _ in range(WARMUP):
             step()
         with turn():
-            result = {"value": median_block_ms(step, args.steps, args.repeats, model.device)}
+            host = []
+            result = {"value": median_block_ms(step, args.steps, args.repeats, model.device, host), "host": host[0]}
             if args.profile:
                 result["gpu busy"], result["profile"] = kernel_profile(step, top=args.profile, calls=PROFILED_STEPS)
     if backend is not None:
@@ -327,14 +338,16 @@ def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
         row[variant] = result["value"]
         if FIRST_TOKEN in result:
             row[f"{variant}, {FIRST_TOKEN}"] = result[FIRST_TOKEN]
-        if "gpu busy" in result:
-            row[f"{variant}, GPU busy"] = result["gpu busy"]
+        for key in ("host", "gpu busy"):
+            if key in result:
+                row[f"{variant}, {'GPU busy' if key == 'gpu busy' else key}"] = result[key]
         if kind == "generate":
             row["prompt"] = result["prompt"]
     for rows in (steps, generate):
         for (label, batch), row in rows.items():
             best = min((row[v] for v in row
-                        if str(v).startswith("gemma4_fx") and not str(v).endswith(("busy", FIRST_TOKEN))), default=None)
+                        if str(v).startswith("gemma4_fx") and not str(v).endswith(("busy", "host", FIRST_TOKEN))),
+                       default=None)
             for name in ("inductor", "reduce-overhead"):
                 if name in row and best:
                     row[f"{name} / gemma4_fx"] = row[name] / best
@@ -354,7 +367,8 @@ def main():
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=(*VARIANTS, "gemma4_fx auto" + GUARDS_OFF))
     parser.add_argument("--generate", type=int, nargs="*", default=[],
                         help="batch sizes for HF generate and gemma4_fx.generate")
     parser.add_argument("--generate-variants", nargs="+", default=list(GENERATE_VARIANTS), choices=GENERATE_CHOICES)
