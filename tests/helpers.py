@@ -1,6 +1,9 @@
 """What several test modules share: kernel-test parameters, seeded inputs, ulp distances, a lone router module, a
 backend that runs only YOCO, CUDA-graph capture simulated on CPU."""
 
+import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -65,6 +68,25 @@ def attention_query_rows(gm):
     """Query rows of each attention op of a graph (from Dynamo's example values)."""
     return [node.meta["example_value"].shape[-2] for node in gm.graph.nodes
             if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention]
+
+
+def hopper_ptx(kernel, signature: dict, constexprs: dict, **options) -> str:
+    """`kernel` compiled for sm_90 without a GPU (Triton's own ptxas): the PTX of a Hopper-only path, which the
+    interpreter cannot run. Compiled in a process of its own, where Triton is not in interpreter mode."""
+    function = getattr(kernel, "fn", kernel)  # the Python function a JIT or interpreted kernel wraps
+    script = f"""
+import importlib, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+kernel = getattr(importlib.import_module({function.__module__!r}), {function.__name__!r})
+constexprs = {constexprs!r}
+source = ASTSource(kernel, {{**{signature!r}, **dict.fromkeys(constexprs, "constexpr")}}, constexprs=constexprs)
+sys.stdout.write(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={options!r}).asm["ptx"])
+"""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def dynamo_graph(fn, *args, dynamic=None, **kwargs) -> tuple[torch.fx.GraphModule, list]:

@@ -13,7 +13,7 @@ from gemma4_fx.patterns import skinny_linear as P
 from gemma4_fx.replacements import skinny_linear as S
 from gemma4_fx.replacements.skinny_linear_configs import CONFIGS
 from gemma4_fx.replacements.rows import rms_norm
-from helpers import DEVICES, seeded
+from helpers import DEVICES, hopper_ptx, seeded
 
 # ‖out - float64‖ / ‖float64‖: one rounding per output (gated: the two GEMMs', the gelu's and the product's).
 REL_BOUND = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -112,6 +112,24 @@ def test_tuned_configs(device, key):
     small = [2 * config.block_n + 8] * len(widths)
     for rows in (1, S.TUNED_MAX_ROWS):
         _check(*_args(rows, 2 * config.block_k * config.split_k, small, torch.bfloat16, device), gated, config)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_hopper_split_launch_compiles(gated):
+    """Split along K as Hopper launches it (the reduction a programmatic dependent launch: the GEMM lets it start,
+    it waits for the partials) compiles for sm_90: the interpreter runs neither instruction."""
+    widths, dtype = ((6144, 6144) if gated else (2048, 256, 256)), "*bf16"
+    weights = (dtype,) * len(widths)
+    outs = weights[:1] if gated else weights
+    shared = dict(WIDTHS=widths, NUM_WEIGHTS=len(widths), TOTAL=sum(widths), GATED=gated, TIMES=False, SPLIT_K=4,
+                  BLOCK_M=16, BLOCK_N=64, PDL=True)
+    gemm = hopper_ptx(S._skinny_kernel, dict(x_ptr=dtype, w_ptrs=weights, out_ptrs=outs, times_ptr=dtype,
+                                             part_ptr="*fp32", m="i32", x_row_stride="i32", times_row_stride="i32"),
+                      dict(shared, HIDDEN=1536, STEPS=3, BLOCK_K=128, PRECISION="tf32"), num_warps=4, num_stages=4)
+    reduction = hopper_ptx(S._reduce_kernel, dict(part_ptr="*fp32", out_ptrs=outs, times_ptr=dtype, m="i32",
+                                                  times_row_stride="i32"), shared, num_warps=4)
+    assert "griddepcontrol.launch_dependents" in gemm and "griddepcontrol.wait" not in gemm
+    assert "griddepcontrol.wait" in reduction
 
 
 def test_split_rule():
