@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from gemma4_fx.replacements import moe_experts as M
 from benchmarks.moe import hf_experts
-from helpers import DEVICES, DTYPES, seeded
+from helpers import DEVICES, DTYPES, hopper_ptx, seeded
 
 # ‖out - float64‖ / ‖float64‖: eager rounds four times per pair (gate_up, gelu, product, down) and once at the end.
 REL_BOUND = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -143,6 +143,36 @@ def test_tall_blocks(device, case, tma):
     if tma:  # the same K order: the same bits as pointer loads
         assert torch.equal(out, M.moe_experts_triton(*args, path="tiled", config=M.Config(64, tiles, tiles),
                                                      tma=False))
+
+
+@pytest.mark.parametrize("path", ["tiled", "stream"])
+def test_hopper_launches_compile(path):
+    """The GEMMs as Hopper launches them compile for sm_90 at 26B-A4B's widths (E=128, N=704, H=2816, top-8): tiled,
+    the weights and down's activation rows read through tensor descriptors (TMA), the gate/up tail a half-width
+    descriptor; streaming, each launch a programmatic dependent one. The interpreter runs neither."""
+    inter, hidden, block_m, block_n, block_k = 704, 2816, (128 if path == "tiled" else 16), 128, 64
+    stream, bf16 = path == "stream", "*bf16"
+
+    def descriptors(**tiles):
+        """(signature, constexprs) of descriptor arguments: tensor descriptors of these tiles, or streaming None."""
+        if stream:
+            return {}, dict.fromkeys(tiles)
+        return {name: f"tensordesc<bf16[{rows},{block_k}]>" for name, rows in tiles.items()}, {}
+
+    shared = dict(INTER=inter, HIDDEN=hidden, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="tf32",
+                  PDL=stream)
+    rows = dict(order_ptr="*i32", table_ptr="*i32", max_blocks="i32", group_m="i32")
+    signature, constexprs = descriptors(w_desc=block_n, w_tail_desc=block_n // 2)
+    gate_up = hopper_ptx(M._gate_up_kernel, dict(x_ptr=bf16, w_ptr=bf16, act_ptr=bf16, x_row_stride="i32", **rows,
+                                                 **signature),
+                         dict(shared, TOP_K=8, NARROW_TAIL=M._narrow_tail(inter, block_n), **constexprs),
+                         num_warps=8, num_stages=3)
+    signature, constexprs = descriptors(w_desc=block_n, act_desc=block_m, act_half_desc=max(block_m // 2, 16),
+                                        act_quarter_desc=max(block_m // 4, 16))
+    down = hopper_ptx(M._down_kernel, dict(act_ptr=bf16, w_ptr=bf16, y_ptr=bf16, **rows, **signature),
+                      dict(shared, **constexprs), num_warps=8, num_stages=3)
+    for ptx in (gate_up, down):
+        assert ("cp.async.bulk.tensor" in ptx) != stream and ("griddepcontrol.wait" in ptx) == stream
 
 
 @pytest.mark.parametrize("device", DEVICES)
