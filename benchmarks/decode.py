@@ -143,10 +143,10 @@ def filled_cache(model, batch: int, context: int, steps: int) -> StaticCache:
     return cache
 
 
-def median_block_ms(fn, steps: int, repeats: int, device, host: list | None = None) -> float:
-    """Median over `repeats` of the host time per call of `steps` back-to-back calls. `host` receives the median
-    time per call to return from them, before the final synchronize: near the call's time, the host is what
-    bounds it; well under, the GPU."""
+def median_block_ms(fn, steps: int, repeats: int, device) -> tuple[float, float]:
+    """Medians over `repeats` of the host time per call of `steps` back-to-back calls, and of the time per call to
+    return from them, before the final synchronize: near the first, the host is what bounds the calls; well under,
+    the GPU."""
     times, returned = [], []
     for _ in range(repeats):
         synchronize(device)
@@ -156,9 +156,7 @@ def median_block_ms(fn, steps: int, repeats: int, device, host: list | None = No
         returned.append((time.perf_counter() - start) / steps * 1e3)
         synchronize(device)
         times.append((time.perf_counter() - start) / steps * 1e3)
-    if host is not None:
-        host.append(statistics.median(returned))
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(returned)
 
 
 def step_job(variant: str, batch: int, model, args, turn) -> dict:
@@ -174,8 +172,8 @@ def step_job(variant: str, batch: int, model, args, turn) -> dict:
         for _ in range(WARMUP):
             step()
         with turn():
-            host = []
-            result = {"value": median_block_ms(step, args.steps, args.repeats, model.device, host), "host": host[0]}
+            value, host = median_block_ms(step, args.steps, args.repeats, model.device)
+            result = {"value": value, "host": host}
             if args.profile:
                 result["gpu busy"], result["profile"] = kernel_profile(step, top=args.profile, calls=PROFILED_STEPS)
     if backend is not None:
@@ -260,12 +258,12 @@ def generate_job(variant: str, batch: int, model, args, turn) -> dict:
     result = {"prompt": ids.shape[1]}
     with turn():
         if variant == "gemma4_fx.generate":
-            t_short, t_long = (median_block_ms(lambda: run(n), 1, args.repeats, model.device) for n in (short, long))
+            t_short, t_long = (median_block_ms(lambda: run(n), 1, args.repeats, model.device)[0] for n in (short, long))
             result["value"] = (t_long - t_short) / (long - short)
         else:
             result["value"] = statistics.median(hf_token_ms() for _ in range(args.repeats))
         if images:
-            result[FIRST_TOKEN] = median_block_ms(lambda: run(1), 1, args.repeats, model.device)
+            result[FIRST_TOKEN] = median_block_ms(lambda: run(1), 1, args.repeats, model.device)[0]
         if args.profile:  # the whole call, prefill included: how much of the wall time the GPU is busy
             _, result["profile"] = kernel_profile(lambda: run(long), top=args.profile)
     if backend is not None:
@@ -338,9 +336,9 @@ def tables(models, jobs, results, args, bandwidth) -> tuple[list, list]:
         row[variant] = result["value"]
         if FIRST_TOKEN in result:
             row[f"{variant}, {FIRST_TOKEN}"] = result[FIRST_TOKEN]
-        for key in ("host", "gpu busy"):
+        for key, column in (("host", "host"), ("gpu busy", "GPU busy")):
             if key in result:
-                row[f"{variant}, {'GPU busy' if key == 'gpu busy' else key}"] = result[key]
+                row[f"{variant}, {column}"] = result[key]
         if kind == "generate":
             row["prompt"] = result["prompt"]
     for rows in (steps, generate):

@@ -1,5 +1,5 @@
 """What several test modules share: kernel-test parameters, seeded inputs, ulp distances, a lone router module, a
-backend that runs only YOCO, CUDA-graph capture simulated on CPU."""
+backend that runs only YOCO, CUDA-graph capture simulated on CPU, kernels compiled for sm_90 without a GPU."""
 
 import os
 import subprocess

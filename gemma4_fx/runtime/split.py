@@ -273,8 +273,8 @@ def _host_values_as_device_scalars(graph: torch.fx.Graph, host_values: set) -> N
         if len(tensors) != 1 or len(ints) != 1:
             continue
         (position, source), device = ints[0], tensors[0].device
-        fill = next((user for user in source.users if user.target is torch.full and user.kwargs.get("device") == device
-                     and user.kwargs.get("dtype") is torch.int64), None)
+        fill = next((user for user in source.users if user.target is torch.full and user.args == ((), source)
+                     and user.kwargs == {"dtype": torch.int64, "device": device}), None)
         if fill is None:
             placeholders = list(graph.find_nodes(op="placeholder"))
             with graph.inserting_after(placeholders[-1] if source.op == "placeholder" else source):
