@@ -149,7 +149,8 @@ def test_tall_blocks(device, case, tma):
 def test_hopper_launches_compile(path):
     """The GEMMs as Hopper launches them compile for sm_90 at 26B-A4B's widths (E=128, N=704, H=2816, top-8): tiled,
     the weights and down's activation rows read through tensor descriptors (TMA), the gate/up tail a half-width
-    descriptor; streaming, each launch a programmatic dependent one. The interpreter runs neither."""
+    descriptor; streaming, each launch a programmatic dependent one (the route and combine kernels too). The
+    interpreter runs neither."""
     inter, hidden, block_m, block_n, block_k = 704, 2816, (128 if path == "tiled" else 16), 128, 64
     stream, bf16 = path == "stream", "*bf16"
 
@@ -173,6 +174,16 @@ def test_hopper_launches_compile(path):
                       dict(shared, **constexprs), num_warps=8, num_stages=3)
     for ptx in (gate_up, down):
         assert ("cp.async.bulk.tensor" in ptx) != stream and ("griddepcontrol.wait" in ptx) == stream
+    if stream:  # the route kernel lets the GEMMs start, the combine waits for them
+        route = hopper_ptx(M._route_kernel, dict(ids_ptr="*i64", counts_ptr="*i32", order_ptr="*i32",
+                                                 table_ptr="*i32", pairs="i32", experts="i32", max_blocks="i32"),
+                           dict(NUM_BINS=128, CHUNK=1024, NUM_CHUNKS=1, CHUNKS_PAD=1, BLOCK_M=block_m, TABLE_CHUNK=16,
+                                PDL=True), num_warps=4)
+        combine = hopper_ptx(M._combine_kernel, dict(y_ptr=bf16, w_ptr=bf16, ids_ptr="*i64", out_ptr=bf16,
+                                                     hidden="i32", experts="i32"),
+                             dict(TOP_K=8, K_PAD=8, BLOCK_H=1024, ROUND_PRODUCT=True, EXPERT_ORDER=True, PDL=True),
+                             num_warps=4)
+        assert "griddepcontrol.launch_dependents" in route and "griddepcontrol.wait" in combine
 
 
 @pytest.mark.parametrize("device", DEVICES)
