@@ -57,10 +57,18 @@ LEFT_OUT = {"epilogues": ("post_attn_norm", "ple_tail"), "decode_attention": ("d
 VARIANTS = ("eager", "inductor", "reduce-overhead", "gemma4_fx piecewise", "gemma4_fx auto",
             *(f"gemma4_fx auto, no {what}" for what in LEFT_OUT))
 GENERATE_VARIANTS = ("eager", "reduce-overhead", "gemma4_fx auto", "gemma4_fx.generate")
-# HF generate with Dynamo's guards on the model's modules dropped (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`
-# as `guard_filter_fn`): each step no longer checks every parameter and attribute of every layer. Unsafe where the
-# model's modules change between calls, so not a default; timed on request.
+# HF generate (or a step) with Dynamo's guards on the model's modules dropped
+# (`torch.compiler.skip_guard_on_all_nn_modules_unsafe` as `guard_filter_fn`): each step no longer checks every
+# parameter and attribute of every layer. Unsafe where the model's modules change between calls, so not a default;
+# timed on request.
 GUARDS_OFF = ", module guards off"
+
+
+def guards_off_options() -> dict:
+    """torch.compile's options for GUARDS_OFF (a new dict each time: torch.compile pops the filter from it)."""
+    return {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+
+
 # HF generate with Dynamo's guards kept but checked by dict tags
 # (`torch._dynamo.config.use_recursive_dict_tags_for_guards`): an unchanged module's subtree of guards is skipped
 # whole. Off by default in torch (a use-after-free risk before CPython 3.12's dict watchers, pytorch/pytorch#188103);
@@ -87,10 +95,8 @@ def ours(cudagraphs: str, patterns=None) -> gemma4_fx.Gemma4Backend:
 
 def compiled_variant(model, name: str):
     """(callable, our backend or None) for variant `name`."""
-    if name.endswith(GUARDS_OFF):
-        backend = ours(name.removesuffix(GUARDS_OFF).split()[1])
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        return torch.compile(model, backend=backend, options=options), backend
+    options = guards_off_options() if name.endswith(GUARDS_OFF) else None  # ours alone takes the suffix
+    name = name.removesuffix(GUARDS_OFF)
     if name == "eager":
         return model, None
     if name == "inductor":
@@ -102,7 +108,7 @@ def compiled_variant(model, name: str):
         backend = ours("auto", [p for p in (*gemma4_fx.GRAPH_PASSES, *gemma4_fx.PATTERNS) if p not in left_out])
     else:
         backend = ours(name.split()[1])
-    return torch.compile(model, backend=backend), backend
+    return torch.compile(model, backend=backend, options=options), backend
 
 
 def described(backend: gemma4_fx.Gemma4Backend) -> str:
@@ -191,10 +197,9 @@ def compile_config(variant: str, backend) -> CompileConfig | None:
         return None
     if not variant.endswith(GUARDS_OFF):
         return CompileConfig() if base == "reduce-overhead" else CompileConfig(backend=backend)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if base == "reduce-overhead":  # torch.compile takes a mode or options, not both: the mode as its option
-        return CompileConfig(mode=None, options={"triton.cudagraphs": True, **options})
-    return CompileConfig(backend=backend, mode=None, options=options)
+        return CompileConfig(mode=None, options={"triton.cudagraphs": True, **guards_off_options()})
+    return CompileConfig(backend=backend, mode=None, options=guards_off_options())
 
 
 class TokenClock:
