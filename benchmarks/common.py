@@ -164,6 +164,54 @@ def kernel_profile(fn, top: int = 8, calls: int = 1) -> tuple[float, str]:
     return busy_ms, "\n".join(lines)
 
 
+def piece_timeline(fn) -> str:
+    """One call of `fn` (a model compiled by a gemma4_fx backend with CUDA graphs) with a CUDA event recorded as
+    each captured piece is called, beside the host's clock: in ms from the call's start, when the host reached each
+    piece and when the GPU did (`timeline_lines`). No profiler, so the host runs at its own pace."""
+    from gemma4_fx.runtime.cudagraphs import CapturedPiece
+
+    marks, call = [], CapturedPiece.__call__
+
+    def marked(piece, *args):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((piece.name, time.perf_counter(), event))
+        return call(piece, *args)
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    CapturedPiece.__call__ = marked
+    try:
+        begin = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        host_ms = (time.perf_counter() - begin) * 1e3
+    finally:
+        CapturedPiece.__call__ = call
+    end.synchronize()
+    rows = [(name, (at - begin) * 1e3, start.elapsed_time(event)) for name, at, event in marks]
+    return "\n".join(timeline_lines(rows, start.elapsed_time(end), host_ms))
+
+
+def timeline_lines(rows: list[tuple[str, float, float]], wall_ms: float, host_ms: float,
+                   waited_ms: float = 0.05) -> list[str]:
+    """`piece_timeline`'s report of (piece, host ms, GPU ms) rows. A piece the GPU reached less than `waited_ms` after
+    the host did had the GPU waiting for the host (the host bounds the call there); one it reached later found the
+    host ahead (the GPU bounds it). The first piece's GPU time is what the call spent before any of its graph ran:
+    Dynamo's entry (guards, bytecode) and the host syncs the runtime moved to the top."""
+    if not rows:
+        return [f"timeline: wall {wall_ms:.2f} ms, host returned at {host_ms:.2f} ms; no captured piece was called"]
+    waited = [name for name, host, gpu in rows if gpu - host < waited_ms]
+    ahead = max(gpu - host for _, host, gpu in rows)
+    lines = [f"timeline: wall {wall_ms:.2f} ms, host returned at {host_ms:.2f} ms; the GPU reached the first piece "
+             f"at {rows[0][2]:.2f} ms; it waited for the host at {len(waited)} of {len(rows)} pieces"
+             + (f" ({', '.join(waited[:8])}{', ...' if len(waited) > 8 else ''})" if waited else "")
+             + f"; the host was at most {ahead:.2f} ms ahead"]
+    lines += [f"  {name:16s} host {host:8.3f} gpu {gpu:8.3f} ({gpu - host:+.3f})" for name, host, gpu in rows]
+    return lines
+
+
 def idle_gaps(events, calls: int, top: int) -> list[str]:
     """Where the GPU waits between kernels, per call: the idle time in short gaps (launches back to back, or a CUDA
     graph's own), medium and long ones (the host is behind), and the `top` longest with the kernels around them."""

@@ -1,8 +1,8 @@
 """Gemma-4 prefill with and without YOCO: eager, Inductor, gemma4_fx without `yoco`, gemma4_fx with it.
 
     python benchmarks/prefill.py [--preset e2b e4b] [--shapes 1x512 1x2048 1x8192 8x1024] [--variants ...]
-                                 [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--layers N] [--rounds N]
-                                 [--deadline 540] [--json rows.json] [--images N [N ...] --image-size HxW]
+                                 [--cuda-graph] [--cudagraphs auto] [--no-cache] [--profile] [--timeline] [--layers N]
+                                 [--rounds N] [--deadline 540] [--json rows.json] [--images N [N ...] --image-size HxW]
     python benchmarks/prefill.py --preset tiny-e2b --device cpu --dtype float32 --shapes 1x64 2x32   # a dry run
     python benchmarks/prefill.py --preset e4b --images 2 --image-size 768x768 --shapes 1x512   # a multimodal prompt
     python benchmarks/prefill.py --preset e4b --images 1 4 --shapes 1x512 1x2048   # 1 image + 512, 4 images + 2048
@@ -28,6 +28,8 @@ tensor in prefill, which a whole-call graph cannot hold; our runtime runs that c
 `--profile` prints, per variant and shape, the GPU's busy time against the wall time, the top kernels and host ops,
 and where the GPU waits between kernels (and the same for the vision encoder alone, with `--images`): up to ~2k
 tokens a prefill without graphs is bound by the host, and its wall time varies between processes.
+`--timeline` prints, for our variants with CUDA graphs, when the host and the GPU reached each captured piece of one
+unprofiled call (`common.piece_timeline`): the GPU's start (Dynamo's entry before it) and where it waited for the host.
 
 `--images N` prefills `Gemma4ForConditionalGeneration` (the preset with its vision encoder) on N random images of
 `--image-size` (laid out as the image processor does, 280 soft tokens' budget) between the shape's text tokens, in
@@ -59,8 +61,8 @@ from transformers.models.gemma4 import modeling_gemma4  # noqa: E402
 import gemma4_fx  # noqa: E402
 import gemma4_fx.passes.yoco  # noqa: E402
 from gemma4_fx.multimodal import capture_data_dependent_ops  # noqa: E402
-from benchmarks.common import (cuda_graph, image_prompt, kernel_profile, parse_image_size, rebuild,  # noqa: E402
-                               run_jobs, shareable, synchronize)
+from benchmarks.common import (cuda_graph, image_prompt, kernel_profile, parse_image_size, piece_timeline,  # noqa: E402
+                               rebuild, run_jobs, shareable, synchronize)
 
 # "graph": Dynamo's graph run op by op (eager kernels, no compiler): with "graph+yoco" it isolates the pass, and it
 # costs no compile time. --cuda-graph replays every compiled variant from a CUDA graph (no launch overhead).
@@ -203,7 +205,8 @@ def job(spec, turn) -> dict:
                 rounds[shape]["ms"].append(median_ms(run, device, args.warmup, args.repeats))
                 if shape in encoders:
                     rounds[shape]["encoder_ms"].append(median_ms(encoders[shape], device, args.warmup, args.repeats))
-    with turn() if args.profile and device.type == "cuda" else contextlib.nullcontext():
+    timeline = args.timeline and device.type == "cuda" and args.cudagraphs and variant.startswith("gemma4_fx")
+    with turn() if (args.profile or timeline) and device.type == "cuda" else contextlib.nullcontext():
         for shape, run in runs.items():
             out = result["shapes"][shape]
             out["timed_alone"] = alone
@@ -213,6 +216,8 @@ def job(spec, turn) -> dict:
                 out["gpu_busy_ms"], out["profile"] = kernel_profile(run, top=args.profile)
                 if shape in encoders:
                     out["profile"] += "\n vision encoder alone: " + kernel_profile(encoders[shape], top=args.profile)[1]
+            if timeline:
+                out["profile"] = (out.get("profile", "") + "\n" + piece_timeline(run)).lstrip("\n")
     result["images"] = images_per_prompt
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
         result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
@@ -319,6 +324,9 @@ def main():
     parser.add_argument("--profile", type=int, nargs="?", const=8, default=0, metavar="TOP",
                         help="print where the time of one call goes (CUDA): kernel families and the TOP (default 8) "
                              "kernels")
+    parser.add_argument("--timeline", action="store_true",
+                        help="gemma4_fx variants with --cudagraphs (CUDA): when the host and the GPU reach each "
+                             "captured piece in one call, unprofiled (where the host or the GPU bounds the call)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=1,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gemma4_fx
-from benchmarks.common import kernel_family, rebuild, run_jobs, shareable
+from benchmarks.common import kernel_family, rebuild, run_jobs, shareable, timeline_lines
 
 
 def test_rebuilt_model_shares_the_tensors_and_computes_the_same():
@@ -60,6 +60,19 @@ def test_kernel_families_of_names_the_h200_profiles_show():
         "triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_13": "inductor triton",
     }
     assert {name: kernel_family(name) for name in names} == names
+
+
+def test_timeline_names_where_the_gpu_waited_for_the_host():
+    """Pieces the GPU reached as the host did (the host bounded the call there) are named; the rest had the host
+    ahead, by at most the largest lag."""
+    rows = [("submod_0", 2.58, 2.56), ("submod_2", 3.09, 3.07), ("submod_4", 3.39, 3.41), ("submod_6", 3.60, 3.69),
+            ("submod_8", 3.79, 4.93)]
+    summary, *pieces = timeline_lines(rows, wall_ms=18.0, host_ms=14.0)
+    assert "reached the first piece at 2.56 ms" in summary
+    assert "waited for the host at 3 of 5 pieces (submod_0, submod_2, submod_4)" in summary
+    assert "at most 1.14 ms ahead" in summary
+    assert len(pieces) == 5 and pieces[-1].split() == ["submod_8", "host", "3.790", "gpu", "4.930", "(+1.140)"]
+    assert "no captured piece" in timeline_lines([], wall_ms=1.0, host_ms=1.0)[0]
 
 
 @pytest.mark.parametrize("script", ["decode_attention.py", "prefill_attention.py"])
