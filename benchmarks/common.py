@@ -199,7 +199,7 @@ def timeline_lines(rows: list[tuple[str, float, float]], wall_ms: float, host_ms
     """`piece_timeline`'s report of (piece, host ms, GPU ms) rows. A piece the GPU reached less than `waited_ms` after
     the host did had the GPU waiting for the host (the host bounds the call there); one it reached later found the
     host ahead (the GPU bounds it). The first piece's GPU time is what the call spent before any of its graph ran:
-    Dynamo's entry (guards, bytecode) and the host syncs the runtime moved to the top."""
+    Dynamo's entry (guards, bytecode) and the runtime's own, before its first piece."""
     if not rows:
         return [f"timeline: wall {wall_ms:.2f} ms, host returned at {host_ms:.2f} ms; no captured piece was called"]
     waited = [name for name, host, gpu in rows if gpu - host < waited_ms]

@@ -206,7 +206,7 @@ def job(spec, turn) -> dict:
                 if shape in encoders:
                     rounds[shape]["encoder_ms"].append(median_ms(encoders[shape], device, args.warmup, args.repeats))
     timeline = args.timeline and device.type == "cuda" and args.cudagraphs and variant.startswith("gemma4_fx")
-    with turn() if (args.profile or timeline) and device.type == "cuda" else contextlib.nullcontext():
+    with turn() if args.profile and device.type == "cuda" or timeline else contextlib.nullcontext():
         for shape, run in runs.items():
             out = result["shapes"][shape]
             out["timed_alone"] = alone
@@ -217,7 +217,7 @@ def job(spec, turn) -> dict:
                 if shape in encoders:
                     out["profile"] += "\n vision encoder alone: " + kernel_profile(encoders[shape], top=args.profile)[1]
             if timeline:
-                out["profile"] = (out.get("profile", "") + "\n" + piece_timeline(run)).lstrip("\n")
+                out["profile"] = "\n".join(filter(None, (out.get("profile"), piece_timeline(run))))
     result["images"] = images_per_prompt
     if isinstance(compiler, gemma4_fx.Gemma4Backend):
         result["yoco_layers"] = compiler.report.counts.get("yoco", 0)
