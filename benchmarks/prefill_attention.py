@@ -4,15 +4,19 @@ calls it (sliding layers: the cache repeated per query head and a materialised b
 
     python benchmarks/prefill_attention.py              # the table (a minute on an H200)
     python benchmarks/prefill_attention.py --tiles      # also each candidate tile config of ours
+    python benchmarks/prefill_attention.py --tokens 772 4096   # other prompt lengths
     python benchmarks/prefill_attention.py --smoke      # tiny widths on CPU under the Triton interpreter
 
 Shapes: one prompt of 4096 tokens (and 1024) through the sliding (window 512 or 1024, head dim 256) and global
-(causal, head dim 512; with an image, a mask) layers of E4B and 26B-A4B, bf16. Each variant is one call captured in a
-CUDA graph, median replay. "ours" is the attention over a mask made ready (`prefill_attention_mask`), as the model
-runs each layer (the pass makes each mask ready once per prompt: "mask made ready" is that launch alone, "ours,
-mask made ready in the call" both). "TFLOP/s" counts the FLOPs of the visible scores only (4 * heads * dim per
-visible (row, key) pair), so it reads the same for every variant; "max err" is |out - float64| over max |float64|
-for ours and for SDPA.
+(causal, head dim 512; with an image, a mask) layers of E4B and 26B-A4B, and one layer of E4B's vision encoder over
+a 768x768 image (2520 patches, the last 216 padding: a mask over the keys alone), bf16. Each variant is one call
+captured in a CUDA graph, median replay. "ours" is the attention over a mask made ready (`prefill_attention_mask`),
+as the model runs each layer (the pass makes each mask ready once per prompt: "mask made ready" is that launch
+alone, "ours, mask made ready in the call" both). "TFLOP/s" counts the FLOPs of the visible scores only (4 * heads *
+dim per visible (row, key) pair), so it reads the same for every variant; "max err" is |out - float64| over max
+|float64| for ours and for SDPA. "sdpa, additive mask" is SDPA given the mask as the additive float mask that the
+pass makes once for the masked calls it leaves to SDPA (the vision encoder's before 2026-12-04). `--tokens` sets the
+prompt lengths (the vision layer keeps its 2520 patches).
 """
 
 from __future__ import annotations
@@ -33,11 +37,21 @@ from benchmarks.common import graph_replay_us, markdown  # noqa: E402
 from gemma4_fx.replacements import prefill_attention as ops  # noqa: E402
 
 # (name, query heads, kv heads, head dim, window; None: a causal global layer; "image": a global layer's mask with
-# an image in the prompt, causal but for the image's 256 tokens, which see each other)
-LAYERS = [("E4B sliding", 8, 2, 256, 512), ("E4B global", 8, 2, 512, None), ("E4B global, image", 8, 2, 512, "image"),
-          ("26B-A4B sliding", 16, 8, 256, 1024), ("26B-A4B global", 16, 2, 512, None)]
-SMOKE_LAYERS = [("tiny sliding", 4, 2, 32, 6), ("tiny global", 4, 1, 48, None)]
-TILES = {256: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+# an image in the prompt, causal but for the image's 256 tokens, which see each other; "padding": every row sees
+# the keys but the last PADDED; tokens: the prompt lengths, None for --tokens)
+LAYERS = [("E4B sliding", 8, 2, 256, 512, None), ("E4B global", 8, 2, 512, None, None),
+          ("E4B global, image", 8, 2, 512, "image", None), ("26B-A4B sliding", 16, 8, 256, 1024, None),
+          ("26B-A4B global", 16, 2, 512, None, None), ("26B-A4B global, image", 16, 2, 512, "image", None),
+          ("E4B vision", 12, 12, 64, "padding", [2520])]
+PADDED = 216  # patches of 2520 that a 768x768 image (48 x 48 patches of 16) leaves empty
+SMOKE_LAYERS = [("tiny sliding", 4, 2, 32, 6, None), ("tiny global", 4, 1, 48, None, None),
+                ("tiny vision", 2, 2, 16, "padding", [240])]
+TILES = {64: [dict(BLOCK_DV=64, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+              dict(BLOCK_DV=64, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+              dict(BLOCK_DV=64, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+              dict(BLOCK_DV=64, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+              dict(BLOCK_DV=64, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)],
+         256: [dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
                dict(BLOCK_DV=256, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
                dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
                dict(BLOCK_DV=128, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)],
@@ -67,7 +81,9 @@ def case(tokens, heads, kv_heads, dim, window, device, dtype):
             for _ in range(2))
     mask = None
     i, j = torch.arange(tokens, device=device)[:, None], torch.arange(tokens, device=device)[None, :]
-    if window == "image":  # the image's tokens start a quarter into the prompt
+    if window == "padding":
+        mask = (j < tokens - PADDED) & (i >= 0)
+    elif window == "image":  # the image's tokens start a quarter into the prompt
         start = tokens // 4
         mask = ((j <= i) | ((i >= start) & (i < start + 256) & (j >= start) & (j < start + 256)))
     elif window:  # transformers' sliding-window causal mask: key j visible to row i when i - window < j <= i
@@ -77,7 +93,7 @@ def case(tokens, heads, kv_heads, dim, window, device, dtype):
         visible = int(mask.sum())
     else:
         visible = tokens * (tokens + 1) // 2
-    return (q, k, v, mask, 1.0, window is None), 4 * heads * dim * visible
+    return (q, k, v, mask, 1.0, window is None), 4 * heads * dim * visible  # Gemma-4 scales q by its norms
 
 
 def main() -> None:
@@ -92,7 +108,8 @@ def main() -> None:
     compiled = torch.compile(hf_sdpa)
     rows = []
     layers, token_counts = (SMOKE_LAYERS, [20]) if args.smoke else (LAYERS, args.tokens)
-    for (name, heads, kv_heads, dim, window), tokens in ((layer, t) for layer in layers for t in token_counts):
+    for (name, heads, kv_heads, dim, window, _), tokens in ((layer, t) for layer in layers
+                                                            for t in layer[5] or token_counts):
         inputs, flops = case(tokens, heads, kv_heads, dim, window, device, dtype)
         q, k, v, mask, scale, causal = inputs
         exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, scale, causal)
@@ -106,12 +123,15 @@ def main() -> None:
                "ours max err": (ours.double() - exact).abs().max().item() / scale_of,
                "SDPA max err": (hf_sdpa(*inputs).double() - exact).abs().max().item() / scale_of}
         if not args.smoke:
-            times = {variant: graph_replay_us(fn, *arguments) for variant, fn, arguments in (
-                ("ours", ops.prefill_attention_triton, ready), ("hf sdpa", hf_sdpa, inputs),
-                ("compiled hf sdpa", compiled, inputs))}
+            variants = [("ours", ops.prefill_attention_triton, ready), ("hf sdpa", hf_sdpa, inputs),
+                        ("compiled hf sdpa", compiled, inputs)]
+            if mask is not None:
+                additive = ops.sdpa_additive_mask(mask, dtype)
+                variants.append(("sdpa, additive mask", hf_sdpa, (q, k, v, additive, scale, causal)))
+            times = {variant: graph_replay_us(fn, *arguments) for variant, fn, arguments in variants}
             row.update({**{f"{variant} us": t for variant, t in times.items()},
                         "ours TFLOP/s": flops / times["ours"] / 1e6,
-                        "sdpa / ours": min(times["hf sdpa"], times["compiled hf sdpa"]) / times["ours"]})
+                        "sdpa / ours": min(t for variant, t in times.items() if variant != "ours") / times["ours"]})
             if mask is not None:
                 row["mask made ready us"] = graph_replay_us(ops.prefill_attention_mask, mask)
                 row["ours, mask made ready in the call us"] = graph_replay_us(ops.prefill_attention_triton, *inputs)

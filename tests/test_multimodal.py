@@ -86,14 +86,13 @@ def test_whole_model_is_one_graph_with_the_text_models_rewrites():
     assert language_model_matches(report) == language_model_matches(text_backend.report), report
     assert report.counts["yoco"] >= 1, report
     # The encoders' layers are Gemma norm chains too: rewritten, within the logits' tolerance above; the vision
-    # encoder's layers share its rotary tables, stored once. Its attention (a padding mask: no key block to skip) is
-    # left to SDPA.
+    # encoder's layers share its rotary tables, stored once. Its attention (a padding mask, head dim 16) is ours.
     encoders = {(m.pattern, m.location.split(".layers.")[0]) for m in report.matches
                 if ".language_model." not in m.location}
     assert encoders == {("post_attn_norm", "model.vision_tower.encoder"), ("post_attn_norm", "model.audio_tower"),
-                        ("rotary_table", "model.vision_tower.encoder.rotary_emb")}
-    assert any(s.pattern == "prefill_attention" and "vision_tower" in s.location and "no key/query ordering"
-               in s.reason for s in report.skipped), report
+                        ("rotary_table", "model.vision_tower.encoder.rotary_emb"),
+                        ("prefill_attention", "model.vision_tower.encoder")}
+    assert not any(s.pattern == "prefill_attention" and "vision_tower" in s.location for s in report.skipped), report
 
 
 def test_text_only_prompt_runs_no_encoder(monkeypatch):

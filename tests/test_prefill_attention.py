@@ -18,6 +18,7 @@ CASES = {  # (batch, heads, kv_heads, rows, keys, dim, mask kind): the tiles are
     "wide-head": (1, 2, 1, 18, 18, 80, "sliding"),  # the output dims split over programs (BLOCK_DV 64 < 80)
     "2d-mask": (2, 2, 1, 20, 20, 16, "sliding-2d"),  # [M, N]: SDPA broadcasts it over batch and heads
     "one-row-mask": (2, 2, 1, 20, 37, 16, "padding"),  # [B, 1, 1, N]: one row for every query row
+    "wide-window": (1, 2, 1, 70, 70, 16, "sliding-wide"),  # key blocks every row sees whole: run unmasked
 }
 
 
@@ -25,7 +26,8 @@ def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0)
     """q [B, H, M, D], k, v [B, Hkv, N, D], the mask (bool [B or 1, 1, M, N] or None) and `causal`: "sliding" is
     transformers' sliding-window mask (window 9) with the rows at the end of the keys, shared by the batch unless
     the batch differs in what it sees ("sliding-2d": one [M, N] mask for all); "empty-row" hides every key from row
-    3; "padding" is one row per sequence, its first keys hidden (3 of them, 20 in the second sequence)."""
+    3; "padding" is one row per sequence, its first keys hidden (3 of them, 20 in the second sequence);
+    "sliding-wide" has a window of 40."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(shape, generator=g).to(dtype).to(device) for shape in
                ((batch, heads, rows, dim), (batch, kv_heads, keys, dim), (batch, kv_heads, keys, dim)))
@@ -36,8 +38,9 @@ def inputs(batch, heads, kv_heads, rows, keys, dim, kind, dtype, device, seed=0)
         return q, k, v, ((j <= i) & (j > i - 9)).to(device), False
     if kind == "padding":
         return q, k, v, (j >= torch.tensor([3, 20]).view(2, 1, 1, 1)[:batch]).to(device), False
-    if kind in ("sliding", "empty-row"):
-        mask = ((j <= i) & (j > i - 9)).view(1, 1, rows, keys).repeat(batch, 1, 1, 1)
+    if kind in ("sliding", "empty-row", "sliding-wide"):
+        window = 40 if kind == "sliding-wide" else 9
+        mask = ((j <= i) & (j > i - window)).view(1, 1, rows, keys).repeat(batch, 1, 1, 1)
         if batch > 1:
             mask[1:, :, :, :3] = False  # the later sequences left-padded: a mask per sequence
         else:
@@ -94,18 +97,43 @@ def test_query_blocks_of_several_row_groups(case, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["sliding-gqa", "cached-prefix", "empty-row", "2d-mask", "one-row-mask"])
+def test_shared_key_blocks_read_no_mask(device):
+    """The key blocks that every row of a query block sees whole, by the ranges, run without reading the mask: a key
+    hidden there in the ready mask alone changes nothing (and the float64 checks above, "wide-window", show that
+    those blocks compute what the mask says)."""
+    batch, heads, kv_heads, rows, keys, dim, kind = CASES["wide-window"]
+    q, k, v, mask, _ = inputs(batch, heads, kv_heads, rows, keys, dim, kind, torch.float32, device)
+    ready, ranges = ops.prefill_attention_mask_triton(mask)
+    out = ops.prefill_attention_triton(q, k, v, ready, 0.25, False, ranges, tiles=SMALL_TILES)
+    block = 3  # rows [48, 64), one group of 16: window 40 shares keys [24, 49) among them
+    full_first, full_end = ranges[0, block, 2:].tolist()
+    key = -(-full_first // 16) * 16  # the first key block inside the shared run
+    assert key + 16 <= full_end
+    ready[0, 0, block * 16:(block + 1) * 16, key] = False
+    again = ops.prefill_attention_triton(q, k, v, ready, 0.25, False, ranges, tiles=SMALL_TILES)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["sliding-gqa", "cached-prefix", "empty-row", "2d-mask", "one-row-mask",
+                                  "wide-window"])
 def test_mask_made_ready(case, device, monkeypatch):
     """`prefill_attention_mask`: the mask in rows padded to 16 bytes and, per 16 query rows, the first key one of
-    them sees and one past the last, as the reference finds them (in two steps of the scan); the op on CPU
-    computes the same."""
+    them sees, one past the last, the first all of them see and the end of that run, as the reference finds them
+    (in several steps of the scan); the op on CPU computes the same."""
     monkeypatch.setattr(ops, "_SCAN_KEYS", 32)
     batch, heads, kv_heads, rows, keys, dim, kind = CASES[case]
     mask = inputs(batch, heads, kv_heads, rows, keys, dim, kind, torch.float32, device)[3]
     full = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     expected = ops.mask_key_ranges_reference(full)
-    assert expected.shape == (full.shape[0], -(-full.shape[2] // 16), 2)
+    assert expected.shape == (full.shape[0], -(-full.shape[2] // 16), 4)
     assert (expected[..., 1] > 0).any() and (expected[..., 0] > 0).any()  # key blocks to skip, below and above
+    for b, group in ((b, g) for b in range(expected.shape[0]) for g in range(expected.shape[1])):
+        first, end, full_first, full_end = expected[b, group].tolist()
+        rows_seen = full[b, 0, group * 16:(group + 1) * 16]
+        assert rows_seen[:, full_first:full_end].all()  # the shared run: every row sees it
+        assert full_end == keys or full_first == keys or not rows_seen[:, full_end].all()  # and it ends there
+        assert not rows_seen[:, :full_first].all(0).any()  # no shared key before it
     for ready, ranges in (ops.prefill_attention_mask_triton(mask), ops.prefill_attention_mask(mask.cpu())):
         assert ready.shape == full.shape[:3] + (-(-keys // 16) * 16,) and ready.is_contiguous()
         assert torch.equal(ready[..., :keys].cpu(), full.cpu())
@@ -115,27 +143,30 @@ def test_mask_made_ready(case, device, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1000, 300])
 @pytest.mark.parametrize("layer", [(16, 8, 256, 1024), (16, 2, 512, None), (16, 2, 512, "image"), (8, 2, 256, 512),
-                                   (8, 2, 512, None), (8, 2, 512, "image")],
+                                   (8, 2, 512, None), (8, 2, 512, "image"), (12, 12, 64, "padding")],
                          ids=["26b-sliding", "26b-global", "26b-global-image", "e4b-sliding", "e4b-global",
-                              "e4b-global-image"])
-def test_kernels_at_gemma4_widths(layer):
-    """The default tiles at Gemma-4's head dims, 1000 tokens (a ragged last block), against float64 and SDPA. A
-    window: transformers' sliding mask; None: `is_causal`; "image": the global mask of a prompt with an image, causal
-    but for the image's 256 tokens, which see each other (it takes the 512-dim kernel's shared memory furthest)."""
+                              "e4b-global-image", "e4b-vision"])
+def test_kernels_at_gemma4_widths(layer, rows):
+    """The default tiles at Gemma-4's head dims, 1000 tokens (a ragged last block; tiles for many query blocks) and
+    300 (for few), against float64 and SDPA. A window: transformers' sliding mask; None: `is_causal`; "image": the
+    global mask of a prompt with an image, causal but for the image's 256 tokens, which see each other (it takes the
+    512-dim kernel's shared memory furthest); "padding": the vision encoder's, every row sees the keys but the last
+    86."""
     heads, kv_heads, dim, window = layer
     g = torch.Generator().manual_seed(dim)
-    rows = 1000
     q, k, v = (torch.randn(shape, generator=g).to(torch.bfloat16).cuda() for shape in
                ((1, heads, rows, dim), (1, kv_heads, rows, dim), (1, kv_heads, rows, dim)))
     i, j = torch.arange(rows)[:, None], torch.arange(rows)[None, :]
-    image = (i >= 300) & (i < 556) & (j >= 300) & (j < 556)
-    mask = None if window is None else (j <= i) | image if window == "image" else (j <= i) & (j > i - window)
+    image = (i >= rows * 3 // 10) & (i < rows * 3 // 10 + 256) & (j >= rows * 3 // 10) & (j < rows * 3 // 10 + 256)
+    masks = {None: None, "image": (j <= i) | image, "padding": (j < rows - 86) & (i >= 0)}
+    causal = window is None
+    mask = masks[window] if window in masks else (j <= i) & (j > i - window)
     mask = None if mask is None else mask.view(1, 1, rows, rows).cuda()
-    out = ops.prefill_attention_triton(q, k, v, mask, 1.0, window is None)
-    exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, 1.0, window is None)
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=window is None, scale=1.0,
-                                          enable_gqa=True)
+    out = ops.prefill_attention_triton(q, k, v, mask, 1.0, causal)
+    exact = ops.prefill_attention_reference(q.double(), k.double(), v.double(), mask, 1.0, causal)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0, enable_gqa=True)
     ours, theirs = ((x.double() - exact).abs().max().item() for x in (out, sdpa))
     assert ours <= theirs + torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), (ours, theirs)
 
@@ -186,7 +217,7 @@ def test_op_checks_its_inputs():
     ready, ranges = ops.prefill_attention_mask(mask)
     with pytest.raises(ValueError, match="a ready mask: keys padded to 16"):
         ops.prefill_attention(q, k, v, mask, 1.0, False, ranges)  # the mask as it came, not the ready one
-    with pytest.raises(ValueError, match=r"mask_ranges must be the int32 \[1, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"mask_ranges must be the int32 \[1, 1, 4\]"):
         ops.prefill_attention(q, k, v, ready, 1.0, False, ranges.long())
     with pytest.raises(ValueError, match="mask_ranges given without a mask"):
         ops.prefill_attention(q, k, v, None, 1.0, False, ranges)
@@ -218,16 +249,18 @@ class Attention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5) * 2
 
 
-@pytest.mark.parametrize("how, reason", [("bool", None), ("causal", None), ("causal-made", None),
-                                         ("padding-made", "no key/query ordering"),
-                                         ("float", "mask must be None or a bool")])
-def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
+@pytest.mark.parametrize("how, dim, reason", [("bool", 16, None), ("causal", 16, None), ("causal-made", 16, None),
+                                              ("padding-made", 16, None),
+                                              ("padding-made", 24, "no key/query ordering"),
+                                              ("float", 16, "mask must be None or a bool")])
+def test_pass_rewrites_what_it_takes_and_says_why_not(how, dim, reason):
     """Each candidate is rewritten (the repeat of the cache looked through) or left alone with its reason; the
-    outputs stay SDPA's. One query row is decode_attention's, not a candidate."""
+    outputs stay SDPA's. One query row is decode_attention's, not a candidate. A padding mask is taken at a head
+    dim that is a power of two, left to SDPA at another."""
     from gemma4_fx.passes import prefill_attention
     from gemma4_fx.report import Report
 
-    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, dim, "sliding", torch.float32, "cpu")
     module = Attention(how)
     for rows in (20, 1):
         report = Report((prefill_attention.NAME,))
@@ -272,9 +305,9 @@ def test_a_mask_is_made_ready_once():
 
 
 def test_sdpa_left_alone_gets_its_bool_mask_made_additive_once():
-    """SDPA calls the pass leaves alone (a padding mask, as the vision encoder's) share one additive mask per mask
-    and query dtype, made before the first of them, where SDPA made it at every call; the outputs are SDPA's, bit for
-    bit, rows with no visible key (the second sequence's) included."""
+    """SDPA calls the pass leaves alone (a padding mask at head dim 24, as 26B-A4B's vision encoder's at 72) share one
+    additive mask per mask and query dtype, made before the first of them, where SDPA made it at every call; the
+    outputs are SDPA's, bit for bit, rows with no visible key (the second sequence's) included."""
     from gemma4_fx.passes import prefill_attention
     from gemma4_fx.replacements.prefill_attention import sdpa_additive_mask
 
@@ -286,7 +319,7 @@ def test_sdpa_left_alone_gets_its_bool_mask_made_additive_once():
                                               enable_gqa=True)
         return q, half
 
-    q, k, v, _, _ = inputs(2, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    q, k, v, _, _ = inputs(2, 4, 2, 20, 20, 24, "sliding", torch.float32, "cpu")
     k[1, :, :, 0] = -1.0  # the second sequence sees no key
     gm, example = dynamo_graph(layers, q, k, v)
     gm = prefill_attention.apply(gm)
@@ -318,7 +351,7 @@ def test_a_mask_written_between_attentions_is_made_ready_per_attention(made):
         mask[..., :3] = False
         return first, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 24, "sliding", torch.float32, "cpu")  # 24: the padding mask left
     gm = prefill_attention.apply(dynamo_graph(layers, q, k, v, mask.clone())[0])
     targets = {node.target for node in gm.graph.nodes}
     assert torch.ops.gemma4_fx.prefill_attention_mask.default not in targets and sdpa_additive_mask not in targets

@@ -94,7 +94,7 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, name: str, op, check_inputs, *, takes
                  report: Report | None, graph_name: str, mask_reason=None) -> torch.fx.GraphModule:
     """Replace each SDPA call whose query rows `takes` (an int, or a symbol for a prompt's length) by
     `op(q, k_cache, v_cache, mask, scale[, is_causal])` where `check_inputs` takes its tensors and `mask_reason`
-    (of the mask node) gives no reason not to; the others that `takes` are left alone with the reason in `report`
+    (of the mask node and the query's example value) gives no reason not to; the others that `takes` are left alone with the reason in `report`
     under `name`. Shared by the decode and prefill passes."""
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA]:
@@ -107,7 +107,7 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, name: str, op, check_inputs, *, takes
             k_cache, v_cache = args["key"], args["value"]
         reason = _unsupported(args, k_cache, v_cache, check_inputs, causal_ok)
         if reason is None and mask_reason is not None and isinstance(args.get("attn_mask"), torch.fx.Node):
-            reason = mask_reason(args["attn_mask"])
+            reason = mask_reason(args["attn_mask"], q)
         if reason is not None:
             if report is not None:
                 report.add_skip(name, graph_name, node_location(node), reason, [node.name])

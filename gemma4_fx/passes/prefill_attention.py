@@ -23,7 +23,7 @@ calls left alone is made ready for SDPA the same way, once:
     out = scaled_dot_product_attention(q, k, v, attn_mask=additive, ...)
 
 which is the conversion SDPA itself runs at every call (two kernels and their host work per layer, between CUDA
-graphs: the vision encoder's 16 layers share one padding mask), so each call computes what it did. One exception:
+graphs: a 26B-A4B vision encoder's 27 layers share one padding mask), so each call computes what it did. One exception:
 a query row that sees no key gets zeros, SDPA's rule on every backend, where torch 2.11's cuDNN kernel converts a bool
 mask with a finite fill and so attends to every key of such a row (pytorch#177842). Gemma-4's masks leave such rows
 only at padding (a left-padded batch), whose outputs no other row reads.
@@ -31,9 +31,11 @@ only at padding (a left-padded batch), whose outputs no other row reads.
 Left alone (with the reason): one query row (`decode_attention`'s), dropout, a mask with `is_causal`, a mask that is
 not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`), and
 a mask built in the graph without ordering a query position against a key position (`key <= query`, `key > query -
-window`): such a mask (bidirectional, padding: the vision encoder's) hides no block of keys as a rule, and there
-SDPA's flash kernels are faster than ours (BENCHMARKS.md). A mask made from a bool mask the graph gets as an input
-is taken.
+window`) where the head dim is not a power of two: such a mask (bidirectional, padding: the vision encoders') hides
+no block of keys as a rule, and the kernel would pad the head dim (26B-A4B's and 31B's vision encoders: 72 to 128)
+where SDPA's flash kernels take it as is. At E2B's and E4B's head dim 64 the kernel takes their vision encoder's
+padding mask, faster than SDPA over the same keys (BENCHMARKS.md). A mask made from a bool mask the graph gets as
+an input is taken.
 """
 
 from __future__ import annotations
@@ -52,10 +54,13 @@ NAME = "prefill_attention"
 _ORDERINGS = ("le", "lt", "ge", "gt")
 
 
-def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
+def _dense_mask_reason(mask: torch.fx.Node, q: torch.Tensor) -> str | None:
     """Why a mask made in the graph is left to SDPA: none of the ops it is made of orders one tensor against
-    another (transformers' causal and sliding-window masks compare key and query positions), and it comes from no
-    bool mask the graph gets as an input (an engine's, whose structure the graph does not show)."""
+    another (transformers' causal and sliding-window masks compare key and query positions), it comes from no bool
+    mask the graph gets as an input (an engine's, whose structure the graph does not show), and the head dim is not
+    a power of two, which the kernel pads to one. Such a mask hides no block of keys as a rule; at a power of two the
+    kernel is still faster than SDPA over the same keys (the vision encoder's, head dim 64), padded it does up to
+    twice the work."""
     seen, stack = set(), [mask]
     while stack:
         node = stack.pop()
@@ -67,8 +72,11 @@ def _dense_mask_reason(mask: torch.fx.Node) -> str | None:
         if node.op == "placeholder" and getattr(value(node), "dtype", None) == torch.bool:
             return None
         stack.extend(node.all_input_nodes)
-    return ("a mask with no key/query ordering (bidirectional or padding): no key block to skip, SDPA is faster "
-            "(its mask made additive once)")
+    dim = q.shape[-1]
+    if dim & (dim - 1) == 0:
+        return None
+    return (f"a mask with no key/query ordering (bidirectional or padding): no key block to skip, and head dim {dim} "
+            f"would pad to {1 << dim.bit_length()}; SDPA takes it as is (its mask made additive once)")
 
 
 def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | None = None,

@@ -15,7 +15,7 @@ memory-efficient kernel, a few programs per call that each walk the whole cache:
 global layer reads (H200; BENCHMARKS.md, decode step). Here the keys are split over enough programs to fill the GPU
 (flash-decoding): grid (B * Hkv, SPLITS); each program takes the H / Hkv query heads of one kv head, so the cache is
 read once, not once per query head, and keeps a running max, sum and weighted sum of v over its keys (online
-softmax). A second launch combines the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+softmax, in base 2). A second launch combines the splits: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 
 A key the mask hides contributes exactly nothing; a split with no visible key has m = -inf and weight 0. A query
 with no visible key at all is undefined (SDPA gives NaN); decode always sees its own token.
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gemm import dot, online_softmax_step
+from .gemm import LOG2E, dot, online_softmax_step
 from .launch import between_graphs_op, launcher, sm_count
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,12 +52,13 @@ def splits(batch_kv_heads: int, keys: int, block: int, sms: int) -> int:
 
 
 @triton.jit
-def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, scale, keys, heads, kv_heads,
+def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, qk_scale, keys, heads, kv_heads,
                   q_stride_b, q_stride_h, k_stride_b, k_stride_h, k_stride_s, v_stride_b, v_stride_h, v_stride_s,
                   mask_stride_b, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr):
     """Keys [split * KEYS_PER_SPLIT, +KEYS_PER_SPLIT) of one (sequence, kv head) against its GROUP query heads:
-    acc[bh, split, g, :] = sum_j e^(s_j - m) v_j, stats[bh, split, g] = (m, l = sum_j e^(s_j - m))."""
+    acc[bh, split, g, :] = sum_j 2^(s_j - m) v_j, stats[bh, split, g] = (m, l = sum_j 2^(s_j - m)), with s_j the
+    scores in base 2 (`qk_scale`: scale * log2(e); `online_softmax_step`)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // kv_heads
@@ -79,7 +80,7 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, s
             visible = inside
         k = tl.load(k_ptr + b * k_stride_b + kv_head * k_stride_h + s_idx[:, None] * k_stride_s + d[None, :],
                     mask=inside[:, None] & in_d[None, :], other=0.0)
-        scores = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_S], tl.float32), "ieee") * scale
+        scores = dot(q, tl.trans(k), tl.zeros([BLOCK_G, BLOCK_S], tl.float32), "ieee") * qk_scale
         scores = tl.where(visible[None, :], scores, -float("inf"))
         v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + s_idx[:, None] * v_stride_s + d[None, :],
                     mask=inside[:, None] & in_d[None, :], other=0.0)
@@ -94,7 +95,7 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stats_ptr, s
 def _decode_attention_combine(acc_ptr, stats_ptr, out_ptr, heads, kv_heads, out_stride_b, out_stride_h,
                               GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                               SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-    """out[b, h] = sum over splits of e^(m_s - M) acc_s / sum of e^(m_s - M) l_s, rounded to out's dtype."""
+    """out[b, h] = sum over splits of 2^(m_s - M) acc_s / sum of 2^(m_s - M) l_s, rounded to out's dtype."""
     bh_q = tl.program_id(0)
     b = bh_q // heads
     head = bh_q % heads
@@ -106,7 +107,7 @@ def _decode_attention_combine(acc_ptr, stats_ptr, out_ptr, heads, kv_heads, out_
     m = tl.load(stats_ptr + rows * 2, mask=real, other=-float("inf"))
     l = tl.load(stats_ptr + rows * 2 + 1, mask=real, other=0.0)
     top = tl.max(m, 0)
-    weight = tl.where(m == -float("inf"), 0.0, tl.exp(m - top))
+    weight = tl.where(m == -float("inf"), 0.0, tl.exp2(m - top))
     d = tl.arange(0, BLOCK_D)
     acc = tl.load(acc_ptr + rows[:, None] * BLOCK_D + d[None, :], mask=real[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
@@ -134,7 +135,7 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     if mask is not None:
         mask = mask.expand(batch, 1, 1, keys).reshape(batch, keys)  # a view unless the mask is shared
     launcher(_decode_attention_split)[(batch * kv_heads, count)](
-        q, k, v, q if mask is None else mask, acc, stats, float(scale), keys, heads, kv_heads, q.stride(0),
+        q, k, v, q if mask is None else mask, acc, stats, float(scale) * LOG2E, keys, heads, kv_heads, q.stride(0),
         q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         0 if mask is None else mask.stride(0), GROUP=group, BLOCK_G=block_g, D=dim, BLOCK_D=block_d, BLOCK_S=block_s,
         SPLITS=count, KEYS_PER_SPLIT=keys_per_split, HAS_MASK=mask is not None, num_warps=4 if dim <= 256 else 8)

@@ -28,15 +28,19 @@ def gelu_tanh_mul(acc_gate, acc_up, dtype: tl.constexpr):
     return (gelu_tanh(gate).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
 
 
+LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2(e))
+
+
 @triton.jit
 def online_softmax_step(scores, v, m, l, acc):
-    """One block of keys in flash attention's online softmax: `scores` [R, S] (fp32, -inf where a key is hidden) and
-    `v` [S, D] update the running max `m` [R], sum `l` [R] and weighted sum of v `acc` [R, D] (fp32):
-    m' = max(m, max_j s_j), l' = l e^(m - m') + sum_j e^(s_j - m'), acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j,
-    with p = e^(s_j - m') rounded to v's dtype for the product, as flash kernels do. A row with no visible key so far
-    keeps m = -inf, l = 0, acc = 0."""
+    """One block of keys in flash attention's online softmax, in base 2: `scores` [R, S] (fp32, the scaled scores
+    times log2(e), so that 2^s = e^(scaled score); -inf where a key is hidden) and `v` [S, D] update the running max
+    `m` [R], sum `l` [R] and weighted sum of v `acc` [R, D] (fp32): m' = max(m, max_j s_j),
+    l' = l 2^(m - m') + sum_j 2^(s_j - m'), acc' = acc 2^(m - m') + sum_j 2^(s_j - m') v_j, with p = 2^(s_j - m')
+    rounded to v's dtype for the product, as flash kernels do (base 2 folds exp's multiply by log2(e) into the
+    scale's). A row with no visible key so far keeps m = -inf, l = 0, acc = 0."""
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # no visible key yet: nothing to rescale
-    alpha = tl.exp(m - m_safe)
-    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
     return m_new, l * alpha + tl.sum(p, 1), dot(p.to(v.dtype), v, acc * alpha[:, None], "ieee")

@@ -17,12 +17,14 @@ global layer (head dim 512, which flash and cuDNN do not take) gets the memory-e
 largest share of the prefill's GPU time (BENCHMARKS.md, prefill attention). Here
 `gemma4_fx::prefill_attention_mask` reads the mask once, copies it into rows that start 16-byte aligned (rows of 772
 keys would have the attention read it byte by byte, outside its pipelined loads) and finds, per 16 query rows, the
-first and last visible key; the attention launch (flash attention: a running max, sum and weighted sum of v over key
-blocks) walks only the key blocks between them, reading the mask tile by tile inside them. The pass makes the mask
-ready once per mask node, so that a prompt's layers of one kind share it (and, between CUDA graphs, each attention
-is one launch); a call without it makes it first. Head dims above 256 split the output dims over programs (the
-grid's third axis): each computes the scores over the whole head dim and accumulates its share of v, so the
-accumulator fits in registers.
+first and last visible key and the run of keys all of them see; the attention launch (flash attention: a running
+max, sum and weighted sum of v over key blocks, in base 2) walks only the key blocks between the first and the last,
+and reads the mask tile by tile only at the edges: the blocks inside the shared run (most of a sliding window, all
+of a padding mask's visible keys, a causal prompt's blocks below the diagonal) need neither the mask nor a select.
+The pass makes the mask ready once per mask node, so that a prompt's layers of one kind share it (and, between CUDA
+graphs, each attention is one launch); a call without it makes it first. Head dims above 256 split the output dims
+over programs (the grid's third axis): each computes the scores over the whole head dim and accumulates its share
+of v, so the accumulator fits in registers.
 
 A query row with no visible key gets zeros from the kernels (SDPA leaves it undefined: its math kernel gives NaN).
 """
@@ -38,15 +40,15 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from .eager_math import INTERPRET
-from .gemm import dot, online_softmax_step
-from .launch import between_graphs_op, cuda_kernel, launcher
+from .gemm import LOG2E, dot, online_softmax_step
+from .launch import between_graphs_op, cuda_kernel, launcher, sm_count
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 512
 RANGE_ROWS = 16  # query rows per entry of a mask's key ranges
 _SCAN_KEYS = 256  # keys per step of `_mask_key_ranges` (a power of 2)
 _MASK_ALIGN = 16  # bytes: where the ready mask's rows start
-_FITTING: dict = {}  # (device, dtype, head dim, masked, causal) -> the tiles that launched on that device
+_FITTING: dict = {}  # (device, dtype, causal, *the tiles `config` chose) -> the tiles that launched on that device
 
 
 def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
@@ -68,32 +70,47 @@ def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
 
 
 def mask_key_ranges_reference(mask: Tensor) -> Tensor:
-    """The key ranges of a bool [B, 1, M, N] mask: int32 [B, ceil(M / RANGE_ROWS), 2], per group of RANGE_ROWS query
-    rows the first key any of them sees and one past the last ((N, 0) where none sees one)."""
+    """The key ranges of a bool [B, 1, M, N] mask: int32 [B, ceil(M / RANGE_ROWS), 4], per group of RANGE_ROWS query
+    rows (first, end, full_first, full_end): the first key any of them sees and one past the last ((N, 0) where none
+    sees one), and the first key all of them see and the first after it that one of them does not ((N, N) where
+    they share none): the keys in [full_first, full_end) need no mask for any row of the group."""
     batch, _, rows, keys = mask.shape
     groups = triton.cdiv(rows, RANGE_ROWS)
     grouped = mask.new_zeros(batch, groups * RANGE_ROWS, keys)
     grouped[:, :rows] = mask[:, 0]
-    seen = grouped.view(batch, groups, RANGE_ROWS, keys).any(2)
+    grouped = grouped.view(batch, groups, RANGE_ROWS, keys)
+    seen = grouped.any(2)
+    real = (torch.arange(groups * RANGE_ROWS, device=mask.device) < rows).view(groups, RANGE_ROWS, 1)
+    shared = (grouped | ~real).all(2)  # rows past the mask's see every key
     key = torch.arange(keys, device=mask.device)
     first = torch.where(seen, key, keys).amin(-1)
     end = torch.where(seen, key + 1, 0).amax(-1)
-    return torch.stack([first, end], -1).to(torch.int32)
+    full_first = torch.where(shared, key, keys).amin(-1)
+    full_end = torch.where(~shared & (key >= full_first[..., None]), key, keys).amin(-1)
+    return torch.stack([first, end, full_first, full_end], -1).to(torch.int32)
 
 
-def config(dim: int, masked: bool = False) -> dict:
-    """Tile sizes per head dim (output dims per program, query and key rows per tile, warps, pipeline stages): for
-    Gemma-4's head dims 256 and 512 the fastest of `benchmarks/prefill_attention.py --tiles` on an H200; for the
-    smaller ones (other models, tests) a rule, not measured. With a mask, head dim 512 takes half the key rows and
-    one stage more (the mask's tiles take 64 key rows past the H200's 227 KiB of shared memory)."""
+def config(dim: int, masked: bool = False, waves: float = 1.0) -> dict:
+    """Tile sizes per head dim (output dims per program, query and key rows per tile, warps, pipeline stages), where
+    `waves` is the call's (sequence, head, 64 query rows) blocks per SM: for Gemma-4's head dims (its vision
+    encoder's 64, its layers' 256 and 512) the fastest of `benchmarks/prefill_attention.py --tiles` on an H200; for
+    128 and the smaller ones (other models, tests) a rule, not measured. Few blocks (a short prompt) keep 64 query
+    rows a program, so that the programs fill the SMs; at head dim 512 with a mask they also keep two programs per
+    row block instead of four, each of which computes the scores over all 512 dims. With a mask, head dim 512 takes
+    half the key rows and one stage more (the mask's tiles take 64 key rows past the H200's 227 KiB of shared
+    memory)."""
     block_d = triton.next_power_of_2(dim)
     if block_d <= 64:
-        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if block_d <= 128:
         return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if block_d <= 256:
-        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+        if waves >= 1.5:
+            return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if masked:
+        if waves < 1.5:
+            return dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
         return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
     return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
@@ -111,29 +128,64 @@ def smaller_tiles(tiles: dict) -> dict | None:
 @triton.jit
 def _mask_key_ranges(mask_ptr, ready_ptr, ranges_ptr, rows, keys, mask_stride_b, mask_stride_m, ready_stride_b,
                      ready_stride_m, ranges_stride_b, ROWS: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    """Query rows [g * ROWS, +ROWS) of sequence b: copied to `ready`, and ranges[b, g] = (first key any of them sees,
-    one past the last), (keys, 0) if none, read CHUNK keys a step. (`CHUNKS`: the steps, for the interpreter alone,
-    whose loops take no bound computed at run time.)"""
+    """Query rows [g * ROWS, +ROWS) of sequence b: copied to `ready`, and ranges[b, g] as `mask_key_ranges_reference`
+    finds them, read CHUNK keys a step in order (the first shared key is found in the step that holds it, its run's
+    end in that step or a later one). (`CHUNKS`: the steps, for the interpreter alone, whose loops take no bound
+    computed at run time.)"""
     b = tl.program_id(0)
     group = tl.program_id(1)
     m_idx = group * ROWS + tl.arange(0, ROWS)
+    in_rows = m_idx < rows
     first = keys
     last = 0
+    full_first = keys
+    full_end = keys
     for chunk in range(CHUNKS if INTERPRET else tl.cdiv(keys, CHUNK)):
         n_idx = chunk * CHUNK + tl.arange(0, CHUNK)
-        inside = (m_idx < rows)[:, None] & (n_idx < keys)[None, :]
+        in_keys = n_idx < keys
+        inside = in_rows[:, None] & in_keys[None, :]
         tile = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :], mask=inside,
                        other=0)
         tl.store(ready_ptr + b * ready_stride_b + m_idx[:, None] * ready_stride_m + n_idx[None, :], tile, mask=inside)
-        seen = tl.max((tile != 0).to(tl.int32), 0)  # per key
+        seen = tl.max((tile != 0).to(tl.int32), 0)  # per key: one of the rows sees it
+        shared = (tl.min(((tile != 0) | ~in_rows[:, None]).to(tl.int32), 0) > 0) & in_keys  # all of them do
         first = tl.minimum(first, tl.min(tl.where(seen > 0, n_idx, keys), 0))
         last = tl.maximum(last, tl.max(tl.where(seen > 0, n_idx + 1, 0), 0))
-    tl.store(ranges_ptr + b * ranges_stride_b + group * 2, first)
-    tl.store(ranges_ptr + b * ranges_stride_b + group * 2 + 1, last)
+        full_first = tl.minimum(full_first, tl.min(tl.where(shared, n_idx, keys), 0))
+        full_end = tl.minimum(full_end, tl.min(tl.where(~shared & (n_idx >= full_first), n_idx, keys), 0))
+    entry = ranges_ptr + b * ranges_stride_b + group * 4
+    tl.store(entry, first)
+    tl.store(entry + 1, last)
+    tl.store(entry + 2, full_first)
+    tl.store(entry + 3, full_end)
 
 
 @triton.jit
-def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale, rows, keys, heads, kv_heads,
+def _attend_keys(q, block_n, lo, hi, m, l, acc, k_ptrs, v_ptrs, mask_ptrs, m_idx, in_rows, in_d, in_dv, keys,
+                 qk_scale, k_stride_n, v_stride_n, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                 CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """Key block `block_n` into the online softmax of the program's rows. MASKED: only the keys that exist, lie in
+    blocks [lo, hi), the mask shows and causality allows; otherwise every key of the block is visible to every row
+    (the caller knows it), and the block costs no mask load and no select."""
+    n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_keys = n_idx < keys
+    if MASKED:
+        in_keys = in_keys & (block_n >= lo) & (block_n < hi)
+    k = tl.load(k_ptrs + n_idx[:, None] * k_stride_n, mask=in_keys[:, None] & in_d[None, :], other=0.0)
+    scores = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), "ieee") * qk_scale
+    if MASKED:
+        visible = in_rows[:, None] & in_keys[None, :]
+        if HAS_MASK:
+            visible = tl.load(mask_ptrs + n_idx[None, :], mask=visible, other=0) != 0
+        if CAUSAL:
+            visible = visible & (n_idx[None, :] <= m_idx[:, None])
+        scores = tl.where(visible, scores, -float("inf"))
+    v = tl.load(v_ptrs + n_idx[:, None] * v_stride_n, mask=in_keys[:, None] & in_dv[None, :], other=0.0)
+    return online_softmax_step(scores, v, m, l, acc)
+
+
+@triton.jit
+def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, qk_scale, rows, keys, heads, kv_heads,
                        q_stride_b, q_stride_h, q_stride_m, k_stride_b, k_stride_h, k_stride_n,
                        v_stride_b, v_stride_h, v_stride_n, mask_stride_b, mask_stride_m, ranges_stride_b,
                        ranges_stride_g, out_stride_b, out_stride_h, out_stride_m,
@@ -141,9 +193,10 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
                        BLOCKS_N: tl.constexpr, RANGE_ROWS: tl.constexpr):
     """Query rows [block_m * BLOCK_M, +BLOCK_M) of one (sequence, head), output dims [split * BLOCK_DV, +BLOCK_DV),
-    over the key blocks that hold the keys `ranges` names for its rows (all of them without a mask; up to the
-    diagonal when causal). Under the interpreter, whose loops take no bound computed at run time, every block
-    (`BLOCKS_N`) with the others hidden."""
+    over the key blocks [first, last) that hold the keys `ranges` names for its rows (all of them without a mask; up
+    to the diagonal when causal). The blocks [full_lo, full_hi) inside them that every row sees whole (the groups'
+    shared keys; below the diagonal) run unmasked; the edges run masked. Under the interpreter, whose loops take no
+    bound computed at run time, every block (`BLOCKS_N`), each run the way the compiled kernel runs it."""
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -160,33 +213,50 @@ def _prefill_attention(q_ptr, k_ptr, v_ptr, mask_ptr, ranges_ptr, out_ptr, scale
                 mask=in_rows[:, None] & in_d[None, :], other=0.0)
     first = 0
     last = tl.cdiv(keys, BLOCK_N)
+    full_lo = 0
+    full_hi = keys // BLOCK_N
     if HAS_MASK:  # the key ranges of the block's groups of RANGE_ROWS rows, as key blocks
         group = block_m * (BLOCK_M // RANGE_ROWS) + tl.arange(0, BLOCK_M // RANGE_ROWS)
         in_groups = group * RANGE_ROWS < rows
         entry = ranges_ptr + b * ranges_stride_b + group * ranges_stride_g
         first = tl.min(tl.load(entry, mask=in_groups, other=keys), 0) // BLOCK_N
         last = tl.cdiv(tl.max(tl.load(entry + 1, mask=in_groups, other=0), 0), BLOCK_N)
+        full_lo = tl.cdiv(tl.max(tl.load(entry + 2, mask=in_groups, other=0), 0), BLOCK_N)
+        full_hi = tl.min(tl.load(entry + 3, mask=in_groups, other=keys), 0) // BLOCK_N
     if CAUSAL:
         last = tl.minimum(last, tl.cdiv((block_m + 1) * BLOCK_M, BLOCK_N))
+        full_hi = tl.minimum(full_hi, (block_m * BLOCK_M + 1) // BLOCK_N)  # keys <= the block's first row
+    full_lo = tl.minimum(tl.maximum(full_lo, first), last)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), last)
+    k_ptrs = k_ptr + b * k_stride_b + kv_head * k_stride_h + d[None, :]
+    v_ptrs = v_ptr + b * v_stride_b + kv_head * v_stride_h + dv[None, :]
+    mask_ptrs = mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m
     m = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for block_n in range(0 if INTERPRET else first, BLOCKS_N if INTERPRET else last):
-        n_idx = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_keys = (n_idx < keys) & (block_n >= first) & (block_n < last)
-        k = tl.load(k_ptr + b * k_stride_b + kv_head * k_stride_h + n_idx[:, None] * k_stride_n + d[None, :],
-                    mask=in_keys[:, None] & in_d[None, :], other=0.0)
-        scores = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), "ieee") * scale
-        visible = in_rows[:, None] & in_keys[None, :]
-        if HAS_MASK:
-            visible = tl.load(mask_ptr + b * mask_stride_b + m_idx[:, None] * mask_stride_m + n_idx[None, :],
-                              mask=visible, other=0) != 0
-        if CAUSAL:
-            visible = visible & (n_idx[None, :] <= m_idx[:, None])
-        scores = tl.where(visible, scores, -float("inf"))
-        v = tl.load(v_ptr + b * v_stride_b + kv_head * v_stride_h + n_idx[:, None] * v_stride_n + dv[None, :],
-                    mask=in_keys[:, None] & in_dv[None, :], other=0.0)
-        m, l, acc = online_softmax_step(scores, v, m, l, acc)
+    if INTERPRET:
+        for block_n in range(BLOCKS_N):
+            if (block_n >= full_lo) & (block_n < full_hi):
+                m, l, acc = _attend_keys(q, block_n, first, last, m, l, acc, k_ptrs, v_ptrs, mask_ptrs, m_idx,
+                                         in_rows, in_d, in_dv, keys, qk_scale, k_stride_n, v_stride_n, BLOCK_N,
+                                         HAS_MASK, CAUSAL, False)
+            else:
+                m, l, acc = _attend_keys(q, block_n, first, last, m, l, acc, k_ptrs, v_ptrs, mask_ptrs, m_idx,
+                                         in_rows, in_d, in_dv, keys, qk_scale, k_stride_n, v_stride_n, BLOCK_N,
+                                         HAS_MASK, CAUSAL, True)
+    else:
+        for block_n in range(first, full_lo):
+            m, l, acc = _attend_keys(q, block_n, first, last, m, l, acc, k_ptrs, v_ptrs, mask_ptrs, m_idx, in_rows,
+                                     in_d, in_dv, keys, qk_scale, k_stride_n, v_stride_n, BLOCK_N, HAS_MASK, CAUSAL,
+                                     True)
+        for block_n in range(full_lo, full_hi):
+            m, l, acc = _attend_keys(q, block_n, first, last, m, l, acc, k_ptrs, v_ptrs, mask_ptrs, m_idx, in_rows,
+                                     in_d, in_dv, keys, qk_scale, k_stride_n, v_stride_n, BLOCK_N, HAS_MASK, CAUSAL,
+                                     False)
+        for block_n in range(full_hi, last):
+            m, l, acc = _attend_keys(q, block_n, first, last, m, l, acc, k_ptrs, v_ptrs, mask_ptrs, m_idx, in_rows,
+                                     in_d, in_dv, keys, qk_scale, k_stride_n, v_stride_n, BLOCK_N, HAS_MASK, CAUSAL,
+                                     True)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # no visible key: acc is 0
     tl.store(out_ptr + b * out_stride_b + head * out_stride_h + m_idx[:, None] * out_stride_m + dv[None, :],
              out.to(out_ptr.dtype.element_ty), mask=in_rows[:, None] & in_dv[None, :])
@@ -204,8 +274,10 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
         mask, mask_ranges = prefill_attention_mask_triton(mask)
     if tiles is not None:
         return _launch(q, k, v, mask, mask_ranges, scale, causal, tiles, out)
-    kind = (q.device, q.dtype, q.shape[-1], mask is not None, causal)
-    tiles = _FITTING.get(kind) or config(q.shape[-1], mask is not None)
+    batch, heads, rows, dim = q.shape
+    tiles = config(dim, mask is not None, batch * heads * triton.cdiv(rows, 64) / sm_count(q.device))
+    kind = (q.device, q.dtype, causal, *tiles.items())
+    tiles = _FITTING.get(kind, tiles)
     while tiles is not None:
         try:
             result = _launch(q, k, v, mask, mask_ranges, scale, causal, tiles, out)
@@ -214,7 +286,7 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
             continue
         _FITTING[kind] = tiles
         return result
-    warnings.warn(f"prefill_attention: no tiles fit {q.device}'s shared memory for head dim {q.shape[-1]}; SDPA "
+    warnings.warn(f"prefill_attention: no tiles fit {q.device}'s shared memory for head dim {dim}; SDPA "
                   "computes this call")
     result = _sdpa(q, k, v, mask, scale, causal)
     return result if out is None else out.copy_(result)
@@ -242,8 +314,8 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ranges: Tensor
     one_row = mask is not None and mask.shape[2] == 1  # one mask row for every query row
     block_d = triton.next_power_of_2(dim)
     launcher(_prefill_attention)[(triton.cdiv(rows, block_m), batch * heads, triton.cdiv(dim, tiles["BLOCK_DV"]))](
-        q, k, v, q if mask is None else mask, q if ranges is None else ranges, out, float(scale), rows, keys, heads,
-        kv_heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        q, k, v, q if mask is None else mask, q if ranges is None else ranges, out, float(scale) * LOG2E, rows, keys,
+        heads, kv_heads, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if broadcast else mask.stride(0), 0 if mask is None or one_row else mask.stride(2),
         0 if broadcast else ranges.stride(0), 0 if mask is None or one_row else ranges.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
@@ -270,7 +342,7 @@ def ready_width(keys):
 def _ready_shapes(shape: tuple) -> tuple[tuple, tuple]:
     """The shapes of a ready mask and of its key ranges, for a mask of 4-d `shape` (symbolic sizes too)."""
     batch, _, rows, keys = shape
-    return (batch, 1, rows, ready_width(keys)), (batch, triton.cdiv(rows, RANGE_ROWS), 2)
+    return (batch, 1, rows, ready_width(keys)), (batch, triton.cdiv(rows, RANGE_ROWS), 4)
 
 
 def _check_mask(mask: Tensor) -> None:
