@@ -94,8 +94,8 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, name: str, op, check_inputs, *, takes
                  report: Report | None, graph_name: str, mask_reason=None) -> torch.fx.GraphModule:
     """Replace each SDPA call whose query rows `takes` (an int, or a symbol for a prompt's length) by
     `op(q, k_cache, v_cache, mask, scale[, is_causal])` where `check_inputs` takes its tensors and `mask_reason`
-    (of the mask node and the query's example value) gives no reason not to; the others that `takes` are left alone with the reason in `report`
-    under `name`. Shared by the decode and prefill passes."""
+    (of the mask node and the query's example value) gives no reason not to; the others that `takes` are left alone
+    with the reason in `report` under `name`. Shared by the decode and prefill passes."""
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA]:
         args = _arguments(node)

@@ -23,10 +23,10 @@ calls left alone is made ready for SDPA the same way, once:
     out = scaled_dot_product_attention(q, k, v, attn_mask=additive, ...)
 
 which is the conversion SDPA itself runs at every call (two kernels and their host work per layer, between CUDA
-graphs: a 26B-A4B vision encoder's 27 layers share one padding mask), so each call computes what it did. One exception:
-a query row that sees no key gets zeros, SDPA's rule on every backend, where torch 2.11's cuDNN kernel converts a bool
-mask with a finite fill and so attends to every key of such a row (pytorch#177842). Gemma-4's masks leave such rows
-only at padding (a left-padded batch), whose outputs no other row reads.
+graphs: 26B-A4B's vision encoder's 27 layers share one padding mask), so each call computes what it did. One
+exception: a query row that sees no key gets zeros, SDPA's rule on every backend, where torch 2.11's cuDNN kernel
+converts a bool mask with a finite fill and so attends to every key of such a row (pytorch#177842). Gemma-4's masks
+leave such rows only at padding (a left-padded batch), whose outputs no other row reads.
 
 Left alone (with the reason): one query row (`decode_attention`'s), dropout, a mask with `is_causal`, a mask that is
 not a bool [B or 1, 1, M or 1, N], symbolic heads or head dim, shapes the kernels do not take (`check_inputs`), and
