@@ -48,7 +48,8 @@ MAX_HEAD_DIM = 512
 RANGE_ROWS = 16  # query rows per entry of a mask's key ranges
 _SCAN_KEYS = 256  # keys per step of `_mask_key_ranges` (a power of 2)
 _MASK_ALIGN = 16  # bytes: where the ready mask's rows start
-_FITTING: dict = {}  # (device, dtype, causal, *the tiles `config` chose) -> the tiles that launched on that device
+MANY_BLOCKS = 1.5  # (sequence, head, 64 query rows) blocks per SM from which a call takes `config`'s tiles for many
+_FITTING: dict = {}  # (device, dtype, head dim, masked, causal, many blocks) -> the tiles that launched on that device
 
 
 def prefill_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
@@ -90,11 +91,12 @@ def mask_key_ranges_reference(mask: Tensor) -> Tensor:
     return torch.stack([first, end, full_first, full_end], -1).to(torch.int32)
 
 
-def config(dim: int, masked: bool = False, waves: float = 1.0) -> dict:
+def config(dim: int, masked: bool = False, many_blocks: bool = False) -> dict:
     """Tile sizes per head dim (output dims per program, query and key rows per tile, warps, pipeline stages), where
-    `waves` is the call's (sequence, head, 64 query rows) blocks per SM: for Gemma-4's head dims (its vision
-    encoder's 64, its layers' 256 and 512) the fastest of `benchmarks/prefill_attention.py --tiles` on an H200; for
-    128 and the smaller ones (other models, tests) a rule, not measured. Few blocks (a short prompt) keep 64 query
+    `many_blocks` says the call has `MANY_BLOCKS` (sequence, head, 64 query rows) blocks per SM or more: for
+    Gemma-4's head dims (its vision encoder's 64, its layers' 256 and 512) the fastest of
+    `benchmarks/prefill_attention.py --tiles` on an H200; for 128 and the smaller ones (other models, tests) a rule,
+    not measured. Few blocks (a short prompt) keep 64 query
     rows a program, so that the programs fill the SMs; at head dim 512 with a mask they also keep two programs per
     row block instead of four, each of which computes the scores over all 512 dims. With a mask, head dim 512 takes
     half the key rows and one stage more (the mask's tiles take 64 key rows past the H200's 227 KiB of shared
@@ -105,11 +107,11 @@ def config(dim: int, masked: bool = False, waves: float = 1.0) -> dict:
     if block_d <= 128:
         return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if block_d <= 256:
-        if waves >= 1.5:
+        if many_blocks:
             return dict(BLOCK_DV=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
         return dict(BLOCK_DV=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if masked:
-        if waves < 1.5:
+        if not many_blocks:
             return dict(BLOCK_DV=256, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)
         return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
     return dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -275,9 +277,9 @@ def prefill_attention_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     if tiles is not None:
         return _launch(q, k, v, mask, mask_ranges, scale, causal, tiles, out)
     batch, heads, rows, dim = q.shape
-    tiles = config(dim, mask is not None, batch * heads * triton.cdiv(rows, 64) / sm_count(q.device))
-    kind = (q.device, q.dtype, causal, *tiles.items())
-    tiles = _FITTING.get(kind, tiles)
+    many_blocks = batch * heads * triton.cdiv(rows, 64) >= MANY_BLOCKS * sm_count(q.device)
+    kind = (q.device, q.dtype, dim, mask is not None, causal, many_blocks)
+    tiles = _FITTING.get(kind) or config(dim, mask is not None, many_blocks)
     while tiles is not None:
         try:
             result = _launch(q, k, v, mask, mask_ranges, scale, causal, tiles, out)
