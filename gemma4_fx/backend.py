@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch._inductor.compile_fx import compile_fx
 
+from .fx_utils import copy_graph_module
 from .passes import decode_attention, prefill_attention, slide_window, yoco
 from .passes.pipeline import Gemma4Passes
 from .patterns import moe_experts
@@ -135,6 +136,10 @@ class Gemma4Backend:
             (self.dump_dir / f"{graph_name}.dynamo.py").write_text(gm.code)
         config = {**self.inductor_config, **(torch._inductor.list_mode_options(mode) if mode else {}),
                   **(options or {})}
+        if _may_need_backward(example_inputs):
+            report.for_backward.append(graph_name)
+            log.info("%s: a backward may follow (grad on, an input requiring grad): no CUDA graphs, few rewrites",
+                     graph_name)
         try:
             compiled = self._compile(self._rewrite(gm, graph_name, report), example_inputs, graph_name, report,
                                      config)
@@ -153,7 +158,10 @@ class Gemma4Backend:
         return compiled
 
     def _rewrite(self, gm: torch.fx.GraphModule, graph_name: str, report: Report) -> torch.fx.GraphModule:
-        """Dynamo's graph after the enabled `GRAPH_PASSES`; a failing pass is skipped, never the compile."""
+        """Dynamo's graph after the enabled `GRAPH_PASSES`, rewritten in a copy: `gm` stays as Dynamo traced it, for
+        the fallback to plain Inductor and for `verify`. A failing pass is skipped, never the compile."""
+        if self.graph_passes:
+            gm = copy_graph_module(gm)
         for name in self.graph_passes:
             try:
                 gm = GRAPH_PASSES[name].apply(gm, report=report, graph_name=graph_name)
@@ -174,11 +182,10 @@ class Gemma4Backend:
 
     def _cudagraph_mode(self, gm, example_inputs) -> str | None:
         """"piecewise", "full", or None (compile the graph whole, no graphs of ours)."""
-        tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-        if self.cudagraphs is None or torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        if self.cudagraphs is None or _may_need_backward(example_inputs):
             return None
         if self.cudagraphs == "auto":
-            if not any(x.is_cuda for x in tensors):
+            if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
                 return None
             return "full" if is_decode_shaped(gm.graph, self.splitting_ops) else "piecewise"
         return self.cudagraphs
@@ -222,6 +229,11 @@ class Gemma4Backend:
             report.discard(self.passes.patterns)
             record_fallback(report.fallbacks, message)
             return compile_fx(gm, example_inputs, config_patches=config)
+
+
+def _may_need_backward(example_inputs) -> bool:
+    """Grad mode is on and an input requires grad: autograd may differentiate the compiled graph."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 def _split_patterns(patterns) -> tuple[list[str] | None, tuple[str, ...]]:

@@ -3,6 +3,7 @@ writes."""
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -87,6 +88,20 @@ def value(arg):
     """The FakeTensor (or SymInt, tuple...) a node stands for (Dynamo's `example_value`, else the `val` that
     make_fx and AOT graphs carry); a plain Python value stands for itself."""
     return arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, torch.fx.Node) else arg
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule over a copy of `gm`'s graph (the same attributes; nodes' meta copied shallowly), for a pass to
+    rewrite while `gm` stays as traced."""
+    copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copied.meta = dict(gm.meta)
+    return copied
+
+
+def needs_grad(*args) -> bool:
+    """Autograd tracks one of the tensors these nodes stand for: a rewrite into an op without a backward would fail
+    the backward (Dynamo's example values carry `requires_grad` as the traced grad mode left it)."""
+    return any(isinstance(v := value(arg), torch.Tensor) and v.requires_grad for arg in args)
 
 
 def on_host(val) -> bool:

@@ -61,6 +61,7 @@ class Report:
     fallbacks: list[str] = field(default_factory=list)  # graphs compiled without our passes, and why
     uncaptured: list[str] = field(default_factory=list)  # pieces whose CUDA graph capture failed, and why
     cached: list[str] = field(default_factory=list)  # graphs from Inductor's FX graph cache: no pass ran on them
+    for_backward: list[str] = field(default_factory=list)  # graphs compiled with a backward in view (grad on)
     verify: list[VerifyResult] = field(default_factory=list)
 
     @property
@@ -118,6 +119,10 @@ class Report:
             lines += ["", "compiled without gemma4_fx passes:"] + [f"  {f}" for f in self.fallbacks]
         if self.uncaptured:
             lines += ["", "running without CUDA graphs:"] + [f"  {u}" for u in self.uncaptured]
+        if self.for_backward:
+            lines += ["", "a backward may follow (grad on, an input requiring grad), so no CUDA graphs and few rewrites "
+                          "(what autograd saves for it stays as it is); for inference call under torch.no_grad():"]
+            lines += [f"  {g}" for g in self.for_backward]
         if self.cached:
             lines += ["", "from Inductor's FX graph cache (compiled earlier with these passes; their matches are not "
                           "listed):"] + [f"  {c}" for c in self.cached]

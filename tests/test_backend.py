@@ -1,4 +1,5 @@
-"""The backend and the passes on a lone Gemma-4 router: rewrite, skips with reasons, failures, verify mode, arguments.
+"""The backend and the passes on a lone Gemma-4 router (and a lone attention, for the graph passes): rewrite, skips
+with reasons, failures, verify mode, arguments.
 
 A router compiles in about a second, so these tests compile one each; whole models are in test_models.py.
 """
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 import gemma4_fx
+import gemma4_fx.backend
 import gemma4_fx.patterns.router
+import gemma4_fx.replacements.prefill_attention
 import gemma4_fx.replacements.router
 from gemma4_fx import Gemma4Backend, Gemma4Passes
 from gemma4_fx.runtime.verify import VerificationError
@@ -53,7 +56,7 @@ def test_router_rewrite_matches_eager(dtype):
         x = hidden_states(module.router, 37, seed)
         with torch.no_grad():
             assert_same_routing(compiled(x), module(x))
-    assert backend.report.counts["router"] == 1
+    assert backend.report.counts["router"] == 1 and not backend.report.for_backward
     assert [match.location for match in backend.report.matches] == ["router"]
     assert not backend.report.fallbacks
 
@@ -181,6 +184,52 @@ def test_failure_outside_inductor_compiles_dynamos_graph(monkeypatch):
         outputs, expected = run(module, backend, hidden_states(module.router, 9, seed=0))
     assert backend.report.fallbacks and not backend.report.matches
     assert_same_routing(outputs, expected)
+
+
+class Attention(torch.nn.Module):
+    """SDPA over a bool mask at several query rows: what the `prefill_attention` graph pass rewrites."""
+
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask) * 2
+
+
+def attention_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(3))
+    return q, k, v, torch.ones(8, 8, dtype=torch.bool).tril().view(1, 1, 8, 8)
+
+
+def test_verify_checks_the_graph_passes_against_dynamos_graph(monkeypatch):
+    """The graph passes rewrite a copy of Dynamo's graph: verify runs Dynamo's own, so a wrong graph-pass rewrite
+    is caught (it would compare the rewrite with itself if the pass had rewritten the graph verify runs)."""
+    sdpa = gemma4_fx.replacements.prefill_attention._sdpa
+    # What prefill_attention computes on CPU tensors, looked up when the compiled graph runs.
+    monkeypatch.setattr(gemma4_fx.replacements.prefill_attention, "_sdpa", lambda *args: 2 * sdpa(*args))
+    backend = Gemma4Backend(verify=True, verify_action="raise")
+    with pytest.raises(VerificationError, match="differ from eager"):
+        run(Attention(), backend, *attention_inputs())
+    assert backend.report.counts["prefill_attention"] == 1
+
+
+def test_fallback_compiles_dynamos_graph_not_the_rewritten_one(monkeypatch):
+    """When the compile after the graph passes fails, plain Inductor gets the graph as Dynamo traced it: none of our
+    ops, which are what may have failed."""
+    compiled_graphs, compile_fx = [], gemma4_fx.backend.compile_fx
+
+    def recording(gm, *args, **kwargs):
+        compiled_graphs.append([str(node.target) for node in gm.graph.nodes])
+        return compile_fx(gm, *args, **kwargs)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("runtime unavailable")
+
+    monkeypatch.setattr(gemma4_fx.backend, "compile_fx", recording)
+    monkeypatch.setattr(Gemma4Backend, "_compile", broken)
+    backend = Gemma4Backend()
+    with pytest.warns(UserWarning, match="runtime unavailable.*Dynamo's graph compiled with plain Inductor"):
+        outputs, expected = run(Attention(), backend, *attention_inputs())
+    torch.testing.assert_close(outputs, expected, rtol=0, atol=0)
+    assert len(compiled_graphs) == 1 and not [t for t in compiled_graphs[0] if "gemma4_fx" in t], compiled_graphs
 
 
 @pytest.mark.parametrize("make, argument", [

@@ -197,6 +197,32 @@ def test_dynamic_shapes():
     assert backend.report.counts["router"] == len(routers(model))
 
 
+@pytest.mark.parametrize("preset", ["tiny-e2b", MOE])
+def test_training_step_matches_eager(preset):
+    """A training step (grad on, a loss, backward) through the backend: the rewrites whose ops have no backward
+    leave the graph alone with the reason, nothing falls back, the report says why this graph gets few rewrites,
+    and the loss and every gradient are eager's (fp32)."""
+    model = build_model(preset).train()
+    ids = random_ids(model)
+    results = []
+    for forward in (model, torch.compile(model, backend=(backend := Gemma4Backend()))):
+        model.zero_grad()
+        loss = forward(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                        if p.grad is not None}))
+    (loss, grads), (expected_loss, expected_grads) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        scale = expected_grads[name].abs().max().item()
+        assert (grad - expected_grads[name]).abs().max().item() <= 1e-4 * scale, name
+    assert not backend.report.fallbacks, backend.report.fallbacks
+    assert backend.report.for_backward and "torch.no_grad()" in str(backend.report)
+    assert {skip.reason for skip in backend.report.skipped if skip.pattern.endswith("attention")} == {
+        "a backward may follow (an input requires grad): the kernels have none"}, backend.report
+
+
 def test_passes_as_inductor_custom_pass():
     model, passes = build_model(MOE, num_hidden_layers=2), Gemma4Passes()
     with torch._inductor.config.patch(post_grad_custom_post_pass=passes, fx_graph_cache=False):

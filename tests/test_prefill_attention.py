@@ -289,6 +289,29 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, dim, reason):
             assert not fused and reason in report.skipped[0].reason, report
 
 
+@pytest.mark.parametrize("rows", [20, 1], ids=["prefill", "decode"])
+def test_attention_a_backward_needs_is_left_to_sdpa(rows):
+    """With grad on and q, k, v requiring grad, a backward may follow and our kernels have none: each attention pass
+    leaves its candidates to SDPA with that reason, and the compile gives eager's outputs and gradients."""
+    import gemma4_fx
+
+    q, k, v, mask, _ = inputs(1, 4, 2, 20, 20, 16, "sliding", torch.float32, "cpu")
+    q, k, v, mask = q[:, :, :rows].clone(), k, v, mask[:, :, :rows]
+    module, backend = Attention("bool"), gemma4_fx.Gemma4Backend(patterns=["prefill_attention", "decode_attention"])
+    grads = []
+    for forward in (module, torch.compile(module, backend=backend)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = forward(*leaves, mask)
+        out.square().sum().backward()
+        grads.append((out.detach(), *(t.grad for t in leaves)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    name = "prefill_attention" if rows > 1 else "decode_attention"
+    assert not backend.report.matches and not backend.report.fallbacks, backend.report
+    assert [(skip.pattern, skip.reason) for skip in backend.report.skipped] == [
+        (name, "a backward may follow (an input requires grad): the kernels have none")], backend.report
+
+
 def test_a_mask_is_made_ready_once():
     """Three attentions over one mask and one over another: two `prefill_attention_mask` calls, each before the first
     attention over its mask, which every attention over it reads; the outputs stay SDPA's."""

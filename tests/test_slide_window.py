@@ -165,6 +165,27 @@ def test_pass_rewrites_what_it_takes_and_says_why_not(how, reason):
         assert not fused and reason in report.skipped[0].reason, report
 
 
+def test_update_a_backward_needs_is_left_alone():
+    """With grad on and the new row requiring grad, the kernel (which has no backward) is not installed: the pass
+    says why, and the compile gives eager's output, cache and gradient."""
+    import gemma4_fx
+
+    g = seeded("grad")
+    cache, new = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
+    module, backend = Update("hf"), gemma4_fx.Gemma4Backend(patterns=["slide_window"])
+    results = []
+    for forward in (module, torch.compile(module, backend=backend)):
+        row, window = new.clone().requires_grad_(), cache.clone()
+        out = forward(window, row)
+        out.square().sum().backward()
+        results.append((out.detach(), window.detach(), row.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not backend.report.matches and not backend.report.fallbacks, backend.report
+    assert [skip.reason for skip in backend.report.skipped] == [
+        "a backward may follow (the new row requires grad): the kernel has none"], backend.report
+
+
 @pytest.mark.parametrize("batch, taken", [(1, False), (8, True)])
 def test_cuda_windows_below_the_size_that_gains_are_left_alone(batch, taken):
     """On CUDA, 26B-A4B's window at bs 1 (4 MiB, below MIN_WINDOW_BYTES) is left alone with the reason, at bs 8

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fx_utils import SDPA, node_calls, value
+from ..fx_utils import SDPA, needs_grad, node_calls, value
 from ..replacements import decode_attention as ops
 from ..report import Report, node_location
 
@@ -71,6 +71,8 @@ def _unsupported(args: dict, k_cache, v_cache, check_inputs, causal_ok: bool) ->
         return f"an attention mask that is not a tensor ({mask!r})"
     if mask is not None and args.get("is_causal", False):
         return "both a mask and is_causal"
+    if needs_grad(args["query"], k_cache, v_cache, mask):
+        return "a backward may follow (an input requires grad): the kernels have none"
     q, k, v, m = (value(n) for n in (args["query"], k_cache, v_cache, mask))
     if any(not isinstance(size, int) for size in (q.shape[1], q.shape[3], k.shape[1])):
         return "symbolic heads or head dim"

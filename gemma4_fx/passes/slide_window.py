@@ -22,7 +22,7 @@ import operator
 
 import torch
 
-from ..fx_utils import ALIASING, node_calls, same, value
+from ..fx_utils import ALIASING, needs_grad, node_calls, same, value
 from ..replacements import slide_window as ops
 from ..report import Report, node_location
 
@@ -91,6 +91,8 @@ def _unsupported(roll, cache, copy, new) -> str | None:
             and all(same(a, b) for a, b in zip(new_value.shape, (batch, heads, 1, dim)))):
         shape = tuple(new_value.shape) if isinstance(new_value, torch.Tensor) else new_value
         return f"a new row of shape {shape} for a cache of {tuple(cache_value.shape)} (broadcast)"
+    if needs_grad(cache, new):
+        return "a backward may follow (the new row requires grad): the kernel has none"
     try:
         ops.check_inputs(cache_value, new_value)
     except ValueError as error:

@@ -20,13 +20,12 @@ graphs) sees the truncated layers; `apply` is usable on any such GraphModule, ou
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch._dispatch.python import enable_python_dispatcher
 
-from ..fx_utils import ALIASING, op_name, qualified_name, same, value, writes_in_place
+from ..fx_utils import ALIASING, copy_graph_module, op_name, qualified_name, same, value, writes_in_place
 from ..report import Report, node_location
 from .row_local import ArgKey, arg_rows, argument, is_causal, node_arguments, replace_arguments, size_argument
 
@@ -375,8 +374,7 @@ def apply(gm: torch.fx.GraphModule, example_inputs=None, *, report: Report | Non
     rewritten graph op by op; an engine can call it on its own Dynamo graphs before compiling them."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"gm: expected a torch.fx.GraphModule, got {type(gm).__name__}")
-    rewritten = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    rewritten.meta = dict(gm.meta)
+    rewritten = copy_graph_module(gm)
     outcomes = truncate(rewritten)
     if report is not None:
         for outcome in outcomes:
