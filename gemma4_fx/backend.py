@@ -140,9 +140,9 @@ class Gemma4Backend:
             report.for_backward.append(graph_name)
             log.info("%s: a backward may follow (grad on, an input requiring grad): no CUDA graphs, few rewrites",
                      graph_name)
-        try:
-            compiled = self._compile(self._rewrite(gm, graph_name, report), example_inputs, graph_name, report,
-                                     config)
+        try:  # on a copy: the graph passes and the split rewrite in place, and the fallback and verify need `gm`
+            rewritten = self._rewrite(copy_graph_module(gm), graph_name, report)
+            compiled = self._compile(rewritten, example_inputs, graph_name, report, config)
         except _DYNAMO_CONTROL_FLOW:  # Dynamo asks to re-trace (e.g. to specialise floats): not a failure
             del self.graph_reports[graph_name]
             raise
@@ -158,10 +158,7 @@ class Gemma4Backend:
         return compiled
 
     def _rewrite(self, gm: torch.fx.GraphModule, graph_name: str, report: Report) -> torch.fx.GraphModule:
-        """Dynamo's graph after the enabled `GRAPH_PASSES`, rewritten in a copy: `gm` stays as Dynamo traced it, for
-        the fallback to plain Inductor and for `verify`. A failing pass is skipped, never the compile."""
-        if self.graph_passes:
-            gm = copy_graph_module(gm)
+        """`gm` after the enabled `GRAPH_PASSES`; a failing pass is skipped, never the compile."""
         for name in self.graph_passes:
             try:
                 gm = GRAPH_PASSES[name].apply(gm, report=report, graph_name=graph_name)

@@ -16,6 +16,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
 import gemma4_fx
 from gemma4_fx import Gemma4Backend, Gemma4Passes, build_model
 from gemma4_fx.cli import main
+from helpers import DEVICES
 
 MOE = "tiny-26b-a4b"
 # max |compiled - eager| / max |eager| allowed on logits: fp32 sums may be reordered; bf16 rounds every step.
@@ -197,13 +198,14 @@ def test_dynamic_shapes():
     assert backend.report.counts["router"] == len(routers(model))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("preset", ["tiny-e2b", MOE])
-def test_training_step_matches_eager(preset):
+def test_training_step_matches_eager(preset, device):
     """A training step (grad on, a loss, backward) through the backend: the rewrites whose ops have no backward
     leave the graph alone with the reason, nothing falls back, the report says why this graph gets few rewrites,
     and the loss and every gradient are eager's (fp32)."""
-    model = build_model(preset).train()
-    ids = random_ids(model)
+    model = build_model(preset, device=device).train()
+    ids = random_ids(model).to(device)
     results = []
     for forward in (model, torch.compile(model, backend=(backend := Gemma4Backend()))):
         model.zero_grad()
