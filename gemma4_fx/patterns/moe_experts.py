@@ -398,8 +398,9 @@ _traced_eager_experts = []  # the forward whose polyfill is installed
 def trace_eager_experts() -> None:
     """Install, once per process, a Dynamo polyfill for transformers' "eager" `Gemma4TextExperts.forward`: in a
     compile for a backend with `traces_eager_experts` set (a Gemma4Backend running this rewrite) Dynamo traces it as
-    one `gemma4_fx::moe_experts_loop` op where the kernels take the experts' sizes; everywhere else it traces the
-    loop itself, as it did before the polyfill (a copy of the same function, which the polyfill does not cover)."""
+    one `gemma4_fx::moe_experts_loop` op where the kernels take the experts' sizes and no backward may follow;
+    everywhere else it traces the loop itself, as it did before the polyfill (a copy of the same function, which the
+    polyfill does not cover)."""
     if _traced_eager_experts:
         return
     try:
@@ -412,8 +413,11 @@ def trace_eager_experts() -> None:
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         experts, two_inter, width = self.gate_up_proj.shape
-        if _backend_traces_eager_experts() and moe_ops.supports(width, two_inter // 2, experts,
-                                                                top_k_index.shape[-1], hidden_states.dtype):
+        # The op has no backward: where autograd may differentiate the loop, it is traced as written.
+        backward = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (hidden_states, top_k_weights, self.gate_up_proj, self.down_proj))
+        if not backward and _backend_traces_eager_experts() and moe_ops.supports(
+                width, two_inter // 2, experts, top_k_index.shape[-1], hidden_states.dtype):
             return torch.ops.gemma4_fx.moe_experts_loop(hidden_states, top_k_index, top_k_weights,
                                                         self.gate_up_proj, self.down_proj)
         return loop(self, hidden_states, top_k_index, top_k_weights)
