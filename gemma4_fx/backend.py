@@ -150,8 +150,7 @@ class Gemma4Backend:
             message = f"{graph_name}: gemma4_fx failed ({describe_error(error)}); Dynamo's graph compiled with " \
                       "plain Inductor instead"
             report.discard()
-            record_fallback(report.fallbacks, message)
-            compiled = compile_fx(gm, example_inputs, config_patches=config)
+            compiled = _plain_inductor(gm, example_inputs, config, report, graph_name, message)
         if self.verify:  # against the graph as Dynamo traced it, so the check covers the graph passes too
             return VerifiedGraph(compiled, gm, graph_name, report, action=self.verify_action,
                                  tolerance=self.verify_tolerance)
@@ -224,8 +223,21 @@ class Gemma4Backend:
             message = f"{graph_name}: compile with gemma4_fx passes failed ({describe_error(error)}); " \
                       "compiled with plain Inductor instead"
             report.discard(self.passes.patterns)
-            record_fallback(report.fallbacks, message)
-            return compile_fx(gm, example_inputs, config_patches=config)
+            return _plain_inductor(gm, example_inputs, config, report, graph_name, message)
+
+
+def _plain_inductor(gm, example_inputs, config: dict, report: Report, graph_name: str, message: str):
+    """Plain Inductor, after our compile failed (`message`, recorded; call it while handling that error). Where
+    plain Inductor fails too, the error is not ours to hide: it goes on to Dynamo, which breaks the graph there, as
+    it would under `backend="inductor"`, and the report says so."""
+    record_fallback(report.fallbacks, message)
+    try:
+        return compile_fx(gm, example_inputs, config_patches=config)
+    except _DYNAMO_CONTROL_FLOW:
+        raise
+    except Exception as error:
+        report.fallbacks.append(f"{graph_name}: plain Inductor failed too ({describe_error(error)}); left to Dynamo")
+        raise
 
 
 def _may_need_backward(example_inputs) -> bool:

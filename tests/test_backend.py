@@ -186,6 +186,24 @@ def test_failure_outside_inductor_compiles_dynamos_graph(monkeypatch):
     assert_same_routing(outputs, expected)
 
 
+def test_failure_plain_inductor_shares_is_left_to_dynamo(monkeypatch):
+    """Where plain Inductor fails on Dynamo's graph too, the error is not ours: it reaches Dynamo as under
+    `backend="inductor"`, and the report says that the fallback failed rather than that it compiled."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("runtime unavailable")
+
+    def inductor_down(*args, **kwargs):
+        raise RuntimeError("plain inductor down")
+
+    monkeypatch.setattr(Gemma4Backend, "_compile", broken)
+    monkeypatch.setattr(gemma4_fx.backend, "compile_fx", inductor_down)
+    module, backend = TopK(moe_router()), Gemma4Backend()
+    with pytest.warns(UserWarning, match="runtime unavailable"), \
+            pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="plain inductor down"):
+        run(module, backend, hidden_states(module.router, 9, seed=0))
+    assert "plain Inductor failed too (RuntimeError: plain inductor down)" in backend.report.fallbacks[-1]
+
+
 class Attention(torch.nn.Module):
     """SDPA over a bool mask at several query rows: what the `prefill_attention` graph pass rewrites."""
 
