@@ -140,9 +140,9 @@ class Gemma4Backend:
             report.for_backward.append(graph_name)
             log.info("%s: a backward may follow (grad on, an input requiring grad): no CUDA graphs, few rewrites",
                      graph_name)
-        try:  # on a copy: the graph passes and the split rewrite in place, and the fallback and verify need `gm`
-            rewritten = self._rewrite(copy_graph_module(gm), graph_name, report)
-            compiled = self._compile(rewritten, example_inputs, graph_name, report, config)
+        try:
+            compiled = self._compile(self._rewrite(gm, graph_name, report), example_inputs, graph_name, report,
+                                     config)
         except _DYNAMO_CONTROL_FLOW:  # Dynamo asks to re-trace (e.g. to specialise floats): not a failure
             del self.graph_reports[graph_name]
             raise
@@ -157,18 +157,22 @@ class Gemma4Backend:
         return compiled
 
     def _rewrite(self, gm: torch.fx.GraphModule, graph_name: str, report: Report) -> torch.fx.GraphModule:
-        """`gm` after the enabled `GRAPH_PASSES`; a failing pass is skipped, never the compile."""
+        """A copy of `gm` after the enabled `GRAPH_PASSES`, which the split rewrites further in place (`gm` stays as
+        Dynamo traced it, for the fallback and `verify`). Each pass rewrites a copy of its own, kept where it
+        succeeds: a pass that fails is skipped whole, its partial rewrite with it, never the compile."""
+        rewritten = gm
         for name in self.graph_passes:
             try:
-                gm = GRAPH_PASSES[name].apply(gm, report=report, graph_name=graph_name)
+                rewritten = GRAPH_PASSES[name].apply(copy_graph_module(rewritten), report=report,
+                                                     graph_name=graph_name)
             except Exception as error:
                 message = f"{graph_name}: graph pass {name!r} failed ({describe_error(error)}); graph left as it was"
                 report.discard([name])
                 record_fallback(report.fallbacks, message)
                 continue
             if self.dump_dir is not None:
-                (self.dump_dir / f"{graph_name}.{name}.py").write_text(gm.code)
-        return gm
+                (self.dump_dir / f"{graph_name}.{name}.py").write_text(rewritten.code)
+        return copy_graph_module(gm) if rewritten is gm else rewritten
 
     def _compile(self, gm, example_inputs, graph_name: str, report: Report, config: dict):
         mode = self._cudagraph_mode(gm, example_inputs)

@@ -229,6 +229,30 @@ def test_verify_checks_the_graph_passes_against_dynamos_graph(monkeypatch):
     assert backend.report.counts["prefill_attention"] == 1
 
 
+def test_graph_pass_failing_midway_leaves_the_graph_as_it_was(monkeypatch):
+    """A graph pass that fails after rewriting some nodes (here: its attentions rewritten, then its mask step
+    fails) is skipped whole: none of its rewrites reach the compiled graph, as the report says."""
+    import gemma4_fx.passes.prefill_attention as prefill_pass
+
+    def failing(graph):
+        raise RuntimeError("mask step failed")
+
+    compiled_graphs, compile_fx = [], gemma4_fx.backend.compile_fx
+
+    def recording(gm, *args, **kwargs):
+        compiled_graphs.append([str(node.target) for node in gm.graph.nodes])
+        return compile_fx(gm, *args, **kwargs)
+
+    monkeypatch.setattr(prefill_pass, "_ready_masks_once", failing)
+    monkeypatch.setattr(gemma4_fx.backend, "compile_fx", recording)
+    backend = Gemma4Backend()
+    with pytest.warns(UserWarning, match="graph pass 'prefill_attention' failed.*graph left as it was"):
+        outputs, expected = run(Attention(), backend, *attention_inputs())
+    torch.testing.assert_close(outputs, expected, rtol=0, atol=0)
+    assert backend.report.counts["prefill_attention"] == 0
+    assert compiled_graphs and not [t for g in compiled_graphs for t in g if "prefill_attention" in t], compiled_graphs
+
+
 def test_fallback_compiles_dynamos_graph_not_the_rewritten_one(monkeypatch):
     """When the compile after the graph passes fails, plain Inductor gets the graph as Dynamo traced it: none of our
     ops, which are what may have failed."""
